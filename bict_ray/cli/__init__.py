@@ -1,0 +1,39 @@
+"""The ``bict-ray`` command line: one subcommand per module in this package, each registering its own parser."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from bict_ray.config import ConfigError
+
+# module name -> the subcommands it registers; imported lazily so `bict-ray env` does not import Ray
+COMMAND_MODULES = ("env", "splits", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bict-ray", description="Bidirectional Compatible Training (BiCT) for image retrieval, on Ray.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"bict_ray.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+        if os.environ.get("BICT_DEBUG"):
+            raise
+        # bad input ends with one line naming the problem, not a traceback
+        print(f"bict-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

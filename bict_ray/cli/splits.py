@@ -1,0 +1,27 @@
+"""`bict-ray splits`: load the dataset, make (or reload) the scenario's seeded splits and print them."""
+
+from __future__ import annotations
+
+from bict_ray.cli.common import add_config_args, config_from_args
+from bict_ray.data import load_dataset
+from bict_ray.rundir import RunDir
+from bict_ray.splits import load_or_make_splits
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("splits", help="write the upgrade scenario's training splits to a run directory")
+    add_config_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    run_dir = RunDir.create(args.out or f"runs/{config.name}", config)
+    dataset = load_dataset(config.data)
+    splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes)
+    print(f"dataset: {dataset.source} ({len(dataset.train)} train, {len(dataset.test)} test, "
+          f"{dataset.num_classes} classes)")
+    for split in splits:
+        print(f"model phi_{split.version}: {len(split.train_ids)} training images, classes {split.classes}")
+    print(f"splits written to {run_dir.path / 'splits'}")
+    return 0

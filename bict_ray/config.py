@@ -1,0 +1,370 @@
+"""Typed configuration: dataclasses loaded from YAML, validated on construction.
+
+A config file is a YAML mapping of sections (``data``, ``scenario``, ``model``, ...). Unknown keys are an
+error that names them and lists the valid ones; ``--set section.key=value`` overrides are parsed as YAML
+scalars and checked against the field's type, so ``--set train.epochs=abc`` fails instead of running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the problem."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. ``kind``: fashion_mnist | imagefolder | npz."""
+
+    kind: str = "fashion_mnist"
+    root: str | None = None
+    image_size: int | None = None  # None: the dataset's own size (28 for Fashion-MNIST, 32 for user data)
+    channels: int | None = None  # None: 1 for Fashion-MNIST and grayscale data, else 3
+    test_fraction: float = 0.2  # user data has no test split: this share of each class becomes the test set
+    limit_train: int | None = None  # keep at most this many training images (smoke runs)
+    limit_test: int | None = None  # keep at most this many test images (smoke runs)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("data.kind", self.kind, ("fashion_mnist", "imagefolder", "npz"))
+        if self.kind != "fashion_mnist" and not self.root:
+            raise ConfigError(f"data.root is required for data.kind={self.kind}")
+        _check_range("data.test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        for name in ("image_size", "limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+
+
+@dataclass
+class ScenarioConfig:
+    """The upgrade sequence phi_1 -> ... -> phi_T and what each model's training split holds.
+
+    class_growth: model t trains on the classes in ``classes[t-1]`` (default: evenly growing subsets ending
+    with every class). data_growth: model t trains on ``fractions[t-1]`` of each class's images (nested, so
+    later models see a superset; default evenly growing up to 1.0).
+    """
+
+    kind: str = "class_growth"
+    steps: int = 3  # number of models T (T - 1 upgrades)
+    classes: list[list[int]] | None = None
+    fractions: list[float] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("scenario.kind", self.kind, ("class_growth", "data_growth"))
+        if self.steps < 2:
+            raise ConfigError(f"scenario.steps must be >= 2 (an old and a new model), got {self.steps}")
+        if self.classes is not None:
+            if len(self.classes) != self.steps:
+                raise ConfigError(
+                    f"scenario.classes has {len(self.classes)} subsets but scenario.steps is {self.steps}")
+            for t, subset in enumerate(self.classes, 1):
+                if not subset:
+                    raise ConfigError(f"scenario.classes[{t - 1}] (model {t}) is empty")
+                if len(set(subset)) != len(subset):
+                    raise ConfigError(f"scenario.classes[{t - 1}] (model {t}) repeats a class: {subset}")
+        if self.fractions is not None:
+            if len(self.fractions) != self.steps:
+                raise ConfigError(
+                    f"scenario.fractions has {len(self.fractions)} values but scenario.steps is {self.steps}")
+            for t, frac in enumerate(self.fractions):
+                _check_range(f"scenario.fractions[{t}]", frac, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class ModelConfig:
+    """The embedding network phi_t = backbone -> embedding -> classifier (the same recipe for every step)."""
+
+    backbone: str = "small_cnn"  # small_cnn | resnet18 | resnet50
+    embedding_dim: int = 128
+    classifier: str = "cosine"  # cosine (default, DESIGN.md section 2) | linear
+    scale: float = 16.0  # cosine classifier logit scale s
+    weights: str | None = None  # local backbone state_dict file; None = random init (no download)
+
+    def __post_init__(self):
+        _check_choice("model.backbone", self.backbone, ("small_cnn", "resnet18", "resnet50"))
+        _check_choice("model.classifier", self.classifier, ("cosine", "linear"))
+        if self.embedding_dim < 1:
+            raise ConfigError(f"model.embedding_dim must be >= 1, got {self.embedding_dim}")
+        if self.scale <= 0:
+            raise ConfigError(f"model.scale must be > 0, got {self.scale}")
+
+
+@dataclass
+class CompatConfig:
+    """Backward compatibility of phi_{t+1} with phi_t: L = CE + lam * L_compat."""
+
+    loss: str = "bct"  # bct | l2 | contrastive | ract
+    lam: float = 1.0  # 0 = independent training
+    synthesise_new_classes: bool = True  # bct: pseudo old classifier rows for classes phi_t never saw
+    temperature: float = 0.1  # contrastive / ract
+
+    def __post_init__(self):
+        _check_choice("compat.loss", self.loss, ("bct", "l2", "contrastive", "ract"))
+        if self.lam < 0:
+            raise ConfigError(f"compat.lam must be >= 0, got {self.lam}")
+        if self.temperature <= 0:
+            raise ConfigError(f"compat.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and Ray Train scaling for the embedding models."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    storage_path: str | None = None  # Ray Train storage; None = RUN_DIR/ray_results (must be shared across nodes)
+    torch_threads: int | None = None  # per worker; None = leave torch's default
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.max_failures < 0:
+            raise ConfigError(f"train.max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class TransformConfig:
+    """The upgrade transform psi_{t->t+1}: L = alpha * CE(w_new psi(s), y) + beta * (1 - cos(psi(s), phi_new(x)))."""
+
+    hidden: int = 512
+    layers: int = 2
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    alpha: float = 1.0
+    beta: float = 1.0
+    source: str = "gallery"  # gallery: s(x) as the gallery stores it | model: phi_t(x)
+    enabled: bool = True  # False = BCT only: the gallery is never upgraded
+
+    def __post_init__(self):
+        _check_choice("transform.source", self.source, ("gallery", "model"))
+        if self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
+            raise ConfigError(
+                f"transform.alpha and transform.beta must be >= 0 and not both 0, got {self.alpha}, {self.beta}")
+        for name in ("hidden", "layers", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transform.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class GalleryConfig:
+    """Ray Data extraction and upgrade of gallery versions."""
+
+    rows_per_shard: int = 4096
+    batch_size: int = 1024
+    concurrency: int = 1  # actors in the pool
+    cpus_per_actor: float = 0.5  # fractional: a full CPU per actor hangs 2 actors on 2 CPUs (RAY-NOTES.md)
+    use_gpu: bool = False
+
+    def __post_init__(self):
+        for name in ("rows_per_shard", "batch_size", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gallery.{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError(f"gallery.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation: the test split is both query and gallery, self-matches excluded by id."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    map_at: int | None = None  # None = exact mAP over the whole gallery
+    partial_refresh: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    matrix: bool = True
+
+    def __post_init__(self):
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"eval.ks must be positive integers, got {self.ks}")
+        for frac in self.partial_refresh:
+            _check_range("eval.partial_refresh", frac, 0.0, 1.0)
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray. address None = start or join a local instance (ray.init's own rules)."""
+
+    address: str | None = None
+    num_cpus: int | None = None  # only for a local instance started by this process
+
+    def __post_init__(self):
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
+
+
+@dataclass
+class Config:
+    """A whole run. Sections mirror the YAML file."""
+
+    name: str = "bict"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b=value`` override to a raw config mapping; the value is parsed as a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, _, text = item.partition("=")
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r} has an empty key")
+    _check_path(Config, keys, dotted)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def from_dict(cls, raw: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, checking key names and value types recursively."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+            f"valid keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _coerce(hint, value, key: str):
+    """Check ``value`` against the type hint; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _check_path(cls, keys: list[str], dotted: str) -> None:
+    for depth, key in enumerate(keys):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key {dotted}: {'.'.join(keys[:depth])} is not a section")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            where = ".".join(keys[:depth]) or "the top level"
+            raise ConfigError(
+                f"unknown config key {dotted}; valid keys in {where}: {', '.join(sorted(fields))}")
+        cls = typing.get_type_hints(cls)[key]
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_range(key, value, low, high, low_open=False, high_open=False) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}, got {value}")

@@ -1,0 +1,318 @@
+"""Image datasets: Fashion-MNIST (the embedded default), an ImageFolder tree, or an ``.npz`` of arrays.
+
+Every loader returns the same thing, a :class:`Dataset` of a train and a test :class:`ImageSet` with uint8
+images (N, C, H, W), global int64 labels and int64 sample ids that are unique across both splits (train first),
+so a gallery row can always be traced back to its image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bict_ray.config import DataConfig
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_ENV = "BICT_FASHION_MNIST_ROOT"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_USER_IMAGE_SIZE = 32
+
+
+class DataError(ValueError):
+    """The data cannot be loaded; the message names the file or folder and says what to do."""
+
+
+@dataclass
+class ImageSet:
+    """One split: images (N, C, H, W) uint8, labels (N,) int64 global class ids, ids (N,) int64 unique."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.ids[index])
+
+
+@dataclass
+class Dataset:
+    train: ImageSet
+    test: ImageSet
+    classes: list[str]
+    source: str  # where it was found, for `bict-ray env` and the run's record
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[2]
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load the dataset that ``cfg.kind`` names, with ids assigned and the smoke limits applied."""
+    if cfg.kind == "fashion_mnist":
+        dataset = load_fashion_mnist(cfg.root)
+    elif cfg.kind == "npz":
+        dataset = load_npz(cfg.root, cfg)
+    else:
+        dataset = load_image_folder(cfg.root, cfg)
+    dataset = _conform(dataset, cfg)
+    return _limit(dataset, cfg)
+
+
+def find_fashion_mnist(root: str | None = None) -> Path | None:
+    """Where the Fashion-MNIST idx files are: ``root``, $BICT_FASHION_MNIST_ROOT, then the Debian package's folder."""
+    candidates = [root, os.environ.get(FASHION_MNIST_ENV), *FASHION_MNIST_DIRS]
+    for candidate in candidates:
+        if not candidate:
+            continue
+        for folder in (Path(candidate), Path(candidate) / "FashionMNIST" / "raw", Path(candidate) / "raw"):
+            if _idx_path(folder, "train-images-idx3-ubyte") is not None:
+                return folder
+    return None
+
+
+def load_fashion_mnist(root: str | None = None, download_root: str | None = None) -> Dataset:
+    """Fashion-MNIST from local idx files, else torchvision's download (needs a network)."""
+    folder = find_fashion_mnist(root)
+    if folder is None:
+        folder = _download_fashion_mnist(download_root or root or os.path.expanduser("~/.cache/bict-ray"))
+    train_x = _read_idx(_idx_path(folder, "train-images-idx3-ubyte"))
+    train_y = _read_idx(_idx_path(folder, "train-labels-idx1-ubyte"))
+    test_x = _read_idx(_idx_path(folder, "t10k-images-idx3-ubyte"))
+    test_y = _read_idx(_idx_path(folder, "t10k-labels-idx1-ubyte"))
+    return _assemble(train_x[:, None], train_y, test_x[:, None], test_y, list(FASHION_MNIST_CLASSES), str(folder))
+
+
+def load_npz(path: str, cfg: DataConfig) -> Dataset:
+    """An ``.npz`` with ``images`` (N, H, W) or (N, H, W, C) or (N, C, H, W) uint8 and ``labels`` (N,) ints.
+
+    Optional ``test_images``/``test_labels`` give the test split; otherwise ``cfg.test_fraction`` of each class
+    is held out (seeded). Optional ``classes`` names the classes.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"npz file not found: {file}")
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            content = {key: arrays[key] for key in arrays.files}
+    except Exception as err:  # numpy raises several types for a damaged archive
+        raise DataError(f"cannot read npz file {file}: {err}") from None
+    for key in ("images", "labels"):
+        if key not in content:
+            raise DataError(f"npz file {file} has no '{key}' array (it has: {', '.join(content) or 'nothing'})")
+    images = _to_nchw(content["images"], f"{file}:images")
+    labels = _check_labels(content["labels"], len(images), f"{file}:labels")
+    if "test_images" in content:
+        test_images = _to_nchw(content["test_images"], f"{file}:test_images")
+        test_labels = _check_labels(content.get("test_labels"), len(test_images), f"{file}:test_labels")
+    else:
+        train_idx, test_idx = _holdout(labels, cfg.test_fraction, cfg.seed)
+        images, test_images = images[train_idx], images[test_idx]
+        labels, test_labels = labels[train_idx], labels[test_idx]
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    classes = [str(c) for c in content["classes"]] if "classes" in content else [str(c) for c in range(num_classes)]
+    if len(classes) < 2:
+        raise DataError(f"npz file {file} has {len(classes)} class(es); retrieval needs at least 2")
+    return _assemble(images, labels, test_images, test_labels, classes, str(file))
+
+
+def load_image_folder(path: str, cfg: DataConfig) -> Dataset:
+    """An ImageFolder tree: one sub-folder per class, numbered in sorted folder order; any size, grey or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DataError(f"image folder {root} has {len(class_dirs)} class folder(s); it needs at least 2 "
+                        "(one sub-folder per class)")
+    size = cfg.image_size or DEFAULT_USER_IMAGE_SIZE
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [label] * len(found)
+    mode = None if cfg.channels is None else ("L" if cfg.channels == 1 else "RGB")
+    if mode is None:
+        mode = "L" if all(_is_grey(f) for f in files[:: max(1, len(files) // 16)]) else "RGB"
+    images = np.empty((len(files), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                pixels = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"cannot read image {file}: {err}") from None
+        images[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
+    labels = np.asarray(labels, dtype=np.int64)
+    train_idx, test_idx = _holdout(labels, cfg.test_fraction, cfg.seed)
+    return _assemble(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
+                     [d.name for d in class_dirs], str(root))
+
+
+def missing_dataset_message(root: str | None = None) -> str:
+    tried = [p for p in (root, os.environ.get(FASHION_MNIST_ENV), *FASHION_MNIST_DIRS) if p]
+    return ("Fashion-MNIST not found (looked in: " + ", ".join(tried) + ") and the download failed. Get it with "
+            "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four idx files "
+            "(train-images-idx3-ubyte[.gz], ...) in a folder and pass --set data.root=FOLDER "
+            f"or set ${FASHION_MNIST_ENV}.")
+
+
+def _download_fashion_mnist(root: str) -> Path:
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(root, train=True, download=True)
+        FashionMNIST(root, train=False, download=True)
+    except Exception as err:  # any network or disk failure leads to the same advice
+        raise DataError(f"{missing_dataset_message(root)} ({type(err).__name__}: {err})") from None
+    folder = find_fashion_mnist(root)
+    if folder is None:
+        raise DataError(missing_dataset_message(root))
+    return folder
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_idx(path: Path | None) -> np.ndarray:
+    if path is None:
+        raise DataError("Fashion-MNIST folder is incomplete: " + missing_dataset_message())
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err}") from None
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path} is not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise DataError(f"{path} is truncated: expected {expected} values, found {len(data) - offset}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
+
+
+def _assemble(train_x, train_y, test_x, test_y, classes, source) -> Dataset:
+    train_y = np.asarray(train_y, dtype=np.int64)
+    test_y = np.asarray(test_y, dtype=np.int64)
+    train_ids = np.arange(len(train_y), dtype=np.int64)
+    test_ids = np.arange(len(train_y), len(train_y) + len(test_y), dtype=np.int64)
+    return Dataset(ImageSet(np.ascontiguousarray(train_x), train_y, train_ids),
+                   ImageSet(np.ascontiguousarray(test_x), test_y, test_ids), list(classes), source)
+
+
+def _conform(dataset: Dataset, cfg: DataConfig) -> Dataset:
+    """Apply data.channels and data.image_size to loaders that keep the files' own shape."""
+    want_c = cfg.channels or dataset.channels
+    want_s = cfg.image_size or dataset.image_size
+    if (want_c, want_s) == (dataset.channels, dataset.image_size):
+        return dataset
+    import torch
+    import torch.nn.functional as F
+
+    def convert(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).float()
+        if x.shape[1] != want_c:
+            x = x.mean(dim=1, keepdim=True) if want_c == 1 else x.expand(-1, 3, -1, -1)
+        if x.shape[2] != want_s or x.shape[3] != want_s:
+            x = F.interpolate(x, size=(want_s, want_s), mode="bilinear", align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+    dataset.train.images = convert(dataset.train.images)
+    dataset.test.images = convert(dataset.test.images)
+    return dataset
+
+
+def _limit(dataset: Dataset, cfg: DataConfig) -> Dataset:
+    """Keep a seeded, class-stratified subset for smoke runs (ids stay those of the full dataset)."""
+    rng = np.random.default_rng(cfg.seed)
+    for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_test)):
+        part: ImageSet = getattr(dataset, split)
+        if limit is None or limit >= len(part):
+            continue
+        order = rng.permutation(len(part))
+        # interleave classes so that any prefix is close to class-balanced
+        ranks = np.empty(len(part), dtype=np.int64)
+        for c in np.unique(part.labels):
+            members = order[part.labels[order] == c]
+            ranks[members] = np.arange(len(members))
+        keep = np.sort(order[np.lexsort((part.labels[order], ranks[order]))][:limit])
+        setattr(dataset, split, part.subset(keep))
+    return dataset
+
+
+def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices per class: ``fraction`` of each class (at least one image) goes to the test set."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        if len(members) < 2:
+            raise DataError(f"class {c} has {len(members)} image(s); each class needs at least 2 "
+                            "(one to train on, one to search for)")
+        n_test = min(len(members) - 1, max(1, round(fraction * len(members))))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _to_nchw(images: np.ndarray, where: str) -> np.ndarray:
+    if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.floating) and images.size and images.max() <= 1.0:
+            images = images * 255.0
+        images = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4:
+        if images.shape[1] in (1, 3):
+            return images
+        if images.shape[3] in (1, 3):
+            return images.transpose(0, 3, 1, 2)
+    raise DataError(f"{where} must have shape (N, H, W), (N, H, W, C) or (N, C, H, W) with C in (1, 3); "
+                    f"got {images.shape}")
+
+
+def _check_labels(labels, n: int, where: str) -> np.ndarray:
+    if labels is None:
+        raise DataError(f"{where} is missing")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where} must be {n} integers, got shape {labels.shape} of {labels.dtype}")
+    if labels.min() < 0:
+        raise DataError(f"{where} has negative class ids")
+    return labels.astype(np.int64)
+
+
+def _is_grey(file: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            return img.mode in ("L", "1", "I;16", "I")
+    except OSError:
+        return False  # an unreadable file is reported by the loader with its name

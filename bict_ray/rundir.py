@@ -1,0 +1,79 @@
+"""The run directory: the contract that the CLI, the jobs, the tests and the report share (DESIGN.md section 6).
+
+    RUN_DIR/config.yaml                 resolved config
+    RUN_DIR/splits/                     the seeded split files
+    RUN_DIR/models/phi_<t>/             weights + model.json card
+    RUN_DIR/transforms/psi_<s>_<t>/     weights + model.json card
+    RUN_DIR/gallery/v<t>/               Parquet shards + manifest.json
+    RUN_DIR/results.json                every evaluation
+    RUN_DIR/report.md, RUN_DIR/plots/   the human report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bict_ray.config import Config, ConfigError, save_config
+
+# How a run is executed, not what it computes: these may change between a run and its resumption.
+RUNTIME_KEYS = frozenset({
+    "ray", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage_path",
+    "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_actor",
+    "gallery.use_gpu", "gallery.batch_size",
+})
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, config: Config) -> "RunDir":
+        """Open ``path`` for ``config``: a new directory gets config.yaml; an existing one must hold the same config."""
+        run_dir = cls(path)
+        saved = run_dir.path / "config.yaml"
+        if saved.is_file():
+            differences = config_differences(yaml.safe_load(saved.read_text()) or {}, config.to_dict())
+            if differences:
+                raise ConfigError(
+                    f"run directory {run_dir.path} was made with another config ({'; '.join(differences)}); "
+                    "resume it with its own config.yaml, or choose a new --out")
+        else:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+            save_config(config, saved)
+        return run_dir
+
+    def model_dir(self, version: int) -> Path:
+        return self.path / "models" / f"phi_{version}"
+
+    def transform_dir(self, source: int, target: int) -> Path:
+        return self.path / "transforms" / f"psi_{source}_{target}"
+
+    def gallery_dir(self, version: int) -> Path:
+        return self.path / "gallery" / f"v{version}"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def ray_storage(self) -> Path:
+        return (self.path / "ray_results").resolve()
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, ignoring RUNTIME_KEYS."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = prefix + key
+        if dotted in RUNTIME_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_differences(a, b, dotted + ".")
+        elif a != b:
+            differences.append(f"{dotted}: {a!r} there, {b!r} now")
+    return differences

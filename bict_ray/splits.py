@@ -1,0 +1,114 @@
+"""Upgrade scenarios: which training images each model phi_t of the sequence may learn from.
+
+- class growth: model t sees every training image of the classes in its subset;
+- data growth: model t sees a fraction of each class's training images, nested so phi_{t+1} sees a superset.
+
+Splits are seeded, written to ``RUN_DIR/splits/`` and read back on resume; a run directory whose saved splits
+were made for another scenario is refused rather than silently re-split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bict_ray.config import ScenarioConfig
+from bict_ray.data import DataError, ImageSet
+
+SPLITS_DIR = "splits"
+
+
+@dataclass
+class ModelSplit:
+    """Training split of model ``version`` (1-based): sample ids (sorted) and the classes it saw."""
+
+    version: int
+    train_ids: np.ndarray
+    classes: list[int]
+
+
+def make_splits(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> list[ModelSplit]:
+    """One :class:`ModelSplit` per model of the sequence, deterministic under ``scenario.seed``."""
+    if scenario.kind == "class_growth":
+        return _class_growth(scenario, train, num_classes)
+    return _data_growth(scenario, train, num_classes)
+
+
+def default_class_subsets(steps: int, num_classes: int) -> list[list[int]]:
+    """Evenly growing class subsets ending with every class, e.g. 3 steps of 10 classes: 4, 7, 10."""
+    first = min(num_classes, max(2, num_classes - (steps - 1) * (num_classes // steps)))
+    sizes = np.linspace(first, num_classes, steps).round().astype(int)
+    return [list(range(int(n))) for n in sizes]
+
+
+def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: ImageSet,
+                        num_classes: int) -> list[ModelSplit]:
+    """Read the run's saved splits, or make and save them; refuse splits saved for another scenario."""
+    folder = Path(run_dir) / SPLITS_DIR
+    splits = make_splits(scenario, train, num_classes)
+    fingerprint = _fingerprint(scenario, train)
+    if (folder / "splits.json").is_file():
+        saved = json.loads((folder / "splits.json").read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"{folder} holds splits for another scenario or dataset ({saved.get('scenario')}); "
+                "use a new run directory, or the config that made this one")
+        return [ModelSplit(s["version"], np.load(folder / s["file"]), s["classes"]) for s in saved["models"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for split in splits:
+        name = f"model_{split.version}_train_ids.npy"
+        np.save(folder / name, split.train_ids)
+        entries.append({"version": split.version, "file": name, "classes": split.classes,
+                        "num_train": int(len(split.train_ids))})
+    record = {"scenario": _scenario_dict(scenario), "fingerprint": fingerprint, "models": entries}
+    tmp = folder / "splits.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(folder / "splits.json")  # the record appears last and whole: its presence means complete splits
+    return splits
+
+
+def _class_growth(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> list[ModelSplit]:
+    subsets = scenario.classes or default_class_subsets(scenario.steps, num_classes)
+    present = set(np.unique(train.labels).tolist())
+    splits = []
+    for t, subset in enumerate(subsets, 1):
+        unknown = sorted(c for c in subset if not 0 <= c < num_classes)
+        if unknown:
+            raise DataError(f"scenario.classes for model {t} names class(es) {unknown} that do not exist "
+                            f"(the dataset has classes 0..{num_classes - 1})")
+        empty = sorted(c for c in subset if c not in present)
+        if empty:
+            raise DataError(f"scenario.classes for model {t} names class(es) {empty} with no training images")
+        mask = np.isin(train.labels, subset)
+        splits.append(ModelSplit(t, np.sort(train.ids[mask]), sorted(int(c) for c in subset)))
+    return splits
+
+
+def _data_growth(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> list[ModelSplit]:
+    fractions = scenario.fractions or np.linspace(1.0 / scenario.steps, 1.0, scenario.steps).tolist()
+    rng = np.random.default_rng(scenario.seed)
+    # one permutation per class, and every model takes a prefix of it: nested splits
+    orders = {c: rng.permutation(train.ids[train.labels == c]) for c in range(num_classes)}
+    classes = sorted(c for c, ids in orders.items() if len(ids))
+    splits = []
+    for t, frac in enumerate(fractions, 1):
+        chosen = [ids[: max(1, int(round(frac * len(ids))))] for ids in orders.values() if len(ids)]
+        splits.append(ModelSplit(t, np.sort(np.concatenate(chosen)), classes))
+    return splits
+
+
+def _scenario_dict(scenario: ScenarioConfig) -> dict:
+    return {"kind": scenario.kind, "steps": scenario.steps, "classes": scenario.classes,
+            "fractions": scenario.fractions, "seed": scenario.seed}
+
+
+def _fingerprint(scenario: ScenarioConfig, train: ImageSet) -> str:
+    digest = hashlib.sha256(json.dumps(_scenario_dict(scenario), sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(train.ids).tobytes())
+    digest.update(np.ascontiguousarray(train.labels).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bict_ray.cli import main
+
+
+def run_cli(*args):
+    """The installed console script, as a user runs it."""
+    script = os.path.join(os.path.dirname(sys.executable), "bict-ray")
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_env_reports_versions_and_dataset():
+    result = run_cli("env")
+    assert result.returncode == 0, result.stderr
+    for key in ("python:", "torch:", "ray:", "faiss-cpu:", "pyarrow:", "cpus:", "fashion-mnist:"):
+        assert key in result.stdout
+
+
+@pytest.mark.parametrize("command", ["splits"])
+def test_unknown_key_fails_naming_it(command, capsys):
+    assert main([command, "--set", "nonexistent.key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent.key" in err and "Traceback" not in err
+
+
+def test_splits_command_writes_and_protects_the_run_dir(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["splits", "-c", "configs/smoke.yaml", "--out", out]) == 0
+    assert "model phi_2: 1200 training images" in capsys.readouterr().out
+    assert main(["splits", "-c", "configs/smoke.yaml", "--out", out, "--set", "scenario.seed=5"]) == 2
+    assert "another config" in capsys.readouterr().err

@@ -1,0 +1,243 @@
+"""Models of a BiCT upgrade: the embedding network phi_t and the upgrade transform psi_{t->t+1}.
+
+Both are rebuilt from a plain JSON-able ``spec`` dict (what a model card stores) plus a state_dict loaded with
+``torch.load(..., weights_only=True)``. Plain torch; no Ray.
+
+Class indices are *global* dataset labels: every phi_t has ``num_classes`` = all classes of the dataset, even when
+it trains on a subset. Rows of classes it never saw simply get no positive training signal, and the new model's
+backward-compatible loss can index the old classifier with the same labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKBONES = ("small_cnn", "resnet18", "resnet50")
+CLASSIFIERS = ("cosine", "linear")
+
+# ResNets on images this small lose too much resolution to the 7x7/2 stem and the max-pool (CIFAR practice).
+SMALL_IMAGE_MAX_SIZE = 64
+
+
+def build_backbone(name: str, in_channels: int, image_size: int,
+                   weights: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
+    """Build a feature extractor mapping (N, in_channels, H, W) float to (N, F) features; return it and F.
+
+    - ``small_cnn``: conv-BN-ReLU blocks of 32, 64, 128, 128 channels, a 2x2 max-pool after the first two,
+      global average pool; F = 128, about 240k parameters. Made for 28x28 grayscale (the 4th conv runs at 7x7,
+      so it adds capacity at little cost); works for any size >= 4 px.
+    - ``resnet18`` (F = 512) / ``resnet50`` (F = 2048): torchvision, random init, ``fc`` replaced by Identity.
+      For ``image_size <= 64`` the stem is a 3x3 stride-1 conv and the max-pool is dropped (CIFAR ResNets);
+      otherwise conv1 is replaced only when ``in_channels != 3``.
+
+    ``weights``: a local state_dict file for the backbone, read with ``torch.load(..., weights_only=True)``.
+    Keys ``fc.*`` (a torchvision classification head) are ignored, as the head is replaced; anything else that
+    does not match raises ValueError naming the file.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if image_size < 4:
+        raise ValueError(f"image_size must be >= 4 pixels, got {image_size}")
+    if name == "small_cnn":
+        backbone, feature_dim = _small_cnn(in_channels), 128
+    else:
+        backbone, feature_dim = _resnet(name, in_channels, image_size)
+    if weights is not None:
+        _load_backbone_weights(backbone, name, weights)
+    return backbone, feature_dim
+
+
+def classifier_logits(kind: str, weight: torch.Tensor, features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Logits (N, C) of classifier ``weight`` (C, D) on ``features`` (N, D).
+
+    ``cosine``: ``scale * normalize(features) @ normalize(weight).T`` (NormFace/CosFace, no margin).
+    ``linear``: ``features @ weight.T``, bias-free; ``scale`` is ignored.
+    Functional so that a loss can apply a frozen old weight matrix to new features.
+    """
+    if weight.dim() != 2 or features.dim() != 2:
+        raise ValueError(f"classifier weight must be (C, D) and features (N, D), got shapes "
+                         f"{tuple(weight.shape)} and {tuple(features.shape)}")
+    if weight.shape[1] != features.shape[1]:
+        raise ValueError(f"feature dim {features.shape[1]} does not match classifier dim {weight.shape[1]}")
+    if kind == "cosine":
+        return scale * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
+    if kind == "linear":
+        return features @ weight.T
+    raise ValueError(f"unknown classifier {kind!r}; valid kinds: {', '.join(CLASSIFIERS)}")
+
+
+class CosineClassifier(nn.Module):
+    """Cosine classifier: logits = scale * cos(x, w_c). ``.weight`` is (C, D)."""
+
+    kind = "cosine"
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0):
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"cosine classifier scale must be > 0, got {scale}")
+        self.scale = float(scale)
+        self.weight = _classifier_weight(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return classifier_logits(self.kind, self.weight, x, self.scale)
+
+
+class LinearClassifier(nn.Module):
+    """Bias-free linear classifier: logits = x @ W.T. ``.weight`` is (C, D); ``.scale`` is 1 and unused."""
+
+    kind = "linear"
+    scale = 1.0
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.weight = _classifier_weight(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return classifier_logits(self.kind, self.weight, x, self.scale)
+
+
+class EmbeddingNet(nn.Module):
+    """phi_t: backbone -> linear embedding head (F -> D, then BatchNorm1d) -> classifier omega_t over all classes.
+
+    ``forward(x)`` returns ``(features, logits)``: (N, D) un-normalised and (N, C). ``embed(x)`` returns the
+    (N, D) float32 L2-normalised embedding that a gallery stores (call it in eval mode).
+    ``backbone_weights`` initialises the backbone from a local file; it is not part of the spec, because a
+    trained model's state_dict already holds the backbone.
+    """
+
+    def __init__(self, backbone: str = "small_cnn", in_channels: int = 1, image_size: int = 28,
+                 embedding_dim: int = 128, num_classes: int = 10, classifier: str = "cosine",
+                 scale: float = 16.0, backbone_weights: str | os.PathLike | None = None):
+        super().__init__()
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
+        self.spec = {"backbone": backbone, "in_channels": int(in_channels), "image_size": int(image_size),
+                     "embedding_dim": int(embedding_dim), "num_classes": int(num_classes),
+                     "classifier": classifier, "scale": float(scale)}
+        self.backbone, feature_dim = build_backbone(backbone, in_channels, image_size, backbone_weights)
+        self.head = nn.Sequential(nn.Linear(feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim))
+        self.classifier = (CosineClassifier(embedding_dim, num_classes, scale) if classifier == "cosine"
+                           else LinearClassifier(embedding_dim, num_classes))
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], backbone_weights: str | os.PathLike | None = None) -> EmbeddingNet:
+        """Rebuild from a spec dict (keys as in ``.spec``; missing keys take the constructor defaults)."""
+        _check_spec_keys("EmbeddingNet", spec, ("backbone", "in_channels", "image_size", "embedding_dim",
+                                                "num_classes", "classifier", "scale"))
+        return cls(**spec, backbone_weights=backbone_weights)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.spec["embedding_dim"]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.head(self.backbone(x))
+        return features, self.classifier(features)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) float32, L2-normalised: the retrieval embedding."""
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+class UpgradeTransform(nn.Module):
+    """psi_{t->t+1}: maps (N, d_in) old embeddings to (N, d_out) vectors in the new space (un-normalised).
+
+    MLP: ``layers`` hidden blocks Linear-BatchNorm1d-ReLU of width ``hidden``, then Linear to d_out.
+    When d_in == d_out it is residual, ``x + mlp(x)``, with the last Linear zero-initialised, so an untrained
+    psi is exactly the identity and cannot destroy the gallery it is applied to. With d_in != d_out there is
+    no identity to start from and the last layer keeps torch's default init.
+    """
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 512, layers: int = 2):
+        super().__init__()
+        for key, value in (("d_in", d_in), ("d_out", d_out), ("hidden", hidden), ("layers", layers)):
+            if value < 1:
+                raise ValueError(f"UpgradeTransform {key} must be >= 1, got {value}")
+        self.spec = {"d_in": int(d_in), "d_out": int(d_out), "hidden": int(hidden), "layers": int(layers)}
+        blocks: list[nn.Module] = []
+        width = d_in
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        last = nn.Linear(width, d_out)
+        self.residual = d_in == d_out
+        if self.residual:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(*blocks, last)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> UpgradeTransform:
+        """Rebuild from a spec dict (keys d_in, d_out, hidden, layers)."""
+        _check_spec_keys("UpgradeTransform", spec, ("d_in", "d_out", "hidden", "layers"))
+        return cls(**spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.spec["d_in"]:
+            raise ValueError(f"UpgradeTransform expects (N, {self.spec['d_in']}) input, got {tuple(x.shape)}")
+        return x + self.mlp(x) if self.residual else self.mlp(x)
+
+
+def _small_cnn(in_channels: int) -> nn.Module:
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(*block(in_channels, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
+                         *block(64, 128), *block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _resnet(name: str, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    import torchvision  # imported here: only the ResNet backbones need it
+
+    net = getattr(torchvision.models, name)(weights=None)
+    if image_size <= SMALL_IMAGE_MAX_SIZE:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def _load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"backbone weights file {os.fspath(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
+        raise ValueError(f"backbone weights file {os.fspath(path)!r} is not a readable state_dict: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone weights file {os.fspath(path)!r} does not hold a state_dict of tensors")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"backbone weights file {os.fspath(path)!r} does not match backbone {name!r}: "
+                         f"{exc}") from exc
+
+
+def _classifier_weight(dim: int, num_classes: int) -> nn.Parameter:
+    if dim < 1 or num_classes < 1:
+        raise ValueError(f"classifier needs dim >= 1 and num_classes >= 1, got {dim} and {num_classes}")
+    weight = torch.empty(num_classes, dim)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default
+    return nn.Parameter(weight)
+
+
+def _check_spec_keys(what: str, spec: dict[str, Any], valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(spec) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} spec has unknown keys {unknown}; valid keys: {', '.join(valid)}")

@@ -1,0 +1,623 @@
+"""Gallery versions: Parquet shards of embeddings plus a manifest, committed atomically.
+
+A gallery version is a folder::
+
+    part-00000.parquet, part-00001.parquet, ...   columns: id int64, label int64 (null = unlabelled),
+                                                  embedding fixed_shape_tensor<float32>[dim]
+    manifest.json                                 lineage, space, dim, row counts, sha256 per shard
+
+The embedding column uses Arrow's native ``pa.fixed_shape_tensor`` so that plain pyarrow
+(``column.to_numpy_ndarray()``) and Ray Data batches both see an (N, dim) float32 array.
+
+Publication protocol (a version is trusted only when its manifest exists):
+
+* Local filesystem: shards are staged in the sibling folder ``<out>.staging``; ``commit`` writes
+  the manifest there and renames the whole folder to ``<out>`` in one atomic rename, so readers see
+  either no version or a complete one.
+* Any other filesystem (object stores, where rename is a copy): shards are staged directly in
+  ``<out>`` and the manifest is written last. A folder without ``manifest.json`` is an unfinished
+  upgrade, which ``open_gallery`` refuses and a new ``GalleryWriter`` resumes.
+
+Each shard file appears complete or not at all (temp file + rename), and the same data always gives
+the same bytes, so a killed writer is resumed by skipping the shards ``has_shard`` reports done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+UNLABELLED = -1
+"""Label value returned (and accepted) for rows whose stored label is null."""
+
+NORM_TOLERANCE = 1e-3
+"""Largest | ||e|| - 1 | accepted for embeddings of a gallery declared normalised."""
+
+# Fixed writer options: identical inputs must give identical bytes, so that a resumed upgrade
+# produces exactly the files of an uninterrupted one. Parquet files carry no timestamps; the
+# only environment-dependent bytes are the writer's "created_by" version string.
+_PARQUET_OPTIONS = dict(
+    row_group_size=65536,
+    compression="zstd",
+    compression_level=3,
+    use_dictionary=["label"],
+    write_statistics=True,
+    write_page_checksum=True,
+    store_schema=True,
+)
+_SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+class GalleryError(ValueError):
+    """A gallery version (or the data written into one) is missing, malformed or inconsistent."""
+
+
+def gallery_schema(dim: int) -> pa.Schema:
+    """The Arrow schema of every shard of a gallery of ``dim``-dimensional embeddings."""
+    return pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),
+            pa.field("label", pa.int64(), nullable=True),
+            pa.field("embedding", pa.fixed_shape_tensor(pa.float32(), [dim]), nullable=False),
+        ]
+    )
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` inside a version folder, e.g. ``part-00003.parquet``."""
+    return f"part-{index:05d}.parquet"
+
+
+class GalleryWriter:
+    """Writes one gallery version shard by shard and publishes it with ``commit``.
+
+    Several writers built with the same ``out`` (e.g. one per Ray task) may write different shards
+    concurrently; one of them commits once all shards are written. A writer built on the ``out`` of
+    a killed run resumes it: ``has_shard`` reports the shards already finished.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        *,
+        dim: int,
+        lineage: list[str],
+        space: str,
+        normalised: bool = True,
+        extra: dict | None = None,
+        filesystem: pafs.FileSystem | None = None,
+    ):
+        """``out``: version folder (local path or pyarrow URI; a path inside ``filesystem`` if given).
+        ``dim``: embedding size. ``lineage``: the extracting model then each transform applied,
+        e.g. ``["phi_1", "psi_1_2"]``. ``space``: the model whose embedding space this is, e.g.
+        ``"phi_2"``. ``normalised``: rows are L2-normalised (checked on write). ``extra``: free-form,
+        JSON-serialisable metadata stored in the manifest.
+        """
+        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0:
+            raise GalleryError(f"dim must be a positive integer, got {dim!r}")
+        _check_lineage(lineage, space)
+        extra = dict(extra or {})
+        try:
+            json.dumps(extra)
+        except TypeError as err:
+            raise GalleryError(f"extra must be JSON-serialisable: {err}") from None
+        self.dim = int(dim)
+        self.lineage = list(lineage)
+        self.space = space
+        self.normalised = bool(normalised)
+        self.extra = extra
+        self._out = _locate(out, filesystem)
+        self._refuse_committed()
+        if self._out.is_local:
+            self._staging = _Location(self._out.fs, self._out.path + ".staging", self._out.display + ".staging")
+        else:
+            self._staging = self._out
+        self._staging.fs.create_dir(self._staging.path, recursive=True)
+
+    @property
+    def staging_path(self) -> str:
+        """Where the shards are staged until ``commit`` (``<out>.staging`` locally, else ``out``)."""
+        return self._staging.display
+
+    def write_shard(self, index: int, ids, labels, embeddings) -> None:
+        """Write shard ``index`` (overwriting an unfinished or earlier copy of it).
+
+        ids: (n,) integers, unique. labels: (n,) integers (``UNLABELLED`` = none) or None.
+        embeddings: (n, dim) floats, finite (cast to float32; L2-normalised if the gallery is).
+        """
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise GalleryError(f"shard index must be a non-negative integer, got {index!r}")
+        name = shard_name(int(index))
+        table = _shard_table(name, ids, labels, embeddings, self.dim, self.normalised)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, **_PARQUET_OPTIONS)
+        _write_atomic(self._staging, name, buffer.getvalue())
+
+    def has_shard(self, index: int, expected_rows: int | None = None) -> bool:
+        """Whether shard ``index`` is already staged complete: readable footer, this gallery's
+        schema and (if given) ``expected_rows`` rows. A resumed upgrade skips shards for which
+        this is true; it checks shape, not content, so a rerun must map the same input rows to
+        the same shard index."""
+        try:
+            meta = pq.read_metadata(self._staging.child(shard_name(index)).path, filesystem=self._staging.fs)
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException):
+            return False
+        if _schema_problem(schema, self.dim) is not None:
+            return False
+        return expected_rows is None or meta.num_rows == expected_rows
+
+    def commit(self, num_shards: int | None = None) -> "GalleryVersion":
+        """Validate the staged shards, write the manifest and publish the version.
+
+        ``num_shards``: if given, exactly shards ``0 .. num_shards-1`` must be staged. Raises
+        ``GalleryError`` (leaving everything in place) for an empty gallery, missing or extra shard
+        indices, an unreadable shard, a wrong dim, duplicate ids, or ``out`` already committed.
+        """
+        self._refuse_committed()
+        names = self._staged_shards(num_shards)
+        records, id_arrays = [], []
+        for name in names:
+            record, ids = self._describe_shard(name)
+            records.append(record)
+            id_arrays.append(ids)
+        _check_unique_ids(names, id_arrays)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "lineage": self.lineage,
+            "space": self.space,
+            "dim": self.dim,
+            "normalised": self.normalised,
+            "num_rows": int(sum(r["rows"] for r in records)),
+            "shards": records,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "extra": self.extra,
+        }
+        _write_atomic(self._staging, MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
+        if self._out.is_local:
+            self._out.fs.move(self._staging.path, self._out.path)
+        return GalleryVersion(self._out, manifest)
+
+    def _refuse_committed(self) -> None:
+        info = self._out.fs.get_file_info(self._out.child(MANIFEST_NAME).path)
+        if info.type != pafs.FileType.NotFound:
+            raise GalleryError(
+                f"{self._out.display} already holds a committed gallery version; refusing to overwrite it"
+            )
+        if self._out.is_local and self._out.fs.get_file_info(self._out.path).type != pafs.FileType.NotFound:
+            raise GalleryError(f"{self._out.display} exists but is not a committed gallery version; remove it first")
+
+    def _staged_shards(self, num_shards: int | None) -> list[str]:
+        selector = pafs.FileSelector(self._staging.path, allow_not_found=True)
+        indices = {}
+        for info in self._staging.fs.get_file_info(selector):
+            name = posixpath.basename(info.path)
+            if name.endswith(".tmp"):
+                self._staging.fs.delete_file(info.path)  # left by a killed writer; never a finished shard
+            elif (match := _SHARD_RE.match(name)) is not None:
+                indices[int(match.group(1))] = name
+            elif name != MANIFEST_NAME:
+                raise GalleryError(f"unexpected file {name!r} in {self._staging.display}")
+        if not indices:
+            raise GalleryError(f"empty gallery: no shards staged in {self._staging.display}")
+        expected = range(num_shards if num_shards is not None else max(indices) + 1)
+        missing = sorted(set(expected) - set(indices))
+        extra = sorted(set(indices) - set(expected))
+        if missing:
+            raise GalleryError(f"missing shards {[shard_name(i) for i in missing]} in {self._staging.display}")
+        if extra:
+            raise GalleryError(f"unexpected shards {[shard_name(i) for i in extra]} in {self._staging.display}")
+        return [indices[i] for i in expected]
+
+    def _describe_shard(self, name: str) -> tuple[dict, np.ndarray]:
+        """The manifest record of a staged shard, and its ids (read back from the file itself)."""
+        location = self._staging.child(name)
+        data = _read_bytes(location)
+        try:
+            table = pq.read_table(pa.BufferReader(data), columns=["id"])
+            schema = pq.read_schema(pa.BufferReader(data))
+        except pa.ArrowException as err:
+            raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None
+        problem = _schema_problem(schema, self.dim)
+        if problem is not None:
+            raise GalleryError(f"shard {name}: {problem} (gallery dim {self.dim})")
+        ids = table.column("id").to_numpy()
+        record = {
+            "file": name,
+            "rows": len(ids),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "min_id": int(ids.min()),
+            "max_id": int(ids.max()),
+        }
+        return record, ids
+
+
+def open_gallery(path: str, *, filesystem: pafs.FileSystem | None = None) -> "GalleryVersion":
+    """Open a committed gallery version (local path or pyarrow URI; a path inside ``filesystem``
+    if given). Raises ``GalleryError`` if it has no manifest or the manifest is malformed."""
+    location = _locate(path, filesystem)
+    manifest_location = location.child(MANIFEST_NAME)
+    try:
+        raw = _read_bytes(manifest_location)
+    except FileNotFoundError:
+        raise GalleryError(f"{location.display} is not a committed gallery version (no {MANIFEST_NAME})") from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as err:
+        raise GalleryError(f"{manifest_location.display}: invalid JSON ({err})") from None
+    _check_manifest(manifest, manifest_location.display)
+    return GalleryVersion(location, manifest)
+
+
+def is_committed(path: str, *, filesystem: pafs.FileSystem | None = None) -> bool:
+    """Whether ``path`` holds a committed gallery version (a manifest exists); lets a rerun skip it."""
+    location = _locate(path, filesystem).child(MANIFEST_NAME)
+    return location.fs.get_file_info(location.path).type == pafs.FileType.File
+
+
+def write_gallery(
+    out: str,
+    ids,
+    labels,
+    embeddings,
+    *,
+    rows_per_shard: int,
+    lineage: list[str],
+    space: str,
+    normalised: bool = True,
+    extra: dict | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> "GalleryVersion":
+    """Shard (N,) ids, (N,) labels (or None) and (N, D) embeddings into ``rows_per_shard``-row
+    shards and commit them as the version ``out``. Resumes a killed earlier call on the same ``out``."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise GalleryError(f"empty gallery or bad shape: embeddings must be (N, D) with N > 0, got {embeddings.shape}")
+    if rows_per_shard <= 0:
+        raise GalleryError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    ids = np.asarray(ids)
+    labels = None if labels is None else np.asarray(labels)
+    if len(ids) != len(embeddings) or (labels is not None and len(labels) != len(embeddings)):
+        raise GalleryError(f"ids, labels and embeddings must have the same number of rows ({len(embeddings)})")
+    writer = GalleryWriter(
+        out, dim=embeddings.shape[1], lineage=lineage, space=space,
+        normalised=normalised, extra=extra, filesystem=filesystem,
+    )
+    starts = range(0, len(embeddings), rows_per_shard)
+    for index, start in enumerate(starts):
+        rows = slice(start, start + rows_per_shard)
+        if not writer.has_shard(index, expected_rows=len(ids[rows])):
+            writer.write_shard(index, ids[rows], None if labels is None else labels[rows], embeddings[rows])
+    return writer.commit(num_shards=len(starts))
+
+
+class GalleryVersion:
+    """A committed gallery version: its manifest and checked access to its shards."""
+
+    def __init__(self, location: _Location, manifest: dict):
+        self._location = location
+        self.manifest = manifest
+
+    @property
+    def path(self) -> str:
+        """The version folder, as a local absolute path or the URI it was opened with."""
+        return self._location.display
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """The pyarrow filesystem holding it (e.g. for ``ray.data.read_parquet(..., filesystem=)``)."""
+        return self._location.fs
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["dim"]
+
+    @property
+    def lineage(self) -> list[str]:
+        return list(self.manifest["lineage"])
+
+    @property
+    def space(self) -> str:
+        return self.manifest["space"]
+
+    @property
+    def normalised(self) -> bool:
+        return self.manifest["normalised"]
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["num_rows"]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def shard_paths(self) -> list[str]:
+        """Every shard file, in shard order, as an absolute path or URI."""
+        return [self._location.child(s["file"]).display for s in self.manifest["shards"]]
+
+    def read_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shard ``index`` as (ids (n,) int64, labels (n,) int64 with ``UNLABELLED`` for null,
+        embeddings (n, dim) float32). ``verify``: check the file's sha256 against the manifest.
+        Always checks schema, row count, id range and that embeddings are finite."""
+        record = self.manifest["shards"][index]
+        name = record["file"]
+        try:
+            data = _read_bytes(self._location.child(name))
+        except FileNotFoundError:
+            raise GalleryError(f"shard {name} listed in {self.path}/{MANIFEST_NAME} is missing") from None
+        if verify and hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise GalleryError(f"shard {name}: sha256 does not match the manifest (corrupt or replaced file)")
+        try:
+            table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+        except pa.ArrowException as err:
+            raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None
+        if set(table.column_names) != {"id", "label", "embedding"}:
+            raise GalleryError(f"shard {name}: columns {table.column_names}, expected id, label, embedding")
+        if table.num_rows != record["rows"]:
+            raise GalleryError(f"shard {name}: {table.num_rows} rows, manifest says {record['rows']}")
+        try:
+            embeddings = embeddings_from_column(table.column("embedding"))
+        except GalleryError as err:
+            raise GalleryError(f"shard {name}: {err}") from None
+        if embeddings.shape[1] != self.dim:
+            raise GalleryError(f"shard {name}: embedding dim {embeddings.shape[1]}, manifest says {self.dim}")
+        if not np.isfinite(embeddings).all():
+            raise GalleryError(f"shard {name}: embeddings contain NaN or Inf")
+        ids = _int64_column(table, "id", name)
+        if len(ids) and (ids.min() != record["min_id"] or ids.max() != record["max_id"]):
+            expected = f"[{record['min_id']}, {record['max_id']}]"
+            raise GalleryError(f"shard {name}: ids outside the manifest's range {expected}")
+        labels = _int64_column(table, "label", name)
+        return ids, labels, embeddings
+
+    def iter_shards(self, *, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``read_shard(i)`` for every shard in order (one shard in memory at a time)."""
+        for index in range(self.num_shards):
+            yield self.read_shard(index, verify=verify)
+
+    def read_all(self, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole gallery as (ids (N,) int64, labels (N,) int64, embeddings (N, dim) float32)."""
+        parts = list(self.iter_shards(verify=verify))
+        return tuple(np.concatenate(column) for column in zip(*parts))
+
+    def validate(self, *, checksums: bool = True) -> None:
+        """Read every shard with all checks and check ids are unique across shards; raise
+        ``GalleryError`` naming the first problem found."""
+        names = [s["file"] for s in self.manifest["shards"]]
+        ids = [self.read_shard(i, verify=checksums)[0] for i in range(self.num_shards)]
+        _check_unique_ids(names, ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"GalleryVersion({self.path!r}, space={self.space!r}, lineage={self.lineage}, "
+            f"rows={self.num_rows}, dim={self.dim})"
+        )
+
+
+def embeddings_from_column(column) -> np.ndarray:
+    """An embedding column as an (n, d) float32 C-contiguous array.
+
+    Accepts Arrow's ``fixed_shape_tensor``, Ray's tensor extension types, ``fixed_size_list``,
+    ``list`` / ``large_list`` with rows of equal length (Arrow arrays or chunked arrays), and numpy
+    arrays: numeric (n, d) or object (n,) arrays of 1-D vectors (as Ray Data hands out list columns).
+    Raises ``GalleryError`` for nulls, ragged rows, multi-dimensional tensors or non-float values.
+    """
+    if isinstance(column, np.ndarray):
+        return _embeddings_from_numpy(column)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not isinstance(column, pa.Array):
+        raise GalleryError(f"embedding column must be an Arrow or numpy array, got {type(column).__name__}")
+    if column.null_count:
+        raise GalleryError(f"embedding column has {column.null_count} null rows")
+    if isinstance(column.type, pa.BaseExtensionType):
+        shape = getattr(column.type, "shape", None)
+        if shape is not None and len(shape) != 1:
+            raise GalleryError(f"embedding column holds tensors of shape {list(shape)}, expected 1-D vectors")
+        column = column.storage
+    kind = column.type
+    if not (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        raise GalleryError(f"embedding column type {column.type} is not a vector type")
+    if not pa.types.is_floating(column.type.value_type):
+        raise GalleryError(f"embedding values must be floating point, got {column.type.value_type}")
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, getattr(column.type, "list_size", 0)), dtype=np.float32)
+    lengths = pc.list_value_length(column)
+    d = pc.min(lengths).as_py()
+    if pc.max(lengths).as_py() != d:
+        raise GalleryError(f"embedding rows have mixed dims ({d} to {pc.max(lengths).as_py()})")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values.reshape(n, d), dtype=np.float32)
+
+
+def _embeddings_from_numpy(array: np.ndarray) -> np.ndarray:
+    if array.dtype == object:
+        rows = [np.asarray(row) for row in array]
+        dims = {row.shape for row in rows}
+        if len(dims) > 1 or any(len(shape) != 1 for shape in dims):
+            raise GalleryError(f"embedding rows have mixed or non-vector shapes {sorted(dims)}")
+        array = np.stack(rows) if rows else np.zeros((0, 0))
+    if array.ndim != 2:
+        raise GalleryError(f"embeddings must be (n, d), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise GalleryError(f"embedding values must be floating point, got {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _shard_table(name: str, ids, labels, embeddings, dim: int, normalised: bool) -> pa.Table:
+    """Validated shard contents as a table with ``gallery_schema(dim)``."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise GalleryError(f"shard {name}: embeddings must be (n, {dim}), got shape {embeddings.shape}")
+    if not np.issubdtype(embeddings.dtype, np.floating):
+        raise GalleryError(f"shard {name}: embeddings must be floating point, got {embeddings.dtype}")
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n = len(embeddings)
+    if n == 0:
+        raise GalleryError(f"shard {name}: no rows")
+    if not np.isfinite(embeddings).all():
+        bad = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
+        raise GalleryError(f"shard {name}: embeddings contain NaN or Inf (first at row {bad})")
+    if normalised:
+        norms = np.linalg.norm(embeddings, axis=1)
+        if np.abs(norms - 1).max() > NORM_TOLERANCE:
+            raise GalleryError(
+                f"shard {name}: gallery is declared normalised but norms range {norms.min():.4g}..{norms.max():.4g}"
+            )
+    ids = _as_int64(ids, n, f"shard {name}: ids")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise GalleryError(f"shard {name}: duplicate ids {unique[counts > 1][:5].tolist()}")
+    if labels is None:
+        label_array = pa.nulls(n, pa.int64())
+    else:
+        labels = _as_int64(labels, n, f"shard {name}: labels")
+        if (labels < UNLABELLED).any():
+            raise GalleryError(f"shard {name}: labels must be >= 0 or {UNLABELLED} (unlabelled)")
+        label_array = pa.array(labels, mask=labels == UNLABELLED)
+    return pa.Table.from_arrays(
+        [pa.array(ids), label_array, pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings)],
+        schema=gallery_schema(dim),
+    )
+
+
+def _as_int64(values, n: int, what: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.shape != (n,):
+        raise GalleryError(f"{what} must have shape ({n},), got {values.shape}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise GalleryError(f"{what} must be integers, got {values.dtype}")
+    return values.astype(np.int64, copy=False)
+
+
+def _int64_column(table: pa.Table, column: str, name: str) -> np.ndarray:
+    values = table.column(column)
+    if values.type != pa.int64():
+        raise GalleryError(f"shard {name}: column {column!r} has type {values.type}, expected int64")
+    if column == "id" and values.null_count:
+        raise GalleryError(f"shard {name}: {values.null_count} null ids")
+    return pc.fill_null(values, UNLABELLED).to_numpy()
+
+
+def _schema_problem(schema: pa.Schema, dim: int) -> str | None:
+    """What makes ``schema`` differ from ``gallery_schema(dim)``, or None if it matches."""
+    expected = gallery_schema(dim)
+    if schema.names != expected.names:
+        return f"columns {schema.names}, expected {expected.names}"
+    for field in expected:
+        if schema.field(field.name).type != field.type:
+            return f"column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}"
+    return None
+
+
+def _check_unique_ids(names: list[str], id_arrays: list[np.ndarray]) -> None:
+    """Raise naming the first id that appears in two shards (or twice in one)."""
+    ids = np.concatenate(id_arrays)
+    shard_of = np.repeat(np.arange(len(id_arrays)), [len(a) for a in id_arrays])
+    order = np.argsort(ids, kind="stable")
+    repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(repeated):
+        first, second = order[repeated[0]], order[repeated[0] + 1]
+        raise GalleryError(
+            f"duplicate id {int(ids[first])} in shards {names[shard_of[first]]} and {names[shard_of[second]]}"
+        )
+
+
+def _check_lineage(lineage, space) -> None:
+    if not isinstance(lineage, (list, tuple)) or not lineage or not all(isinstance(s, str) and s for s in lineage):
+        raise GalleryError(f"lineage must be a non-empty list of names like ['phi_1', 'psi_1_2'], got {lineage!r}")
+    if not isinstance(space, str) or not space:
+        raise GalleryError(f"space must be a model name like 'phi_2', got {space!r}")
+
+
+def _check_manifest(manifest: Any, where: str) -> None:
+    """Raise unless ``manifest`` is a well-formed version-1 manifest whose files stay in its folder."""
+    if not isinstance(manifest, dict):
+        raise GalleryError(f"{where}: expected a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version")
+        raise GalleryError(f"{where}: unsupported format_version {found!r} (expected {FORMAT_VERSION})")
+    missing = {"lineage", "space", "dim", "normalised", "num_rows", "shards", "created", "extra"} - set(manifest)
+    if missing:
+        raise GalleryError(f"{where}: missing keys {sorted(missing)}")
+    try:
+        _check_lineage(manifest["lineage"], manifest["space"])
+    except GalleryError as err:
+        raise GalleryError(f"{where}: {err}") from None
+    if not isinstance(manifest["dim"], int) or manifest["dim"] <= 0:
+        raise GalleryError(f"{where}: dim must be a positive integer, got {manifest['dim']!r}")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise GalleryError(f"{where}: empty gallery (no shards)")
+    for record in shards:
+        if not isinstance(record, dict) or not {"file", "rows", "sha256", "min_id", "max_id"} <= set(record):
+            raise GalleryError(f"{where}: malformed shard entry {record!r}")
+        name = record["file"]
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise GalleryError(f"{where}: shard file {name!r} is not a plain file name inside the version folder")
+    if sum(r["rows"] for r in shards) != manifest["num_rows"]:
+        raise GalleryError(f"{where}: num_rows {manifest['num_rows']} is not the sum of the shards' rows")
+
+
+@dataclass(frozen=True)
+class _Location:
+    """A folder on a pyarrow filesystem; ``display`` is how users name it (path or URI)."""
+
+    fs: pafs.FileSystem
+    path: str
+    display: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, name: str) -> "_Location":
+        return _Location(self.fs, posixpath.join(self.path, name), self.display.rstrip("/") + "/" + name)
+
+
+def _locate(path: str, filesystem: pafs.FileSystem | None) -> _Location:
+    if filesystem is not None:
+        return _Location(filesystem, path.rstrip("/"), path.rstrip("/"))
+    if "://" not in path:
+        absolute = os.path.abspath(path)
+        return _Location(pafs.LocalFileSystem(), absolute, absolute)
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise GalleryError(f"cannot open filesystem for {path!r}: {err}") from None
+    return _Location(fs, inner.rstrip("/"), path.rstrip("/"))
+
+
+def _read_bytes(location: _Location) -> bytes:
+    """The whole file (raises FileNotFoundError if absent)."""
+    if location.fs.get_file_info(location.path).type != pafs.FileType.File:
+        raise FileNotFoundError(location.display)
+    with location.fs.open_input_stream(location.path) as stream:
+        return stream.readall()
+
+
+def _write_atomic(folder: _Location, name: str, data: bytes) -> None:
+    """Write ``data`` to ``folder/name`` so that the file appears complete or not at all."""
+    # A unique temp name: a retried (speculative) task may write the same file concurrently.
+    tmp = folder.child(f".{name}.{uuid.uuid4().hex}.tmp").path
+    with folder.fs.open_output_stream(tmp) as stream:
+        stream.write(data)
+    folder.fs.move(tmp, folder.child(name).path)

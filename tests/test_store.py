@@ -1,0 +1,419 @@
+"""Gallery store: round trips, deterministic bytes, resumable staging, and every bad-input case."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from bict_ray.store import (
+    UNLABELLED,
+    GalleryError,
+    GalleryWriter,
+    embeddings_from_column,
+    gallery_schema,
+    is_committed,
+    open_gallery,
+    write_gallery,
+)
+
+LINEAGE = dict(lineage=["phi_1", "psi_1_2"], space="phi_2")
+
+
+def make_gallery(n=10, d=4, seed=0):
+    """(n,) ids 100.., (n,) labels i % 3 with row 1 unlabelled, (n, d) unit float32 embeddings."""
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(n, d)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = np.arange(n) % 3
+    labels[1] = UNLABELLED
+    return np.arange(100, 100 + n), labels, embeddings
+
+
+def shard_bytes(version):
+    return [open(p, "rb").read() for p in version.shard_paths]
+
+
+def rewrite_manifest(path, **changes):
+    manifest_path = os.path.join(path, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest.update(changes)
+    json.dump(manifest, open(manifest_path, "w"))
+    return manifest
+
+
+@pytest.fixture
+def committed(tmp_path):
+    ids, labels, embeddings = make_gallery()
+    return write_gallery(str(tmp_path / "v2"), ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
+
+
+# ---- round trips ---------------------------------------------------------------------------------
+
+
+def test_round_trip_local_path(tmp_path, committed):
+    ids, labels, embeddings = make_gallery()
+    version = open_gallery(str(tmp_path / "v2"))
+    assert version.path == str(tmp_path / "v2")
+    assert (version.dim, version.num_rows, version.num_shards) == (4, 10, 3)
+    assert version.lineage == ["phi_1", "psi_1_2"] and version.space == "phi_2" and version.normalised
+    assert version.shard_paths == [str(tmp_path / "v2" / f"part-0000{i}.parquet") for i in range(3)]
+    assert [s["rows"] for s in version.manifest["shards"]] == [4, 4, 2]
+    assert [(s["min_id"], s["max_id"]) for s in version.manifest["shards"]] == [(100, 103), (104, 107), (108, 109)]
+    got_ids, got_labels, got_embeddings = version.read_all()
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_labels, [0, -1, 2, 0, 1, 2, 0, 1, 2, 0])
+    np.testing.assert_array_equal(got_embeddings, embeddings)
+    assert got_ids.dtype == np.int64 and got_labels.dtype == np.int64 and got_embeddings.dtype == np.float32
+    assert sorted(os.listdir(tmp_path)) == ["v2"]  # the staging folder was renamed, not copied
+    version.validate()
+
+
+def test_round_trip_file_uri(tmp_path):
+    ids, labels, embeddings = make_gallery(n=5, d=3)
+    uri = f"file://{tmp_path}/v1"
+    write_gallery(uri, ids, None, embeddings, rows_per_shard=2, lineage=["phi_1"], space="phi_1", extra={"seed": 7})
+    version = open_gallery(uri)
+    assert version.path == uri and version.shard_paths[0] == uri + "/part-00000.parquet"
+    assert version.manifest["extra"] == {"seed": 7}
+    got_ids, got_labels, got_embeddings = version.read_all()
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_labels, [UNLABELLED] * 5)
+    np.testing.assert_array_equal(got_embeddings, embeddings)
+
+
+def test_round_trip_object_store_writes_manifest_last():
+    fs, _ = pafs.FileSystem.from_uri("mock://")
+    ids, labels, embeddings = make_gallery(n=6)
+    writer = GalleryWriter("bucket/v1", dim=4, filesystem=fs, **LINEAGE)
+    assert writer.staging_path == "bucket/v1"  # no rename on object stores: shards go straight to out
+    writer.write_shard(0, ids[:3], labels[:3], embeddings[:3])
+    writer.write_shard(1, ids[3:], labels[3:], embeddings[3:])
+    assert writer.has_shard(1, expected_rows=3) and not writer.has_shard(2)
+    assert not is_committed("bucket/v1", filesystem=fs)
+    with pytest.raises(GalleryError, match="not a committed gallery version"):
+        open_gallery("bucket/v1", filesystem=fs)
+    writer.commit()
+    version = open_gallery("bucket/v1", filesystem=fs)
+    assert is_committed("bucket/v1", filesystem=fs)
+    np.testing.assert_array_equal(version.read_all()[2], embeddings)
+
+
+def test_plain_pyarrow_reads_embeddings_as_float32_matrix(committed):
+    table = pq.read_table(committed.shard_paths[0])
+    assert table.schema == gallery_schema(4)
+    matrix = table.column("embedding").chunk(0).to_numpy_ndarray()
+    assert matrix.shape == (4, 4) and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, make_gallery()[2][:4])
+    assert table.column("label").to_pylist() == [0, None, 2, 0]
+
+
+# ---- determinism and resumable staging ---------------------------------------------------------
+
+
+def test_same_data_gives_identical_shard_bytes(tmp_path, committed):
+    ids, labels, embeddings = make_gallery()
+    again = write_gallery(str(tmp_path / "again"), ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
+    assert shard_bytes(again) == shard_bytes(committed)
+    assert [s["sha256"] for s in again.manifest["shards"]] == [s["sha256"] for s in committed.manifest["shards"]]
+
+
+def test_killed_writer_is_resumed_to_the_same_version(tmp_path, committed):
+    ids, labels, embeddings = make_gallery()
+    out = str(tmp_path / "resumed")
+    first = GalleryWriter(out, dim=4, **LINEAGE)
+    first.write_shard(0, ids[:4], labels[:4], embeddings[:4])
+    first.write_shard(1, ids[4:8], labels[4:8], embeddings[4:8])
+    # the kill: a half-written temp file and a torn copy of shard 2 are left behind
+    open(os.path.join(first.staging_path, ".part-00002.parquet.dead.tmp"), "wb").write(b"PAR1")
+    open(os.path.join(first.staging_path, "part-00002.parquet"), "wb").write(b"PAR1 torn")
+
+    second = GalleryWriter(out, dim=4, **LINEAGE)
+    assert second.has_shard(0, expected_rows=4) and second.has_shard(1)
+    assert not second.has_shard(0, expected_rows=5)
+    assert not second.has_shard(2) and not second.has_shard(3)
+    assert not GalleryWriter(out, dim=8, **LINEAGE).has_shard(0)  # a shard of another dim is not finished
+    second.write_shard(2, ids[8:], labels[8:], embeddings[8:])
+    resumed = second.commit(num_shards=3)
+
+    assert shard_bytes(resumed) == shard_bytes(committed)
+    assert sorted(os.listdir(out)) == ["manifest.json"] + [f"part-0000{i}.parquet" for i in range(3)]
+    for key in ("lineage", "space", "dim", "normalised", "num_rows", "shards", "extra"):
+        assert resumed.manifest[key] == committed.manifest[key]
+
+
+def test_write_gallery_rerun_after_kill_skips_finished_shards(tmp_path):
+    ids, labels, embeddings = make_gallery()
+    out = str(tmp_path / "v2")
+    GalleryWriter(out, dim=4, **LINEAGE).write_shard(0, ids[:4], labels[:4], embeddings[:4])
+    shard0 = os.path.join(out + ".staging", "part-00000.parquet")
+    mtime = os.stat(shard0).st_mtime_ns
+    version = write_gallery(out, ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
+    assert os.stat(version.shard_paths[0]).st_mtime_ns == mtime
+    np.testing.assert_array_equal(version.read_all()[0], ids)
+
+
+# ---- refusing to overwrite ------------------------------------------------------------------------
+
+
+def test_writer_refuses_a_committed_version_and_leaves_it_intact(tmp_path, committed):
+    before = shard_bytes(committed)
+    ids, labels, embeddings = make_gallery(seed=1)
+    with pytest.raises(GalleryError, match="already holds a committed gallery version"):
+        GalleryWriter(committed.path, dim=4, **LINEAGE)
+    with pytest.raises(GalleryError, match="already holds a committed gallery version"):
+        write_gallery(committed.path, ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
+    assert shard_bytes(open_gallery(committed.path)) == before
+    assert not os.path.exists(committed.path + ".staging")
+
+
+def test_writer_refuses_an_existing_folder_that_is_not_a_version(tmp_path):
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "notes.txt").write_text("keep me")
+    with pytest.raises(GalleryError, match="exists but is not a committed gallery version"):
+        GalleryWriter(str(tmp_path / "v3"), dim=4, **LINEAGE)
+    assert os.listdir(tmp_path / "v3") == ["notes.txt"]
+
+
+def test_commit_refuses_when_out_was_committed_meanwhile(tmp_path):
+    ids, labels, embeddings = make_gallery()
+    out = str(tmp_path / "v2")
+    late = GalleryWriter(out, dim=4, **LINEAGE)
+    late.write_shard(0, ids[:4], labels[:4], embeddings[:4])
+    winner = write_gallery(out + "_other", ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
+    os.rename(winner.path, out)
+    with pytest.raises(GalleryError, match="already holds a committed"):
+        late.commit()
+    np.testing.assert_array_equal(open_gallery(out).read_all()[0], ids)
+
+
+# ---- bad input at write / commit time ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids, labels, embeddings, message",
+    [
+        ([1, 2], None, np.eye(2, 3, dtype=np.float32), r"part-00000.parquet: embeddings must be \(n, 4\)"),
+        ([1, 2], None, np.array([[1, 0, 0, 0], [np.nan, 0, 0, 0]], np.float32), "NaN or Inf \\(first at row 1\\)"),
+        ([1, 2], None, np.array([[1, 0, 0, 0], [np.inf, 0, 0, 0]], np.float32), "NaN or Inf"),
+        ([1, 1], None, np.eye(2, 4, dtype=np.float32), r"duplicate ids \[1\]"),
+        ([1, 2], [0], np.eye(2, 4, dtype=np.float32), r"labels must have shape \(2,\)"),
+        ([1, 2], [0, -2], np.eye(2, 4, dtype=np.float32), "labels must be >= 0"),
+        ([1.0, 2.0], None, np.eye(2, 4, dtype=np.float32), "ids must be integers"),
+        ([], None, np.zeros((0, 4), np.float32), "no rows"),
+        ([1, 2], None, 2 * np.eye(2, 4, dtype=np.float32), "declared normalised but norms range 2..2"),
+        ([1, 2], None, np.eye(2, 4, dtype=np.int64), "must be floating point"),
+    ],
+)
+def test_write_shard_rejects_bad_rows(tmp_path, ids, labels, embeddings, message):
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    with pytest.raises(GalleryError, match=message):
+        writer.write_shard(0, np.array(ids), None if labels is None else np.array(labels), embeddings)
+    assert not writer.has_shard(0)
+
+
+def test_unnormalised_gallery_accepts_any_finite_norm(tmp_path):
+    version = write_gallery(
+        str(tmp_path / "raw"), [5, 6], [0, 1], np.array([[3, 4], [0, 0]], np.float32),
+        rows_per_shard=1, lineage=["phi_1"], space="phi_1", normalised=False,
+    )
+    assert not version.normalised
+    np.testing.assert_array_equal(version.read_all()[2], [[3, 4], [0, 0]])
+
+
+@pytest.mark.parametrize("bad", [dict(dim=0), dict(lineage=[]), dict(space=""), dict(extra={"x": object()})])
+def test_writer_rejects_bad_settings(tmp_path, bad):
+    settings = dict(dim=4, **LINEAGE) | bad
+    with pytest.raises(GalleryError):
+        GalleryWriter(str(tmp_path / "v"), **settings)
+
+
+def test_empty_gallery_is_refused(tmp_path):
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    with pytest.raises(GalleryError, match="empty gallery"):
+        writer.commit()
+    with pytest.raises(GalleryError, match="empty gallery"):
+        write_gallery(str(tmp_path / "w"), [], None, np.zeros((0, 4), np.float32), rows_per_shard=2, **LINEAGE)
+    assert not os.path.exists(tmp_path / "v") and not os.path.exists(tmp_path / "w")
+
+
+def test_duplicate_ids_across_shards_are_refused_at_commit(tmp_path):
+    ids, labels, embeddings = make_gallery(n=4)
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    writer.write_shard(0, [1, 2], None, embeddings[:2])
+    writer.write_shard(1, [3, 2], None, embeddings[2:])
+    with pytest.raises(GalleryError, match="duplicate id 2 in shards part-00000.parquet and part-00001.parquet"):
+        writer.commit()
+    assert not os.path.exists(tmp_path / "v")
+
+
+def test_missing_or_extra_shard_indices_are_refused_at_commit(tmp_path):
+    ids, labels, embeddings = make_gallery(n=4)
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    writer.write_shard(0, ids[:2], labels[:2], embeddings[:2])
+    writer.write_shard(2, ids[2:], labels[2:], embeddings[2:])
+    with pytest.raises(GalleryError, match=r"missing shards \['part-00001.parquet'\]"):
+        writer.commit()
+    writer.write_shard(1, [7], None, embeddings[:1])
+    with pytest.raises(GalleryError, match=r"unexpected shards \['part-00002.parquet'\]"):
+        writer.commit(num_shards=2)
+    assert writer.commit(num_shards=3).num_rows == 5
+
+
+def test_mixed_dims_across_shards_are_refused_at_commit(tmp_path):
+    out = str(tmp_path / "v")
+    GalleryWriter(out, dim=3, **LINEAGE).write_shard(0, [1], None, [[1.0, 0.0, 0.0]])
+    writer = GalleryWriter(out, dim=4, **LINEAGE)
+    writer.write_shard(1, [2], None, [[1.0, 0.0, 0.0, 0.0]])
+    expected = r"shard part-00000.parquet: column 'embedding' has type .*shape=\[3\].*\(gallery dim 4\)"
+    with pytest.raises(GalleryError, match=expected):
+        writer.commit()
+
+
+def test_corrupt_staged_shard_is_refused_at_commit(tmp_path):
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    open(os.path.join(writer.staging_path, "part-00000.parquet"), "wb").write(b"not parquet at all")
+    with pytest.raises(GalleryError, match="shard part-00000.parquet: unreadable Parquet"):
+        writer.commit()
+
+
+# ---- bad committed versions at read time ---------------------------------------------------------
+
+
+def test_missing_manifest_is_not_a_committed_version(tmp_path):
+    with pytest.raises(GalleryError, match="not a committed gallery version"):
+        open_gallery(str(tmp_path / "nothing"))
+    assert not is_committed(str(tmp_path / "nothing"))
+
+
+def test_checksum_mismatch_names_the_shard(committed):
+    shard = committed.shard_paths[1]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    version = open_gallery(committed.path)
+    with pytest.raises(GalleryError, match="shard part-00001.parquet: sha256 does not match"):
+        version.read_shard(1)
+    with pytest.raises(GalleryError, match="part-00001.parquet"):
+        version.validate()
+    assert version.read_shard(0)[0].tolist() == [100, 101, 102, 103]  # the other shards stay readable
+
+
+def test_corrupt_parquet_without_checksums_names_the_shard(committed):
+    open(committed.shard_paths[2], "wb").write(b"PAR1 garbage PAR1")
+    with pytest.raises(GalleryError, match="shard part-00002.parquet: unreadable Parquet"):
+        open_gallery(committed.path).read_shard(2, verify=False)
+
+
+def test_missing_shard_is_named(committed):
+    os.remove(committed.shard_paths[0])
+    with pytest.raises(GalleryError, match="shard part-00000.parquet listed in .* is missing"):
+        open_gallery(committed.path).read_all()
+
+
+def _replace_shard(version, index, table):
+    """Overwrite a committed shard with ``table`` and make the manifest's checksum agree."""
+    pq.write_table(table, version.shard_paths[index])
+    manifest = json.load(open(os.path.join(version.path, "manifest.json")))
+    manifest["shards"][index]["sha256"] = hashlib.sha256(open(version.shard_paths[index], "rb").read()).hexdigest()
+    rewrite_manifest(version.path, shards=manifest["shards"])
+
+
+def test_nan_embeddings_in_a_stored_shard_are_named(committed):
+    embeddings = np.ones((2, 4), np.float32)
+    embeddings[1, 2] = np.nan
+    table = pa.table({"id": pa.array([108, 109]), "label": pa.array([0, 1]),
+                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings)})
+    _replace_shard(committed, 2, table)
+    with pytest.raises(GalleryError, match="shard part-00002.parquet: embeddings contain NaN or Inf"):
+        open_gallery(committed.path).read_shard(2)
+
+
+def test_wrong_dim_in_a_stored_shard_is_named(committed):
+    table = pa.table({"id": pa.array([108, 109]), "label": pa.array([0, 1]),
+                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ones((2, 3), np.float32))})
+    _replace_shard(committed, 2, table)
+    with pytest.raises(GalleryError, match="shard part-00002.parquet: embedding dim 3, manifest says 4"):
+        open_gallery(committed.path).read_shard(2)
+
+
+def test_duplicate_ids_across_stored_shards_fail_validation(committed):
+    table = pa.table({"id": pa.array([108, 100]), "label": pa.array([0, 1]),
+                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(np.eye(2, 4, dtype=np.float32))})
+    _replace_shard(committed, 2, table)
+    manifest = json.load(open(os.path.join(committed.path, "manifest.json")))
+    manifest["shards"][2].update(min_id=100, max_id=108)
+    rewrite_manifest(committed.path, shards=manifest["shards"])
+    with pytest.raises(GalleryError, match="duplicate id 100 in shards part-00000.parquet and part-00002.parquet"):
+        open_gallery(committed.path).validate()
+
+
+@pytest.mark.parametrize("name", ["../v1/part-00000.parquet", "/etc/passwd", "..", "sub/part-00000.parquet"])
+def test_manifest_paths_must_stay_inside_the_version(committed, name):
+    manifest = json.load(open(os.path.join(committed.path, "manifest.json")))
+    manifest["shards"][0]["file"] = name
+    rewrite_manifest(committed.path, shards=manifest["shards"])
+    with pytest.raises(GalleryError, match="not a plain file name inside the version folder"):
+        open_gallery(committed.path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [(dict(format_version=2), "unsupported format_version 2"), (dict(num_rows=11), "num_rows 11"),
+     (dict(shards=[]), "empty gallery"), (dict(dim=-1), "dim must be a positive integer")],
+)
+def test_malformed_manifest_is_refused(committed, changes, message):
+    rewrite_manifest(committed.path, **changes)
+    with pytest.raises(GalleryError, match=message):
+        open_gallery(committed.path)
+
+
+# ---- embeddings_from_column ----------------------------------------------------------------------
+
+VECTORS = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.FixedShapeTensorArray.from_numpy_ndarray(VECTORS),
+        pa.chunked_array([pa.FixedShapeTensorArray.from_numpy_ndarray(VECTORS[:1]),
+                          pa.FixedShapeTensorArray.from_numpy_ndarray(VECTORS[1:])]),
+        pa.array(VECTORS.tolist(), pa.list_(pa.float32(), 3)),
+        pa.array(VECTORS.tolist(), pa.list_(pa.float32())),
+        pa.array(VECTORS.tolist(), pa.large_list(pa.float64())),
+        pa.array([[0, 0, 0]] + VECTORS.tolist(), pa.list_(pa.float32())).slice(1),
+        VECTORS.astype(np.float64),
+        np.array([VECTORS[0], VECTORS[1]] + [None], dtype=object)[:2],
+    ],
+    ids=["tensor", "chunked", "fixed_size_list", "list", "large_list_f64", "sliced_list", "numpy", "numpy_object"],
+)
+def test_embeddings_from_column_accepts_vector_columns(column):
+    matrix = embeddings_from_column(column)
+    assert matrix.dtype == np.float32 and matrix.flags.c_contiguous
+    np.testing.assert_array_equal(matrix, VECTORS)
+
+
+def test_embeddings_from_column_accepts_rays_tensor_type():
+    extensions = pytest.importorskip("ray.data.extensions")
+    np.testing.assert_array_equal(embeddings_from_column(extensions.ArrowTensorArray.from_numpy(VECTORS)), VECTORS)
+
+
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        (pa.array([[1.0, 2.0], [3.0]], pa.list_(pa.float32())), "mixed dims"),
+        (pa.array([[1.0, 2.0], None], pa.list_(pa.float32())), "1 null rows"),
+        (pa.array([[1, 2], [3, 4]], pa.list_(pa.int32())), "must be floating point"),
+        (pa.FixedShapeTensorArray.from_numpy_ndarray(np.ones((2, 2, 2), np.float32)), r"shape \[2, 2\]"),
+        (pa.array([1.0, 2.0]), "not a vector type"),
+        (np.array([np.ones(2), np.ones(3)], dtype=object), "mixed or non-vector shapes"),
+    ],
+)
+def test_embeddings_from_column_rejects_non_embeddings(column, message):
+    with pytest.raises(GalleryError, match=message):
+        embeddings_from_column(column)

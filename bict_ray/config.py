@@ -17,6 +17,9 @@ from typing import Any
 import yaml
 
 
+BASELINES = ("independent_psi",)  # lambda = 0 plus psi: forward-only, FCT-style without side information
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the problem."""
 
@@ -232,6 +235,13 @@ class Config:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # extra sequences trained in the same run for comparison; BCT only (phi_t against the never-upgraded
+    # gallery) needs no extra training and is always reported as the `backward` test
+    baselines: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in self.baselines:
+            _check_choice("baselines", name, BASELINES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

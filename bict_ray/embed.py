@@ -1,0 +1,62 @@
+"""Turning images into stored embeddings, and stored embeddings into upgraded ones (plain torch, no Ray).
+
+The same two functions serve training (psi's training pairs), extraction, gallery upgrades and evaluation, so the
+representation the gallery stores and the one psi learns from can never drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> float32 in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
+                 device: torch.device | str = "cpu") -> np.ndarray:
+    """phi(x) for (N, C, H, W) uint8 images -> (N, D) float32, L2-normalised (what a gallery stores)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = preprocess(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device))
+        out.append(model.embed(batch).cpu())
+    model.train(was_training)
+    dim = model.embedding_dim
+    return torch.cat(out).numpy() if out else np.empty((0, dim), np.float32)
+
+
+@torch.no_grad()
+def model_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
+                   device: torch.device | str = "cpu") -> np.ndarray:
+    """Un-normalised (N, D) features of phi (what its classifier sees), for synthesising classifier rows."""
+    was_training = model.training
+    model.eval()
+    out = [model(preprocess(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device)))[0].cpu()
+           for s in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def upgrade_embeddings(transforms: Sequence[nn.Module], embeddings: np.ndarray | torch.Tensor,
+                       batch_size: int = 65536) -> np.ndarray:
+    """Apply psi_{s->s+1}, then the next, ... to (N, D) stored embeddings; each output is L2-normalised.
+
+    Normalising after every transform keeps each intermediate exactly what that gallery version stores.
+    """
+    # a copy: Parquet-backed arrays are read-only, and psi must not write into the caller's rows
+    x = torch.tensor(np.asarray(embeddings, dtype=np.float32))
+    for psi in transforms:
+        psi.eval()
+        x = torch.cat([F.normalize(psi(x[s:s + batch_size]), dim=1) for s in range(0, len(x), batch_size)]) \
+            if len(x) else x.new_empty((0, psi.spec["d_out"]))
+    return x.numpy()

@@ -1,0 +1,165 @@
+"""The serving half of BiCT on Ray Data: extract a gallery once, then upgrade it from its embeddings alone.
+
+Both pipelines map *shard indices* through a pool of actors (``ray.data.range(num_shards).map_batches(actor)``):
+each actor loads its model once, and for shard i reads its input rows, embeds or transforms them and writes output
+shard i itself. Keeping output shard i a pure function of input shard i is what makes an upgrade resumable: a
+killed run re-run skips the shards already written (``GalleryWriter.has_shard``), and the result has the same bytes
+as an uninterrupted run, which a streaming read->map->write of blocks cannot promise. Rows never pass through
+the object store, so the pipeline costs one read and one write per row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from bict_ray.artifacts import Artifact, module_from_state
+from bict_ray.config import GalleryConfig
+from bict_ray.data import ImageSet
+from bict_ray.embed import embed_images, upgrade_embeddings
+from bict_ray.store import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
+
+
+@dataclass
+class PipelineStats:
+    rows: int
+    shards: int
+    skipped_shards: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: str) -> tuple[GalleryVersion, PipelineStats]:
+    """Embed ``images`` with ``model`` (phi_1) into a new committed gallery version at ``out`` (resumable)."""
+    _refuse_committed(out)
+    name = model.card["name"]
+    dim = model.card["spec"]["embedding_dim"]
+    num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
+    started = time.perf_counter()
+    writer = GalleryWriter(out, dim=dim, lineage=[name], space=name, normalised=True)
+    results = _run_pool(_ExtractShard, cfg, num_shards, dict(
+        card=model.card, state=model.state, data=ray.put((images.images, images.labels, images.ids)),
+        out=out, dim=dim, lineage=[name], space=name, rows_per_shard=cfg.rows_per_shard,
+        batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
+    version = writer.commit(num_shards=num_shards)
+    return version, _stats(results, started)
+
+
+def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform: Artifact,
+                    out: str) -> tuple[GalleryVersion, PipelineStats]:
+    """G <- psi(G): a new version at ``out`` with the same ids, lineage extended by psi. Resumable after a kill.
+
+    Refuses a transform whose source model is not the space the gallery is in, and an ``out`` that already holds a
+    committed version.
+    """
+    source = gallery if isinstance(gallery, GalleryVersion) else open_gallery(gallery)
+    card = transform.card
+    if card.get("kind") != "transform":
+        raise GalleryError(f"{transform.path} is not an upgrade transform (kind={card.get('kind')!r})")
+    if card["source"] != source.space:
+        raise GalleryError(
+            f"transform {card['name']} maps {card['source']} embeddings, but gallery {source.path} is in the "
+            f"space of {source.space} (lineage {' -> '.join(source.lineage)})")
+    if card["spec"]["d_in"] != source.dim:
+        raise GalleryError(f"transform {card['name']} expects dim {card['spec']['d_in']}, gallery {source.path} "
+                           f"has dim {source.dim}")
+    _refuse_committed(out)
+    lineage = [*source.lineage, card["name"]]
+    dim = card["spec"]["d_out"]
+    started = time.perf_counter()
+    writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card["target"], normalised=True,
+                           extra={"source_version": source.path})
+    results = _run_pool(_UpgradeShard, cfg, source.num_shards, dict(
+        card=card, state=transform.state, source=source.path, out=out, dim=dim, lineage=lineage,
+        space=card["target"], batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
+    version = writer.commit(num_shards=source.num_shards)
+    if not np.array_equal(_shard_rows(version), _shard_rows(source)):
+        raise GalleryError(f"upgrade of {source.path} to {out} changed the row counts of some shards")
+    return version, _stats(results, started)
+
+
+class _ShardActor:
+    """Base of the pool's actors: open the writer once, skip finished shards, time the rest."""
+
+    def __init__(self, out, dim, lineage, space, batch_size, use_gpu, threads=1):
+        torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.batch_size = batch_size
+        self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows, skipped = [], []
+        for index in batch["id"].tolist():
+            expected = self.expected_rows(index)
+            if self.writer.has_shard(index, expected_rows=expected):
+                rows.append(expected)
+                skipped.append(True)
+                continue
+            ids, labels, embeddings = self.compute(index)
+            self.writer.write_shard(index, ids, labels, embeddings)
+            rows.append(len(ids))
+            skipped.append(False)
+        return {"shard": batch["id"], "rows": np.asarray(rows, np.int64), "skipped": np.asarray(skipped)}
+
+
+class _ExtractShard(_ShardActor):
+    def __init__(self, card, state, data, rows_per_shard, **kwargs):
+        super().__init__(**kwargs)
+        self.model = module_from_state(card, state).to(self.device)
+        self.images, self.labels, self.ids = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+        self.rows_per_shard = rows_per_shard
+
+    def expected_rows(self, index: int) -> int:
+        return len(self.ids[index * self.rows_per_shard:(index + 1) * self.rows_per_shard])
+
+    def compute(self, index: int):
+        part = slice(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
+        embeddings = embed_images(self.model, self.images[part], self.batch_size, self.device)
+        return self.ids[part], self.labels[part], embeddings
+
+
+class _UpgradeShard(_ShardActor):
+    def __init__(self, card, state, source, **kwargs):
+        super().__init__(**kwargs)
+        self.psi = module_from_state(card, state)
+        self.source = open_gallery(source)
+
+    def expected_rows(self, index: int) -> int:
+        return int(self.source.manifest["shards"][index]["rows"])
+
+    def compute(self, index: int):
+        ids, labels, embeddings = self.source.read_shard(index)
+        return ids, labels, upgrade_embeddings([self.psi], embeddings, self.batch_size)
+
+
+def _run_pool(actor_cls, cfg: GalleryConfig, num_shards: int, kwargs: dict) -> list[dict]:
+    """Map shard indices through an actor pool; returns one record per shard."""
+    concurrency = max(1, min(cfg.concurrency, num_shards))
+    dataset = ray.data.range(num_shards, override_num_blocks=num_shards).map_batches(
+        actor_cls, fn_constructor_kwargs=kwargs, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)
+    return dataset.take_all()
+
+
+def _refuse_committed(out: str) -> None:
+    if is_committed(out):
+        raise GalleryError(f"{out} already holds a committed gallery version; it is never overwritten "
+                           "(choose another --out)")
+
+
+def _shard_rows(version: GalleryVersion) -> np.ndarray:
+    return np.asarray([s["rows"] for s in version.manifest["shards"]])
+
+
+def _stats(results: list[dict], started: float) -> PipelineStats:
+    return PipelineStats(rows=int(sum(r["rows"] for r in results)), shards=len(results),
+                         skipped_shards=int(sum(bool(r["skipped"]) for r in results)),
+                         seconds=time.perf_counter() - started)

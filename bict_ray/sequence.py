@@ -1,0 +1,195 @@
+"""The BiCT upgrade sequence phi_1 -> ... -> phi_T, end to end, resumable stage by stage.
+
+    train phi_1 -> extract gallery v1 -> for t = 2..T:
+        train phi_t backward-compatible with phi_{t-1}
+        train psi_{t-1->t} on the training set (as the gallery stores it, or phi_{t-1}(x))
+        upgrade the gallery v_{t-1} -> v_t from its embeddings alone
+        evaluate step t
+
+Each stage writes one artifact (a model card, a committed gallery manifest); a rerun on the same run directory
+loads what exists, verified by its checksums, and runs only what is missing. ``results.json`` is rewritten after
+every step, so a long run shows its numbers as they come.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bict_ray.artifacts import ArtifactError, load_artifact
+from bict_ray.cluster import ensure_ray
+from bict_ray.config import Config
+from bict_ray.data import Dataset, load_dataset
+from bict_ray.embed import embed_images
+from bict_ray.gallery import extract_gallery, upgrade_gallery
+from bict_ray.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.rundir import RunDir
+from bict_ray.splits import load_or_make_splits
+from bict_ray.store import is_committed, open_gallery
+from bict_ray.train import train_embedding_model, train_upgrade_transform
+
+
+def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, dataset: Dataset | None = None) -> dict:
+    """Run (or resume) the whole sequence of ``config`` in run directory ``out``; return the results dict.
+
+    ``on_step(step, tests)`` is called after each evaluated step (Ray Tune reports through it).
+    """
+    ensure_ray(config.ray)
+    run_dir = RunDir.create(out, config)
+    dataset = dataset or load_dataset(config.data)
+    runner = _SequenceRunner(config, run_dir, dataset, log)
+    results = runner.run(on_step)
+    for name in config.baselines:
+        results["baselines"][name] = _run_baseline(name, config, run_dir, dataset, log)
+        runner.write(results)
+    return results
+
+
+class _SequenceRunner:
+    def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log):
+        self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
+        self.splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes)
+        self.timings: dict[str, float] = {}
+        self.models, self.transforms = {}, {}
+        self.embedded = SequenceEmbeddings()
+
+    def run(self, on_step=None) -> dict:
+        config, steps = self.config, self.config.scenario.steps
+        results = {"run": self._run_info(), "steps": [], "matrix": None, "partial_refresh": [],
+                   "baselines": {}, "timings": self.timings}
+        for t in range(1, steps + 1):
+            self.models[t] = self._model(t)
+            self.embedded.queries[t] = self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
+            if t == 1:
+                self._gallery(1)
+                continue
+            if config.transform.enabled:
+                self.transforms[t] = self._transform(t)
+                self._gallery(t)
+            tests = self._timed(f"evaluate step {t}", lambda: step_tests(
+                self.embedded, t, config.eval.ks, config.eval.map_at))
+            results["steps"].append({"step": t, "tests": tests})
+            if config.transform.enabled and config.eval.partial_refresh:
+                results["partial_refresh"] += self._timed(f"partial refresh step {t}", lambda: partial_refresh(
+                    self.embedded, t, config.eval.partial_refresh, config.seed, config.eval.ks, config.eval.map_at))
+            self._log_step(t, tests)
+            self.write(results)
+            if on_step is not None:
+                on_step(t, tests)
+        if config.eval.matrix:
+            results["matrix"] = self._timed("compatibility matrix", lambda: compatibility_matrix(
+                self.embedded, config.eval.ks, config.eval.map_at))
+        self.write(results)
+        return results
+
+    def write(self, results: dict) -> None:
+        tmp = self.run_dir.results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(self.run_dir.results_path)
+
+    def _model(self, t: int):
+        folder = self.run_dir.model_dir(t)
+        existing = _load_if_done(folder)
+        if existing is not None:
+            self.log(f"[sequence] phi_{t}: trained already ({folder}), skipped")
+            return existing
+        split = self.splits[t - 1]
+        train = self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
+        parent = self.models.get(t - 1)
+        what = "independently" if parent is None or self.config.compat.lam == 0 else \
+            f"backward-compatible with phi_{t - 1} ({self.config.compat.loss}, lambda={self.config.compat.lam:g})"
+        self.log(f"[sequence] training phi_{t} {what} on {len(train)} images of classes {split.classes}")
+        return self._timed(f"train phi_{t}", lambda: train_embedding_model(
+            self.config, folder, t, train, split.classes, self.dataset.num_classes, parent=parent,
+            run_name=self._ray_name(f"phi_{t}")))
+
+    def _transform(self, t: int):
+        folder = self.run_dir.transform_dir(t - 1, t)
+        existing = _load_if_done(folder)
+        if existing is not None:
+            self.log(f"[sequence] psi_{t - 1}_{t}: trained already ({folder}), skipped")
+            return existing
+        split = self.splits[t - 1]
+        train = self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
+        if self.config.transform.source == "gallery":
+            chain = [self.models[1], *(self.transforms[s] for s in range(2, t))]
+        else:
+            chain = [self.models[t - 1]]
+        self.log(f"[sequence] training psi_{t - 1}_{t} on {len(train)} training images "
+                 f"({' -> '.join(a.card['name'] for a in chain)} to phi_{t})")
+        return self._timed(f"train psi_{t - 1}_{t}", lambda: train_upgrade_transform(
+            self.config, folder, t - 1, self.models[t], train, chain, run_name=self._ray_name(f"psi_{t - 1}_{t}")))
+
+    def _gallery(self, t: int) -> None:
+        out = str(self.run_dir.gallery_dir(t))
+        if is_committed(out):
+            self.log(f"[sequence] gallery v{t}: committed already, skipped")
+        elif t == 1:
+            self.log(f"[sequence] extracting gallery v1 with phi_1 ({len(self.dataset.test)} images)")
+            _, stats = self._timed("extract gallery v1", lambda: extract_gallery(
+                self.config.gallery, self.models[1], self.dataset.test, out))
+            self.log(f"[sequence] gallery v1: {stats.rows} rows in {stats.shards} shards, {stats.rows_per_s:,.0f} rows/s")
+        else:
+            source = open_gallery(str(self.run_dir.gallery_dir(t - 1)))
+            _, stats = self._timed(f"upgrade gallery v{t}", lambda: upgrade_gallery(
+                self.config.gallery, source, self.transforms[t], out))
+            self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
+                     f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
+        ids, labels, embeddings = open_gallery(out).read_all()
+        self.embedded.galleries[t] = Embedded(embeddings, ids, labels)
+
+    def _embed_queries(self, t: int) -> Embedded:
+        test = self.dataset.test
+        return Embedded(embed_images(self.models[t].module, test.images), test.ids, test.labels)
+
+    def _timed(self, stage: str, fn):
+        started = time.perf_counter()
+        value = fn()
+        self.timings[stage] = round(time.perf_counter() - started, 3)
+        return value
+
+    def _ray_name(self, stage: str) -> str:
+        # unique per run directory, stable across reruns: a killed training resumes from its Ray checkpoint
+        where = str(self.run_dir.path.resolve())
+        return f"{Path(where).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}-{stage}"
+
+    def _run_info(self) -> dict:
+        config = self.config
+        return {"name": config.name, "dataset": f"{config.data.kind} ({self.dataset.source})",
+                "scenario": config.scenario.kind, "steps": config.scenario.steps,
+                "models": [f"phi_{t}" for t in range(1, config.scenario.steps + 1)],
+                "classes": [s.classes for s in self.splits], "compat_loss": config.compat.loss,
+                "lam": config.compat.lam, "transform": config.transform.enabled,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _log_step(self, t: int, tests: dict) -> None:
+        parts = " ".join(f"{name}={result['mAP'] * 100:.1f}" for name, result in tests.items())
+        self.log(f"[sequence] step {t} mAP: {parts}")
+
+
+def _run_baseline(name: str, config: Config, run_dir: RunDir, dataset: Dataset, log) -> dict:
+    """independent_psi: lambda = 0 (no backward compatibility) plus psi, in RUN_DIR/baselines/<name>."""
+    baseline = copy.deepcopy(config)
+    baseline.baselines = []
+    baseline.compat.lam = 0.0
+    baseline.eval.matrix = False
+    baseline.eval.partial_refresh = []
+    log(f"[sequence] baseline {name}: the same sequence with lambda = 0")
+    sub = _SequenceRunner(baseline, RunDir.create(run_dir.path / "baselines" / name, baseline), dataset,
+                          lambda line: log(line.replace("[sequence]", f"[{name}]")))
+    results = sub.run()
+    return {"lam": 0.0, "steps": results["steps"], "timings": results["timings"]}
+
+
+def _load_if_done(folder: Path):
+    if not (folder / "model.json").exists():
+        return None
+    try:
+        return load_artifact(folder)
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}; delete {folder} to retrain it") from None

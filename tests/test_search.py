@@ -1,0 +1,152 @@
+"""Exact search and top-k merging: against numpy brute force, with ties, and refusing bad input."""
+
+import itertools
+
+import faiss
+import numpy as np
+import pytest
+
+from bict_ray.search import exact_search, merge_topk
+
+
+def unit_rows(rng, n, dim):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def cell24():
+    """The 24 unit vectors (+-e_i) and (+-1/2, ...): exact in float32, inner products in {0, +-1/2, +-1},
+    so random picks from them make many exact score ties."""
+    axes = [s * np.eye(4)[i] for i in range(4) for s in (1, -1)]
+    halves = [np.array(signs) for signs in itertools.product((0.5, -0.5), repeat=4)]
+    return np.array(axes + halves, dtype=np.float32)
+
+
+def brute_force_topk(query, gallery, k, tie_key):
+    """Score descending, then tie_key ascending, by a full sort of every row."""
+    scores = query @ gallery.T
+    order = np.array([np.lexsort((tie_key, -row))[:k] for row in scores])
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+def test_exact_search_matches_numpy_matmul_topk():
+    rng = np.random.default_rng(0)
+    query, gallery = unit_rows(rng, 30, 16), unit_rows(rng, 400, 16)
+    scores, indices = exact_search(query, gallery, 10)
+    expected = np.argsort(-(query @ gallery.T), axis=1)[:, :10]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(query @ gallery.T, expected, 1), atol=1e-6)
+    assert scores.dtype == np.float32 and indices.dtype == np.int64
+
+
+def test_tie_at_the_cut_keeps_the_smallest_ids():
+    # Four copies of one vector tie for the top; k=2 must keep ids 10 and 20 (positions 1 and 3),
+    # whatever faiss's heap happened to keep.
+    v, w = np.eye(2, dtype=np.float32)
+    gallery = np.stack([v, v, v, v, w])
+    ids = np.array([40, 10, 30, 20, 0])
+    scores, indices = exact_search(v[None], gallery, 2, gallery_ids=ids)
+    np.testing.assert_array_equal(indices, [[1, 3]])
+    np.testing.assert_array_equal(scores, [[1.0, 1.0]])
+    # without ids the position breaks the tie
+    _, indices = exact_search(v[None], gallery, 3)
+    np.testing.assert_array_equal(indices, [[0, 1, 2]])
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 20])
+def test_exact_search_follows_the_tie_rule_on_heavily_tied_data(k):
+    rng = np.random.default_rng(k)
+    vectors = cell24()
+    query, gallery = vectors[rng.integers(0, 24, 25)], vectors[rng.integers(0, 24, 90)]
+    ids = rng.permutation(1000)[:90]
+    scores, indices = exact_search(query, gallery, k, gallery_ids=ids)
+    expected_scores, expected = brute_force_topk(query, gallery, k, ids)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_k_beyond_gallery_is_clamped_to_gallery_size():
+    rng = np.random.default_rng(1)
+    scores, indices = exact_search(unit_rows(rng, 4, 8), unit_rows(rng, 3, 8), 10)
+    assert scores.shape == indices.shape == (4, 3)
+    np.testing.assert_array_equal(np.sort(indices, axis=1), np.tile([0, 1, 2], (4, 1)))
+
+
+def test_threads_apply_to_the_call_only():
+    rng = np.random.default_rng(2)
+    before = faiss.omp_get_max_threads()
+    query, gallery = unit_rows(rng, 5, 8), unit_rows(rng, 50, 8)
+    _, one_thread = exact_search(query, gallery, 5, threads=1)
+    _, default = exact_search(query, gallery, 5)
+    np.testing.assert_array_equal(one_thread, default)
+    assert faiss.omp_get_max_threads() == before
+
+
+@pytest.mark.parametrize("cuts", [[], [40], [1, 2, 50], [0, 30, 30, 89]])
+def test_merged_shard_topk_equals_global_topk(cuts):
+    rng = np.random.default_rng(len(cuts))
+    vectors = cell24()
+    query, gallery = vectors[rng.integers(0, 24, 20)], vectors[rng.integers(0, 24, 90)]
+    ids = rng.permutation(500)[:90]
+    k = 8
+    parts = []
+    for rows in np.split(rng.permutation(90), cuts):
+        scores, indices = exact_search(query, gallery[rows], k, gallery_ids=ids[rows])
+        parts.append((scores, ids[rows][indices]))
+    merged_scores, merged_ids = merge_topk(parts, k)
+    expected_scores, expected = exact_search(query, gallery, k, gallery_ids=ids)
+    np.testing.assert_array_equal(merged_ids, ids[expected])
+    np.testing.assert_array_equal(merged_scores, expected_scores)
+
+
+def test_merged_shard_topk_equals_global_topk_on_continuous_data():
+    # faiss scores a pair to the same bit in any shard, so merged lists equal the global ones exactly
+    rng = np.random.default_rng(9)
+    query, gallery = unit_rows(rng, 50, 64), unit_rows(rng, 1000, 64)
+    ids = rng.permutation(1000)
+    parts = []
+    for rows in np.split(np.arange(1000), [3, 400, 401]):
+        scores, indices = exact_search(query, gallery[rows], 20, gallery_ids=ids[rows])
+        parts.append((scores, ids[rows][indices]))
+    merged_scores, merged_ids = merge_topk(parts, 20)
+    expected_scores, expected = exact_search(query, gallery, 20, gallery_ids=ids)
+    np.testing.assert_array_equal(merged_ids, ids[expected])
+    np.testing.assert_array_equal(merged_scores, expected_scores)
+
+
+def test_merge_topk_ranks_padding_last_and_ties_by_id():
+    scores_a = np.array([[0.9, -np.inf]], np.float32)
+    ids_a = np.array([[7, -1]])
+    scores_b = np.array([[0.9, 0.5]], np.float32)
+    ids_b = np.array([[3, 8]])
+    scores, ids = merge_topk([(scores_a, ids_a), (scores_b, ids_b)], 4)
+    np.testing.assert_array_equal(ids, [[3, 7, 8, -1]])
+    np.testing.assert_array_equal(scores, np.array([[0.9, 0.9, 0.5, -np.inf]], np.float32))
+
+
+@pytest.mark.parametrize(
+    ("query", "gallery", "k", "message"),
+    [
+        (np.zeros((2, 4), np.float32), np.zeros((3, 5), np.float32), 1, "query dim 4 does not match gallery dim 5"),
+        (np.zeros((2, 4), np.float64), np.zeros((3, 4), np.float32), 1, "query must be float32, got float64"),
+        (np.zeros((2, 4), np.float32), np.full((3, 4), np.nan, np.float32), 1, "gallery contains NaN"),
+        (np.zeros(4, np.float32), np.zeros((3, 4), np.float32), 1, r"query must have shape \(N, D\)"),
+        (np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32), 0, "k must be a positive integer"),
+    ],
+)
+def test_exact_search_refuses_bad_input(query, gallery, k, message):
+    with pytest.raises(ValueError, match=message):
+        exact_search(query, gallery, k)
+
+
+def test_exact_search_refuses_duplicate_gallery_ids():
+    gallery = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="gallery_ids must be unique"):
+        exact_search(gallery, gallery, 1, gallery_ids=np.array([1, 2, 1]))
+
+
+def test_merge_topk_refuses_parts_for_different_queries():
+    part = (np.zeros((2, 3), np.float32), np.zeros((2, 3), np.int64))
+    other = (np.zeros((3, 3), np.float32), np.zeros((3, 3), np.int64))
+    with pytest.raises(ValueError, match=r"part 1: scores \(3, 3\) and ids \(3, 3\) must both be \(2, k_i\)"):
+        merge_topk([part, other], 2)

@@ -1,0 +1,502 @@
+"""The human report of a BiCT run: per-step tables, plots and RUN_DIR/report.md (DESIGN.md section 3).
+
+Reads RUN_DIR/results.json and, when a λ search ran, RUN_DIR/tune/trials.csv and RUN_DIR/tune/best_config.json;
+writes RUN_DIR/report.md and its PNGs under RUN_DIR/plots/. Scores in results.json (and trials.csv) are fractions
+in [0, 1]; everything shown is in percent, differences in percentage points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
+REPORT_METRICS = ("mAP", "R@1")  # every test must carry these; the report shows both
+
+# two header lines per column of the plain-text table, so it stays narrow enough for a terminal
+_TEXT_HEADERS = (("step", ""), ("old self", ""), ("new self", ""), ("backward", "BCT only"), ("backward", "prev"),
+                 ("forward", "BiCT"), ("deployed", "before"), ("forward -", "backward"))
+_MARKDOWN_HEADERS = ("step", "old self", "new self", "backward (BCT only)", "backward prev", "forward (BiCT)",
+                     "deployed before", "forward − backward")
+_TEST_LEGEND = (
+    "- **old self**: φ_{t−1} queries against φ_{t−1}'s gallery (before the upgrade)\n"
+    "- **new self**: φ_t against φ_t's gallery: the upper bound, which needs the backfill privacy forbids\n"
+    "- **backward (BCT only)**: φ_t against the never-upgraded gallery v1\n"
+    "- **backward prev**: φ_t against φ_{t−1}'s embeddings of the gallery (BCT's pairwise compatibility)\n"
+    "- **forward (BiCT)**: φ_t against v_t = ψ_{t−1→t}(v_{t−1}), the gallery upgraded from embeddings alone\n"
+    "- **deployed before**: φ_{t−1} against v_{t−1}, what users had before this upgrade\n")
+# the same colour for a test in every plot
+_COLOURS = {"old_self": "tab:gray", "new_self": "tab:green", "backward": "tab:orange", "forward": "tab:blue"}
+_BASELINE_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red") * 4
+_TRIAL_METRICS = {"mean_forward_mAP": ("mean forward", "tab:blue"),
+                  "mean_backward_mAP": ("mean backward", "tab:orange"),
+                  "mean_new_self_mAP": ("mean new self", "tab:green")}
+_TRIAL_COLUMNS = ("trial_id", "lam", "compat_loss", *_TRIAL_METRICS, "last_forward_mAP")
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/results.json, checked against the schema; ValueError naming the file and key when it does not fit."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (the pipeline writes it after its evaluation stage)")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    _check_results(results, str(path))
+    return results
+
+
+def step_table(results: dict[str, Any], metric: str = "mAP") -> str:
+    """An aligned plain-text table of ``metric`` (percent, 1 decimal), one row per upgrade step, for a terminal."""
+    rows = [[str(step)] + [_pct(value) for value in values] + [_points(gain)]
+            for step, values, gain in _step_rows(results, metric)]
+    widths = [max(len(top), len(bottom), *(len(row[i]) for row in rows))
+              for i, (top, bottom) in enumerate(_TEXT_HEADERS)]
+    lines = [f"{metric} (%) at each upgrade step t",
+             *("  ".join(header[line].rjust(width) for header, width in zip(_TEXT_HEADERS, widths)).rstrip()
+               for line in (0, 1)),
+             *("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows),
+             "backward: phi_t vs the never-upgraded gallery v1 (BCT alone)",
+             "forward:  phi_t vs the psi-upgraded gallery v_t (BiCT)"]
+    return "\n".join(lines)
+
+
+def markdown_step_table(results: dict[str, Any], metric: str = "mAP") -> str:
+    """The same table as :func:`step_table` as a Markdown table."""
+    rows = [[str(step)] + [_pct(value) for value in values] + [_points(gain)]
+            for step, values, gain in _step_rows(results, metric)]
+    return _markdown_table(_MARKDOWN_HEADERS, rows)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from the run's results; returns the report's path.
+
+    Optional parts (matrix, partial refresh, baselines, timings, tune/) are skipped when absent and checked
+    when present. Local directories only.
+    """
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    steps = _ordered(results["steps"])
+    baselines = results.get("baselines") or {}
+
+    sections = [_run_section(results["run"]),
+                "## What BiCT buys\n\n" + _bict_findings(steps, baselines),
+                _steps_section(results, plots),
+                _bct_criterion_section(steps)]
+    if baselines:
+        sections.append(_baselines_section(steps, baselines))
+    if results.get("matrix"):
+        sections.append(_matrix_section(results["matrix"], plots))
+    if results.get("partial_refresh"):
+        sections.append(_partial_refresh_section(results["partial_refresh"], plots))
+    tune_section = _tune_section(run_dir / "tune", plots)
+    if tune_section:
+        sections.append(tune_section)
+    if results.get("timings"):
+        sections.append(_timings_section(results["timings"]))
+
+    path = run_dir / "report.md"
+    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return path
+
+
+# --- report sections -------------------------------------------------------------------------------------------
+
+def _run_section(run: dict[str, Any]) -> str:
+    lines = [f"# BiCT report: {run['name']}", ""]
+    for key, label in (("dataset", "dataset"), ("scenario", "upgrade scenario"), ("steps", "models in sequence"),
+                       ("models", "models"), ("created", "created")):
+        if key in run:
+            value = ", ".join(map(str, run[key])) if isinstance(run[key], list) else run[key]
+            lines.append(f"- {label}: {value}")
+    lines += ["", "Scores are percentages (mAP and Recall@1, self-matches excluded by sample id); "
+                  "differences are in percentage points."]
+    return "\n".join(lines)
+
+
+def _bict_findings(steps: list[dict], baselines: dict[str, Any]) -> str:
+    """Sentences computed from the mAP numbers: what the ψ-upgraded gallery bought over BCT alone, stated honestly."""
+    last = steps[-1]
+    t = last["step"]
+    forward, backward, new_self = (_score_of(last, test) for test in ("forward", "backward", "new_self"))
+    gain = forward - backward
+    verdict = (f"a gain of {_points(gain)} points" if gain > 0
+               else f"BiCT does **not** gain here: it is {abs(gain) * 100:.1f} points behind")
+    lines = [f"At the last step (t = {t}), BiCT's forward retrieval (φ_{t} against the ψ-upgraded gallery v{t}) "
+             f"reaches {_pct(forward)}% mAP, against {_pct(backward)}% for BCT alone (φ_{t} against the "
+             f"never-upgraded gallery v1): {verdict}.",
+             _every_step(steps, "forward", "backward"),
+             _every_step(steps, "forward", "old_self")]
+    gap = forward - new_self
+    lines.append(f"New self (φ_{t} against a gallery re-extracted with φ_{t}, which privacy forbids) reaches "
+                 f"{_pct(new_self)}%; forward is {abs(gap) * 100:.1f} points {'above' if gap > 0 else 'below'} it.")
+    for name, baseline in baselines.items():
+        theirs = {entry["step"]: entry for entry in baseline["steps"]}.get(t)
+        if theirs is not None:
+            difference = forward - _score_of(theirs, "forward")
+            lines.append(f"Against the `{name}` baseline (λ = {baseline['lam']:g}), this run's last-step forward "
+                         f"mAP is {abs(difference) * 100:.1f} points {'higher' if difference > 0 else 'lower'} "
+                         f"({_pct(forward)}% vs {_pct(_score_of(theirs, 'forward'))}%).")
+    return lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:])
+
+
+def _every_step(steps: list[dict], better: str, worse: str) -> str:
+    claim = f"{better.replace('_', ' ')} > {worse.replace('_', ' ')}"
+    failed = [entry for entry in steps if _score_of(entry, better) <= _score_of(entry, worse)]
+    if not failed:
+        return f"{claim.capitalize()} held at every step (t = {', '.join(str(e['step']) for e in steps)})."
+    where = ", ".join(f"t = {e['step']} ({_pct(_score_of(e, better))} vs {_pct(_score_of(e, worse))})"
+                      for e in failed)
+    return f"{claim.capitalize()} did **not** hold at every step: it failed at {where}."
+
+
+def _steps_section(results: dict[str, Any], plots: Path) -> str:
+    _plot_steps(_ordered(results["steps"]), results.get("baselines") or {}, plots / "steps.png")
+    return "\n\n".join([
+        "## Tests at each upgrade step", _TEST_LEGEND.rstrip(),
+        "### mAP (%)", markdown_step_table(results, "mAP"),
+        "### Recall@1 (%)", markdown_step_table(results, "R@1"),
+        "![mAP at each upgrade step](plots/steps.png)"])
+
+
+def _bct_criterion_section(steps: list[dict]) -> str:
+    held = [e["step"] for e in steps if _score_of(e, "backward_prev") > _score_of(e, "old_self")]
+    failed = [e["step"] for e in steps if e["step"] not in held]
+    if not failed:
+        verdict = "held at every step"
+    elif not held:
+        verdict = "did **not** hold at any step"
+    else:
+        verdict = (f"held at t = {', '.join(map(str, held))} and did **not** hold at "
+                   f"t = {', '.join(map(str, failed))}")
+    rows = [[str(e["step"]), _pct(_score_of(e, "backward_prev")), _pct(_score_of(e, "old_self")),
+             _points(_score_of(e, "backward_prev") - _score_of(e, "old_self")),
+             "yes" if e["step"] in held else "no"] for e in steps]
+    table = _markdown_table(("step", "backward prev", "old self", "difference", "held"), rows)
+    return ("## BCT's own criterion\n\n"
+            "BCT calls φ_t compatible with φ_{t−1} when φ_t queries against φ_{t−1}'s gallery beat φ_{t−1} "
+            f"against itself (backward prev > old self, mAP). On this run it {verdict}.\n\n{table}")
+
+
+def _baselines_section(steps: list[dict], baselines: dict[str, Any]) -> str:
+    rows = []
+    for name, lam, entries in [("this run (BiCT)", None, steps)] + [
+            (name, baseline["lam"], _ordered(baseline["steps"])) for name, baseline in baselines.items()]:
+        for entry in entries:
+            rows.append([name, "" if lam is None else f"{lam:g}", str(entry["step"]),
+                         *(_pct(_score_of(entry, test)) for test in ("old_self", "new_self", "backward", "forward")),
+                         _points(_score_of(entry, "forward") - _score_of(entry, "backward"))])
+    return "## Baselines (mAP, %)\n\n" + _markdown_table(
+        ("method", "λ", "step", "old self", "new self", "backward", "forward", "forward − backward"), rows)
+
+
+def _matrix_section(matrix: dict[str, Any], plots: Path) -> str:
+    _plot_matrix(matrix, plots / "matrix.png")
+    parts = ["## Compatibility matrix",
+             "Every query model (rows) against every gallery state of the sequence (columns); blank: not evaluated.",
+             "![compatibility matrix, mAP](plots/matrix.png)"]
+    for metric in REPORT_METRICS:
+        if metric in matrix:
+            rows = [[query] + [_pct(value) for value in row] for query, row in zip(matrix["queries"], matrix[metric])]
+            parts += [f"### {metric} (%)", _markdown_table(["query \\ gallery", *matrix["galleries"]], rows)]
+    return "\n\n".join(parts)
+
+
+def _partial_refresh_section(entries: list[dict], plots: Path) -> str:
+    _plot_partial_refresh(entries, plots / "partial_refresh.png")
+    steps = sorted({e["step"] for e in entries})
+    fractions = sorted({e["fraction"] for e in entries})
+    by_key = {(e["step"], e["fraction"]): e["mAP"] for e in entries}
+    rows = [[f"{fraction * 100:g}%"] + [_pct(by_key.get((step, fraction))) for step in steps]
+            for fraction in fractions]
+    return ("## Partial refresh\n\n"
+            "mAP of φ_t queries while only a fraction of the gallery has been upgraded by ψ.\n\n"
+            "![mAP vs fraction of the gallery upgraded](plots/partial_refresh.png)\n\n"
+            + _markdown_table(["gallery upgraded", *(f"step {step}" for step in steps)], rows))
+
+
+def _tune_section(tune_dir: Path, plots: Path) -> str | None:
+    trials_path, best_path = tune_dir / "trials.csv", tune_dir / "best_config.json"
+    parts = []
+    if best_path.is_file():
+        try:
+            best = json.loads(best_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{best_path}: not valid JSON ({err})") from None
+        parts += ["### Best config", "```json\n" + json.dumps(best, indent=2, sort_keys=True) + "\n```"]
+    if trials_path.is_file():
+        trials = _read_trials(trials_path)
+        _plot_lambda(trials, plots / "lambda.png")
+        columns = [c for c in _TRIAL_COLUMNS if c in trials.columns]
+        rows = [[_trial_cell(column, row[column]) for column in columns] for _, row in trials.iterrows()]
+        headers = [c.replace("_mAP", " mAP (%)").replace("_", " ") if c.endswith("_mAP") else c for c in columns]
+        parts = ["![search over λ](plots/lambda.png)", *parts, f"### Trials ({len(trials)})",
+                 _markdown_table(headers, rows)]
+    return "\n\n".join(["## λ search (Ray Tune)", *parts]) if parts else None
+
+
+def _timings_section(timings: dict[str, float]) -> str:
+    total = sum(timings.values())
+    rows = [[stage, f"{seconds:.1f}", f"{seconds / total * 100:.0f}%" if total else ""]
+            for stage, seconds in timings.items()]
+    rows.append(["**total**", f"**{total:.1f}**", ""])
+    return "## Timings\n\n" + _markdown_table(("stage", "seconds", "share"), rows)
+
+
+# --- plots -----------------------------------------------------------------------------------------------------
+
+def _plot_steps(steps: list[dict], baselines: dict[str, Any], path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ts = [e["step"] for e in steps]
+    for test, label in (("new_self", "new self (backfill, forbidden)"), ("forward", "forward (BiCT)"),
+                        ("backward", "backward (BCT only)"), ("old_self", "old self")):
+        ax.plot(ts, [_score_of(e, test) * 100 for e in steps], marker="o", color=_COLOURS[test], label=label)
+    for (name, baseline), colour in zip(baselines.items(), _BASELINE_COLOURS):
+        entries = _ordered(baseline["steps"])
+        ax.plot([e["step"] for e in entries], [_score_of(e, "forward") * 100 for e in entries], marker="s",
+                linestyle="--", color=colour, label=f"{name} forward (λ={baseline['lam']:g})")
+    ax.set_xticks(sorted({*ts, *(e["step"] for b in baselines.values() for e in b["steps"])}))
+    ax.set_xlabel(r"upgrade step t (query model $\varphi_t$)")
+    ax.set_ylabel("mAP (%)")
+    ax.set_title("Retrieval at each upgrade step")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _plot_matrix(matrix: dict[str, Any], path: Path) -> None:
+    values = np.array([[np.nan if v is None else v * 100 for v in row] for row in matrix["mAP"]], dtype=float)
+    rows, cols = values.shape
+    fig = Figure(figsize=(1.2 * cols + 2.5, 0.8 * rows + 1.8), layout="constrained")
+    ax = fig.subplots()
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 100.0)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["viridis"].with_extremes(bad="white"),
+                      vmin=low, vmax=max(high, low + 1e-9))
+    for i in range(rows):
+        for j in range(cols):
+            if np.isfinite(values[i, j]):
+                # dark text on the bright end of viridis, light text on the dark end
+                shade = (values[i, j] - low) / (high - low) if high > low else 1.0
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center",
+                        color="black" if shade > 0.6 else "white")
+    ax.set_xticks(range(cols), matrix["galleries"])
+    ax.set_yticks(range(rows), matrix["queries"])
+    ax.set_xlabel("gallery state")
+    ax.set_ylabel("query model")
+    ax.set_title("Compatibility matrix (mAP, %)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(path, dpi=120)
+
+
+def _plot_partial_refresh(entries: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for step in sorted({e["step"] for e in entries}):
+        points = sorted((e["fraction"], e["mAP"]) for e in entries if e["step"] == step)
+        ax.plot([f * 100 for f, _ in points], [m * 100 for _, m in points], marker="o", label=f"step {step}")
+    ax.set_xlabel("gallery upgraded by ψ (%)")
+    ax.set_ylabel(r"mAP of $\varphi_t$ queries (%)")
+    ax.set_title("Partial refresh: mAP as ψ upgrades the gallery")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _plot_lambda(trials, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    losses = sorted(trials["compat_loss"].dropna().unique()) if "compat_loss" in trials.columns else []
+    if len(losses) <= 1:
+        losses = [None]  # one line per metric through every trial
+    markers = "osD^v<>"
+    for index, loss in enumerate(losses):
+        subset = trials if loss is None else trials[trials["compat_loss"] == loss]
+        subset = subset.sort_values("lam")
+        for column, (label, colour) in _TRIAL_METRICS.items():
+            if column in subset.columns:
+                ax.plot(subset["lam"], subset[column] * 100, marker=markers[index % len(markers)], color=colour,
+                        linestyle=("-", "--", ":", "-.")[index % 4],
+                        label=label if loss is None else f"{label} ({loss})")
+    positive = trials["lam"][trials["lam"] > 0]
+    if len(positive) and positive.max() > 10 * positive.min():
+        # λ = 0 (independent training) is a real point of the search: keep it on a symlog axis
+        if (trials["lam"] == 0).any():
+            ax.set_xscale("symlog", linthresh=float(positive.min()))
+        else:
+            ax.set_xscale("log")
+    ax.set_xlabel("λ (backward-compatibility loss weight)")
+    ax.set_ylabel("mAP over the sequence (%)")
+    ax.set_title(f"λ search ({len(trials)} trials)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+# --- input checks and helpers ----------------------------------------------------------------------------------
+
+def _step_rows(results: dict[str, Any], metric: str) -> list[tuple[int, list[float], float]]:
+    """(step, [score of each test in TESTS], forward − backward) per step, in step order."""
+    _check_results(results, "results")
+    for index, entry in enumerate(results["steps"]):  # mAP and R@1 are checked; another metric is checked here
+        for test in TESTS:
+            where = f"steps[{index}].tests.{test}"
+            _score(_field(entry["tests"][test], metric, where, "results"), f"{where}.{metric}", "results")
+    return [(entry["step"], [_score_of(entry, test, metric) for test in TESTS],
+             _score_of(entry, "forward", metric) - _score_of(entry, "backward", metric))
+            for entry in _ordered(results["steps"])]
+
+
+def _check_results(results: Any, source: str) -> None:
+    if not isinstance(results, dict):
+        raise ValueError(f"{source}: the top level must be a JSON object, got {type(results).__name__}")
+    run = _field(results, "run", "", source, dict)
+    _field(run, "name", "run", source, str)
+    _check_steps(_field(results, "steps", "", source, list), "steps", source)
+    matrix = _optional(results, "matrix", dict, source)
+    if matrix:
+        _check_matrix(matrix, source)
+    for index, entry in enumerate(_optional(results, "partial_refresh", list, source)):
+        where = f"partial_refresh[{index}]"
+        _step_number(_field(_mapping(entry, where, source), "step", where, source), f"{where}.step", source)
+        for key in ("fraction", *REPORT_METRICS):
+            _score(_field(entry, key, where, source), f"{where}.{key}", source)
+    for name, baseline in _optional(results, "baselines", dict, source).items():
+        where = f"baselines.{name}"
+        _number(_field(_mapping(baseline, where, source), "lam", where, source), f"{where}.lam", source)
+        _check_steps(_field(baseline, "steps", where, source, list), f"{where}.steps", source)
+    for stage, seconds in _optional(results, "timings", dict, source).items():
+        if _number(seconds, f"timings.{stage}", source) < 0:
+            raise ValueError(f"{source}: 'timings.{stage}' must be seconds >= 0, got {seconds!r}")
+
+
+def _check_steps(steps: list, where: str, source: str) -> None:
+    if not steps:
+        raise ValueError(f"{source}: '{where}' is empty: there is no upgrade step to report")
+    seen = set()
+    for index, entry in enumerate(steps):
+        at = f"{where}[{index}]"
+        step = _step_number(_field(_mapping(entry, at, source), "step", at, source), f"{at}.step", source)
+        if step in seen:
+            raise ValueError(f"{source}: '{at}.step': step {step} appears twice")
+        seen.add(step)
+        tests = _field(entry, "tests", at, source, dict)
+        for test in TESTS:
+            scores = _field(tests, test, f"{at}.tests", source, dict)
+            for metric in REPORT_METRICS:
+                _score(_field(scores, metric, f"{at}.tests.{test}", source), f"{at}.tests.{test}.{metric}", source)
+
+
+def _check_matrix(matrix: dict, source: str) -> None:
+    queries = _field(matrix, "queries", "matrix", source, list)
+    galleries = _field(matrix, "galleries", "matrix", source, list)
+    for metric in ("mAP", *(m for m in REPORT_METRICS[1:] if m in matrix)):
+        grid = _field(matrix, metric, "matrix", source, list)
+        if len(grid) != len(queries) or any(not isinstance(row, list) or len(row) != len(galleries) for row in grid):
+            raise ValueError(f"{source}: 'matrix.{metric}' must be {len(queries)} rows (queries) of "
+                             f"{len(galleries)} values (galleries)")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value is not None:
+                    _score(value, f"matrix.{metric}[{i}][{j}]", source)
+
+
+def _trial_cell(column: str, value: Any) -> str:
+    if column.endswith("_mAP"):
+        return _pct(value)
+    if column == "lam":
+        return f"{value:g}"
+    return str(value)
+
+
+def _read_trials(path: Path):
+    import pandas as pd
+
+    try:
+        trials = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV table ({err})") from None
+    if "lam" not in trials.columns or not any(column in trials.columns for column in _TRIAL_METRICS):
+        raise ValueError(f"{path}: needs a 'lam' column and at least one of {', '.join(_TRIAL_METRICS)}; "
+                         f"found columns {', '.join(map(str, trials.columns))}")
+    numeric = ["lam", *(c for c in (*_TRIAL_METRICS, "last_forward_mAP") if c in trials.columns)]
+    for column in numeric:
+        if not pd.api.types.is_numeric_dtype(trials[column]):
+            raise ValueError(f"{path}: column '{column}' must be numeric")
+    return trials.sort_values(["lam", *(["compat_loss"] if "compat_loss" in trials.columns else [])])
+
+
+def _ordered(steps: list[dict]) -> list[dict]:
+    return sorted(steps, key=lambda entry: entry["step"])
+
+
+def _score_of(entry: dict, test: str, metric: str = "mAP") -> float:
+    return float(entry["tests"][test][metric])
+
+
+def _field(mapping: dict, key: str, where: str, source: str, kind: type | None = None) -> Any:
+    """mapping[key], or a ValueError naming the file and the dotted key."""
+    name = f"{where}.{key}" if where else key
+    if key not in mapping:
+        raise ValueError(f"{source}: missing key '{name}'")
+    value = mapping[key]
+    if kind is not None and not isinstance(value, kind):
+        raise ValueError(f"{source}: '{name}' must be a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def _optional(mapping: dict, key: str, kind: type, source: str) -> Any:
+    """An optional part: empty when absent or null, else checked to be of ``kind``."""
+    return kind() if mapping.get(key) is None else _field(mapping, key, "", source, kind)
+
+
+def _mapping(value: Any, where: str, source: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: '{where}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, where: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{source}: '{where}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _score(value: Any, where: str, source: str) -> float:
+    if not 0.0 <= _number(value, where, source) <= 1.0:
+        raise ValueError(f"{source}: '{where}' must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _step_number(value: Any, where: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"{source}: '{where}' must be an integer >= 2 (step t upgrades phi_(t-1) to phi_t), "
+                         f"got {value!r}")
+    return value
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.1f}"
+
+
+def _points(difference: float) -> str:
+    return f"{difference * 100:+.1f}"
+
+
+def _markdown_table(headers, rows) -> str:
+    # numbers right-aligned; the first column names the row
+    lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -337,6 +337,8 @@ def _coerce(hint, value, key: str):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float:
+        if isinstance(value, str):
+            value = _float_or_text(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -353,6 +355,13 @@ def _coerce(hint, value, key: str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+def _float_or_text(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _check_path(cls, keys: list[str], dotted: str) -> None:

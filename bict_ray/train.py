@@ -70,14 +70,14 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
         if config.compat.loss == "bct" and config.compat.lam > 0:
             weight, valid = _old_classifier(config, parent, train_set)
             loop.update(old_weight=weight, old_valid=valid)
-    history, state = _fit(config, out_dir, loop, run_name)
+    history, state, workers = _fit(config, out_dir, loop, run_name)
     model = EmbeddingNet.from_spec(spec)
     model.load_state_dict(state)
     card = {"kind": "embedding", "version": version, "backbone": spec["backbone"],
             "embedding_dim": spec["embedding_dim"], "num_classes": num_classes, "classes_seen": classes_seen,
             "num_train": len(train_set), "parent": parent.card["name"] if parent else None,
             "name": f"phi_{version}", **compat_card, "epochs": config.train.epochs,
-            "metrics": history[-1] if history else {}, "history": history}
+            "metrics": history[-1] if history else {}, "history": history, "workers": workers}
     save_artifact(out_dir, model, card)
     return load_artifact(out_dir)
 
@@ -103,14 +103,14 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
             "pairs": pairs, "labels": ray.put(train_set.labels),
             "new_weight": target.module.classifier.weight.detach().clone(),
             "classifier": target.card["spec"]["classifier"], "scale": target.card["spec"]["scale"]}
-    history, state = _fit(config, out_dir, loop, run_name)
+    history, state, workers = _fit(config, out_dir, loop, run_name)
     psi = UpgradeTransform.from_spec(spec)
     psi.load_state_dict(state)
     card = {"kind": "transform", "name": f"psi_{source}_{version}", "source": f"phi_{source}",
             "target": f"phi_{version}", "source_version": source, "target_version": version,
             "trained_on": [a.card["name"] for a in source_chain], "input": config.transform.source,
             "alpha": tf.alpha, "beta": tf.beta, "epochs": tf.epochs, "num_train": len(train_set),
-            "metrics": history[-1] if history else {}, "history": history}
+            "metrics": history[-1] if history else {}, "history": history, "workers": workers}
     save_artifact(out_dir, psi, card)
     return load_artifact(out_dir)
 
@@ -118,7 +118,8 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
 def train_loop_per_worker(loop: dict[str, Any]) -> list[dict[str, Any]]:
     """One Ray Train worker: build the stage's model, resume from the latest checkpoint, train, report every epoch.
 
-    Returns the per-epoch history (carried in the checkpoint, so it has no gap across restarts).
+    Returns the per-epoch history (carried in the checkpoint, so it has no gap across restarts); each entry
+    records the attempt it ran in (1 = first start, 2 = after the first failure, ...).
     """
     if loop["threads"]:
         torch.set_num_threads(loop["threads"])
@@ -126,12 +127,13 @@ def train_loop_per_worker(loop: dict[str, Any]) -> list[dict[str, Any]]:
     rank = context.get_world_rank()
     torch.manual_seed(loop["seed"])
     device = ray.train.torch.get_device()
+    workers = _gather_placement(rank)
     stage = _build_stage(loop, device)
     model = ray.train.torch.prepare_model(stage["model"])
     optimizer, scheduler = _optimizer(loop, model)
     loader = ray.train.torch.prepare_data_loader(stage["loader"])
 
-    start_epoch, history = 0, []
+    start_epoch, history, attempt = 0, [], 1
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -139,9 +141,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> list[dict[str, Any]]:
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        start_epoch, history = saved["epoch"] + 1, list(saved["history"])
+        start_epoch, history, attempt = saved["epoch"] + 1, list(saved["history"]), saved["attempt"] + 1
         if rank == 0:
-            print(f"[{loop['name']}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+            print(f"[{loop['name']}] attempt {attempt}: resumed from the checkpoint of epoch {start_epoch}",
+                  flush=True)
 
     for epoch in range(start_epoch, loop["epochs"]):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
@@ -151,16 +154,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> list[dict[str, Any]]:
         scheduler.step()
         seconds = time.perf_counter() - started
         metrics = _reduce(totals, device)
-        metrics.update(epoch=epoch, seconds=seconds,
-                       samples_per_s=metrics.pop("samples") / seconds if seconds > 0 else 0.0)
+        metrics.update(epoch=epoch, attempt=attempt, seconds=seconds,
+                       samples_per_s=metrics["samples"] / seconds if seconds > 0 else 0.0)
         history.append(metrics)
         if rank == 0:
             print(f"[{loop['name']}] epoch {epoch + 1}/{loop['epochs']} "
-                  + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch",)), flush=True)
-        _report(metrics, model, optimizer, scheduler, epoch, history, rank)
+                  + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "attempt")), flush=True)
+        _report(metrics, model, optimizer, scheduler, epoch, history, attempt, workers, rank)
     if start_epoch >= loop["epochs"] and history:
         # a rerun of a finished run reports its final state again, so the driver gets a checkpoint
-        _report(history[-1], model, optimizer, scheduler, loop["epochs"] - 1, history, rank)
+        _report(history[-1], model, optimizer, scheduler, loop["epochs"] - 1, history, attempt, workers, rank)
     return history
 
 
@@ -173,7 +176,8 @@ def _build_stage(loop: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def _embedding_stage(loop, device):
     images, labels = ray.get(loop["data"])
     model = EmbeddingNet.from_spec(loop["spec"], backbone_weights=loop.get("backbone_weights"))
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
+    # copies: arrays from the object store are read-only, and torch wants writable memory
+    dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels))
     loader = torch.utils.data.DataLoader(dataset, batch_size=loop["batch_size"], shuffle=True, drop_last=True)
     old = None
     compat = None
@@ -204,9 +208,9 @@ def _embedding_stage(loop, device):
             losses["total"].backward()
             optimizer.step()
             n = len(y)
-            sums["loss"] += float(losses["total"]) * n
-            sums["ce"] += float(losses["ce"]) * n
-            sums["compat"] += float(losses["compat"]) * n
+            sums["loss"] += losses["total"].item() * n
+            sums["ce"] += losses["ce"].item() * n
+            sums["compat"] += losses["compat"].item() * n
             sums["correct"] += float((logits.argmax(1) == y).sum())
             sums["samples"] += n
         return sums
@@ -218,8 +222,7 @@ def _transform_stage(loop, device):
     source, target = ray.get(loop["pairs"])
     labels = ray.get(loop["labels"])
     psi = UpgradeTransform.from_spec(loop["spec"])
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(source), torch.from_numpy(target),
-                                             torch.from_numpy(labels))
+    dataset = torch.utils.data.TensorDataset(torch.tensor(source), torch.tensor(target), torch.tensor(labels))
     drop_last = len(dataset) > loop["batch_size"]  # BatchNorm needs more than one sample per batch
     loader = torch.utils.data.DataLoader(dataset, batch_size=loop["batch_size"], shuffle=True, drop_last=drop_last)
     new_weight = loop["new_weight"].to(device)
@@ -237,9 +240,9 @@ def _transform_stage(loop, device):
             losses["total"].backward()
             optimizer.step()
             n = len(y)
-            sums["loss"] += float(losses["total"]) * n
-            sums["ce"] += float(losses["ce"]) * n
-            sums["cos"] += float(losses["cos"]) * n
+            sums["loss"] += losses["total"].item() * n
+            sums["ce"] += losses["ce"].item() * n
+            sums["cos"] += losses["cos"].item() * n
             with torch.no_grad():
                 sums["cos_sim"] += float(F.cosine_similarity(out, t, dim=1).sum())
             sums["samples"] += n
@@ -274,15 +277,26 @@ def _reduce(sums: dict[str, float], device) -> dict[str, float]:
     return out
 
 
-def _report(metrics, model, optimizer, scheduler, epoch, history, rank):
+def _report(metrics, model, optimizer, scheduler, epoch, history, attempt, workers, rank):
     if rank != 0:
         ray.train.report(metrics)  # every rank reports; only rank 0 carries the checkpoint
         return
     with tempfile.TemporaryDirectory() as folder:
         torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history},
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                    "attempt": attempt, "workers": workers},
                    os.path.join(folder, CHECKPOINT_FILE))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _gather_placement(rank: int) -> list[dict[str, Any]]:
+    """Where each rank runs (node id, pid), gathered from all ranks: recorded in the model card."""
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [me]
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, me)
+    return everyone
 
 
 def _unwrap(model):
@@ -290,7 +304,7 @@ def _unwrap(model):
 
 
 def _fit(config: Config, out_dir: Path, loop: dict[str, Any], run_name: str | None):
-    """Run the TorchTrainer; return (history, final state_dict) or raise TrainingError naming the stage."""
+    """Run the TorchTrainer; return (history, final state_dict, worker placement) or raise TrainingError."""
     if (out_dir / "model.json").exists():
         raise FileExistsError(f"{out_dir} already holds a trained {loop['name']}; it is never overwritten")
     train_cfg = config.train
@@ -313,7 +327,7 @@ def _fit(config: Config, out_dir: Path, loop: dict[str, Any], run_name: str | No
         raise TrainingError(f"training {loop['name']} finished without a checkpoint (storage {storage}/{name})")
     with result.checkpoint.as_directory() as folder:
         saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    return saved["history"], saved["model"]
+    return saved["history"], saved["model"], saved["workers"]
 
 
 def _root_cause(err: BaseException) -> str:
@@ -352,7 +366,7 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet):
         return weight, seen
     index = np.sort(np.concatenate(picks))
     features = ray.get(_features.remote(parent.card, parent.state, ray.put(train_set.images[index])))
-    return synthesise_old_classifier(weight, seen, torch.from_numpy(features),
+    return synthesise_old_classifier(weight, seen, torch.tensor(features),
                                      torch.from_numpy(train_set.labels[index]), parent.card["spec"]["classifier"])
 
 

@@ -14,7 +14,9 @@ def test_presets_load_and_match_their_intent():
 
 def test_overrides_are_typed():
     config = load_config(None, ["train.epochs=7", "compat.lam=0.5", "transform.enabled=false",
-                                "scenario.classes=[[0, 1], [0, 1, 2]]", "scenario.steps=2", "compat.lam=2"])
+                                "scenario.classes=[[0, 1], [0, 1, 2]]", "scenario.steps=2", "compat.lam=2",
+                                "train.lr=1e-3"])
+    assert config.train.lr == 0.001
     assert config.train.epochs == 7
     assert config.compat.lam == 2.0 and isinstance(config.compat.lam, float)
     assert config.transform.enabled is False

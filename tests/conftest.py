@@ -1,0 +1,37 @@
+"""Shared fixtures. One Ray instance serves the whole session: starting Ray costs seconds on this machine."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    from bict_ray.config import load_config
+
+    return load_config("configs/smoke.yaml")
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_config):
+    from bict_ray.data import load_dataset
+
+    return load_dataset(smoke_config.data)
+
+
+def train_subset(dataset, classes):
+    """The training images of the given classes."""
+    return dataset.train.subset(np.flatnonzero(np.isin(dataset.train.labels, classes)))

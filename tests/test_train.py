@@ -1,0 +1,93 @@
+"""Compatible training on Ray Train, on the smoke slice of Fashion-MNIST."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from bict_ray.artifacts import ArtifactError, load_artifact
+from bict_ray.config import load_config
+from bict_ray.train import TrainingError, train_embedding_model, train_upgrade_transform
+from conftest import train_subset
+
+OLD_CLASSES = [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def old_model(ray_session, smoke_config, smoke_data, tmp_path_factory):
+    config = load_config("configs/smoke.yaml", ["train.epochs=3"])
+    folder = tmp_path_factory.mktemp("run") / "models" / "phi_1"
+    return train_embedding_model(config, folder, 1, train_subset(smoke_data, OLD_CLASSES), OLD_CLASSES,
+                                 smoke_data.num_classes, run_name=f"test-old-{folder.parent.parent.name}")
+
+
+def test_old_model_learns_and_is_saved_with_its_card(old_model):
+    history = old_model.card["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["accuracy"] > 0.5
+    card = old_model.card
+    assert card["classes_seen"] == OLD_CLASSES and card["parent"] is None and card["num_classes"] == 10
+    state = torch.load(old_model.path / "weights.pt", weights_only=True)
+    assert set(state) == set(old_model.module.state_dict())
+
+
+def test_new_model_is_compatible_and_old_stays_frozen(old_model, smoke_config, smoke_data, tmp_path):
+    weights_before = hashlib.sha256((old_model.path / "weights.pt").read_bytes()).hexdigest()
+    state_before = {k: v.clone() for k, v in old_model.module.state_dict().items()}
+    new = train_embedding_model(smoke_config, tmp_path / "phi_2", 2, smoke_data.train, list(range(10)),
+                                smoke_data.num_classes, parent=old_model, run_name=f"test-new-{tmp_path.name}")
+    assert hashlib.sha256((old_model.path / "weights.pt").read_bytes()).hexdigest() == weights_before
+    assert all(torch.equal(state_before[k], v) for k, v in old_model.module.state_dict().items())
+    card = new.card
+    assert card["parent"] == "phi_1" and card["compat_loss"] == "bct" and card["lam"] == 1.0
+    assert all(h["compat"] > 0 for h in card["history"])
+    # psi trained on the stored representation of the training images moves them towards phi_2
+    psi = train_upgrade_transform(smoke_config, tmp_path / "psi_1_2", 1, new, smoke_data.train, [old_model],
+                                  run_name=f"test-psi-{tmp_path.name}")
+    history = psi.card["history"]
+    assert psi.card["source"] == "phi_1" and psi.card["target"] == "phi_2"
+    assert history[-1]["cos_sim"] > history[0]["cos_sim"]
+    assert psi.card["trained_on"] == ["phi_1"]
+
+
+def test_two_worker_ddp(ray_session, smoke_data, tmp_path):
+    config = load_config("configs/smoke.yaml", ["train.num_workers=2", "train.epochs=1"])
+    model = train_embedding_model(config, tmp_path / "phi_1", 1, train_subset(smoke_data, OLD_CLASSES),
+                                  OLD_CLASSES, smoke_data.num_classes, run_name=f"test-ddp-{tmp_path.name}")
+    # both workers' samples count: the reduced epoch saw the whole (drop_last-trimmed) split once
+    assert model.card["history"][0]["samples"] == pytest.approx(600, abs=2 * 64)
+
+
+def test_nan_loss_fails_naming_the_step_and_writes_nothing(ray_session, smoke_data, tmp_path):
+    config = load_config("configs/smoke.yaml", ["train.lr=1e30", "train.max_failures=0", "train.epochs=1"])
+    with pytest.raises(TrainingError, match=r"NaN/Inf loss at phi_1 epoch 1 step \d+"):
+        train_embedding_model(config, tmp_path / "phi_1", 1, train_subset(smoke_data, OLD_CLASSES),
+                              OLD_CLASSES, smoke_data.num_classes, run_name=f"test-nan-{tmp_path.name}")
+    assert not (tmp_path / "phi_1").exists()
+
+
+def test_existing_model_is_never_overwritten(old_model, smoke_config, smoke_data):
+    before = (old_model.path / "weights.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        train_embedding_model(smoke_config, old_model.path, 1, smoke_data.train, OLD_CLASSES, 10)
+    assert (old_model.path / "weights.pt").read_bytes() == before
+
+
+def test_mismatched_parent_is_refused(old_model, smoke_config, smoke_data, tmp_path):
+    with pytest.raises(TrainingError, match="num_classes=10 but the new model needs 12"):
+        train_embedding_model(smoke_config, tmp_path / "phi_2", 2, smoke_data.train, list(range(10)), 12,
+                              parent=old_model)
+
+
+def test_corrupt_or_missing_checkpoint_is_named(old_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "phi_1"
+    shutil.copytree(old_model.path, copy)
+    (copy / "weights.pt").write_bytes((copy / "weights.pt").read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=r"weights\.pt does not match the checksum"):
+        load_artifact(copy)
+    with pytest.raises(ArtifactError, match="no model.json"):
+        load_artifact(tmp_path / "nothing")

@@ -10,6 +10,7 @@ the object store, so the pipeline costs one read and one write per row.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -37,7 +38,12 @@ class PipelineStats:
 
 
 def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: str) -> tuple[GalleryVersion, PipelineStats]:
-    """Embed ``images`` with ``model`` (phi_1) into a new committed gallery version at ``out`` (resumable)."""
+    """Embed ``images`` with ``model`` (phi_1) into a new committed gallery version at ``out`` (resumable).
+
+    Shard i holds rows ``i * rows_per_shard ...`` of ``images`` in their order, so a rerun after a kill maps the
+    same rows to the same shards and skips those already written.
+    """
+    out = _absolute(out)
     _refuse_committed(out)
     name = model.card["name"]
     dim = model.card["spec"]["embedding_dim"]
@@ -70,6 +76,7 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
     if card["spec"]["d_in"] != source.dim:
         raise GalleryError(f"transform {card['name']} expects dim {card['spec']['d_in']}, gallery {source.path} "
                            f"has dim {source.dim}")
+    out = _absolute(out)
     _refuse_committed(out)
     lineage = [*source.lineage, card["name"]]
     dim = card["spec"]["d_out"]
@@ -77,8 +84,8 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
     writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card["target"], normalised=True,
                            extra={"source_version": source.path})
     results = _run_pool(_UpgradeShard, cfg, source.num_shards, dict(
-        card=card, state=transform.state, source=source.path, out=out, dim=dim, lineage=lineage,
-        space=card["target"], batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
+        card=card, state=transform.state, source=source, out=out, dim=dim, lineage=lineage,
+        space=card["target"], use_gpu=cfg.use_gpu))
     version = writer.commit(num_shards=source.num_shards)
     if not np.array_equal(_shard_rows(version), _shard_rows(source)):
         raise GalleryError(f"upgrade of {source.path} to {out} changed the row counts of some shards")
@@ -88,10 +95,9 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
 class _ShardActor:
     """Base of the pool's actors: open the writer once, skip finished shards, time the rest."""
 
-    def __init__(self, out, dim, lineage, space, batch_size, use_gpu, threads=1):
+    def __init__(self, out, dim, lineage, space, use_gpu, threads=1):
         torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.batch_size = batch_size
         self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,8 +116,9 @@ class _ShardActor:
 
 
 class _ExtractShard(_ShardActor):
-    def __init__(self, card, state, data, rows_per_shard, **kwargs):
+    def __init__(self, card, state, data, rows_per_shard, batch_size, **kwargs):
         super().__init__(**kwargs)
+        self.batch_size = batch_size
         self.model = module_from_state(card, state).to(self.device)
         self.images, self.labels, self.ids = ray.get(data) if isinstance(data, ray.ObjectRef) else data
         self.rows_per_shard = rows_per_shard
@@ -126,17 +133,19 @@ class _ExtractShard(_ShardActor):
 
 
 class _UpgradeShard(_ShardActor):
-    def __init__(self, card, state, source, **kwargs):
+    def __init__(self, card, state, source: GalleryVersion, **kwargs):
         super().__init__(**kwargs)
         self.psi = module_from_state(card, state)
-        self.source = open_gallery(source)
+        self.source = source
 
     def expected_rows(self, index: int) -> int:
         return int(self.source.manifest["shards"][index]["rows"])
 
     def compute(self, index: int):
         ids, labels, embeddings = self.source.read_shard(index)
-        return ids, labels, upgrade_embeddings([self.psi], embeddings, self.batch_size)
+        # psi's own fixed block size, not gallery.batch_size: a resumed run may change that runtime setting, and
+        # a shard's bytes must not depend on it (a matmul's last bit can depend on the batch shape)
+        return ids, labels, upgrade_embeddings([self.psi], embeddings)
 
 
 def _run_pool(actor_cls, cfg: GalleryConfig, num_shards: int, kwargs: dict) -> list[dict]:
@@ -153,6 +162,11 @@ def _refuse_committed(out: str) -> None:
     if is_committed(out):
         raise GalleryError(f"{out} already holds a committed gallery version; it is never overwritten "
                            "(choose another --out)")
+
+
+def _absolute(out: str) -> str:
+    """A local ``out`` as an absolute path: the actors that write it need not share the driver's cwd."""
+    return out if "://" in out else os.path.abspath(out)
 
 
 def _shard_rows(version: GalleryVersion) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""`bict-ray extract | upgrade | evaluate`: the serving half of BiCT, one gallery version at a time.
+
+    extract   phi_1 embeds the configured dataset's test split (the gallery) into a new version
+    upgrade   G <- psi(G): a new version from the embeddings alone (rerun after a kill to resume)
+    evaluate  the test split, embedded by a query model, against a gallery version
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from bict_ray.cli.common import add_config_args, config_from_args
+
+
+def register(subparsers) -> None:
+    extract = subparsers.add_parser("extract", help="embed the test split (the gallery) into a new gallery version")
+    add_config_args(extract, out=False)
+    extract.add_argument("--model", required=True, help="model folder, e.g. RUN_DIR/models/phi_1")
+    extract.add_argument("--out", required=True, help="new gallery version folder, e.g. RUN_DIR/gallery/v1")
+    extract.set_defaults(func=run_extract)
+
+    upgrade = subparsers.add_parser("upgrade", help="upgrade a gallery version with psi (resumable)")
+    add_config_args(upgrade, out=False)
+    upgrade.add_argument("--gallery", required=True, help="committed gallery version folder or URI")
+    upgrade.add_argument("--transform", required=True, help="transform folder, e.g. RUN_DIR/transforms/psi_1_2")
+    upgrade.add_argument("--out", required=True, help="new gallery version folder, e.g. RUN_DIR/gallery/v2")
+    upgrade.set_defaults(func=run_upgrade)
+
+    evaluate = subparsers.add_parser("evaluate", help="retrieval metrics of a query model against a gallery version")
+    add_config_args(evaluate, out=False)
+    evaluate.add_argument("--gallery", required=True, help="committed gallery version folder or URI")
+    evaluate.add_argument("--model", required=True, help="query model folder, e.g. RUN_DIR/models/phi_2")
+    evaluate.add_argument("--out", help="also write the result as JSON to this file")
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_extract(args) -> int:
+    from bict_ray.artifacts import load_artifact
+    from bict_ray.cluster import ensure_ray
+    from bict_ray.data import load_dataset
+    from bict_ray.gallery import extract_gallery
+
+    config = config_from_args(args)
+    ensure_ray(config.ray)
+    model = load_artifact(args.model)
+    version, stats = extract_gallery(config.gallery, model, load_dataset(config.data).test, args.out)
+    print(f"extracted {version.path}: {_stats_line(stats)}; lineage {' -> '.join(version.lineage)}")
+    return 0
+
+
+def run_upgrade(args) -> int:
+    from bict_ray.artifacts import load_artifact
+    from bict_ray.cluster import ensure_ray
+    from bict_ray.gallery import upgrade_gallery
+
+    config = config_from_args(args)
+    ensure_ray(config.ray)
+    version, stats = upgrade_gallery(config.gallery, args.gallery, load_artifact(args.transform), args.out)
+    print(f"upgraded {args.gallery} -> {version.path}: {_stats_line(stats)}; "
+          f"lineage {' -> '.join(version.lineage)}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from bict_ray.artifacts import load_artifact
+    from bict_ray.cluster import ensure_ray
+    from bict_ray.data import load_dataset
+    from bict_ray.embed import embed_images
+    from bict_ray.evaluate import evaluate_gallery
+    from bict_ray.store import open_gallery
+
+    config = config_from_args(args)
+    ensure_ray(config.ray)
+    gallery = open_gallery(args.gallery)
+    model = load_artifact(args.model)
+    if model.card.get("kind") != "embedding":
+        raise ValueError(f"{args.model} is not an embedding model (kind={model.card.get('kind')!r})")
+    test = load_dataset(config.data).test
+    query = embed_images(model.module, test.images, config.gallery.batch_size)
+    metrics = evaluate_gallery(query, test.labels, test.ids, gallery, ks=config.eval.ks, map_at=config.eval.map_at,
+                               concurrency=config.gallery.concurrency, cpus_per_task=config.gallery.cpus_per_actor)
+    result = {"query_model": model.card["name"], "gallery": gallery.path, "gallery_lineage": gallery.lineage,
+              "gallery_space": gallery.space, "map_at": config.eval.map_at, "metrics": metrics}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        _write_text(Path(args.out), text + "\n")
+    return 0
+
+
+def _stats_line(stats) -> str:
+    return (f"{stats.rows} rows in {stats.shards} shards ({stats.skipped_shards} resumed), "
+            f"{stats.rows_per_s:,.0f} rows/s")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds the old content or the new, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as stream:
+        stream.write(text)
+    os.replace(tmp, path)

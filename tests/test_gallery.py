@@ -1,0 +1,214 @@
+"""Gallery extraction, upgrade (with a real SIGKILL mid-upgrade) and sharded evaluation on Ray Data, and their CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bict_ray.artifacts import load_artifact, save_artifact
+from bict_ray.cli import main
+from bict_ray.config import GalleryConfig
+from bict_ray.data import ImageSet
+from bict_ray.embed import embed_images, upgrade_embeddings
+from bict_ray.evaluate import evaluate_gallery
+from bict_ray.gallery import extract_gallery, upgrade_gallery
+from bict_ray.metrics import retrieval_metrics
+from bict_ray.models import EmbeddingNet, UpgradeTransform
+from bict_ray.store import GalleryError, open_gallery, write_gallery
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIM = 8
+IMAGE_SIZE = 8
+NUM_CLASSES = 4
+# Many small shards: the killed driver must still be mid-upgrade when the test has seen a few shards staged.
+SHARDS, ROWS_PER_SHARD = 120, 16
+CONFIG = GalleryConfig(rows_per_shard=16, batch_size=64, concurrency=1, cpus_per_actor=0.5)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """phi_1 (small CNN on 1x8x8 images, DIM-d embeddings), psi_1_2 (DIM -> DIM, not the identity) and a psi
+    trained for another gallery (source phi_2), saved with cards like train.py's."""
+    root = tmp_path_factory.mktemp("artifacts")
+    torch.manual_seed(0)
+    phi = EmbeddingNet(in_channels=1, image_size=IMAGE_SIZE, embedding_dim=DIM, num_classes=NUM_CLASSES).eval()
+    save_artifact(root / "phi_1", phi, {"kind": "embedding", "name": "phi_1", "version": 1, "parent": None})
+    for name, source, target in (("psi_1_2", "phi_1", "phi_2"), ("psi_2_3", "phi_2", "phi_3")):
+        psi = UpgradeTransform(DIM, DIM, hidden=16, layers=1)
+        torch.nn.init.normal_(psi.mlp[-1].weight)  # a residual psi starts as the identity: make it map something
+        save_artifact(root / name, psi, {"kind": "transform", "name": name, "source": source, "target": target})
+    return {name: load_artifact(root / name) for name in ("phi_1", "psi_1_2", "psi_2_3")}
+
+
+@pytest.fixture(scope="module")
+def source_gallery(tmp_path_factory):
+    """A phi_1-space gallery of SHARDS x ROWS_PER_SHARD unit rows, ids shuffled, 4 labels (no Ray involved)."""
+    ids, labels, embeddings = random_gallery(SHARDS * ROWS_PER_SHARD, seed=1)
+    out = str(tmp_path_factory.mktemp("source") / "v1")
+    return write_gallery(out, ids, labels, embeddings, rows_per_shard=ROWS_PER_SHARD, lineage=["phi_1"],
+                         space="phi_1")
+
+
+@pytest.fixture(scope="module")
+def upgraded(ray_session, artifacts, source_gallery, tmp_path_factory):
+    """The uninterrupted upgrade of source_gallery by psi_1_2, and its stats."""
+    out = str(tmp_path_factory.mktemp("upgraded") / "v2")
+    return upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], out)
+
+
+def random_gallery(n, seed, d=DIM):
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(n, d)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return rng.permutation(10 * n)[:n].astype(np.int64), rng.integers(0, NUM_CLASSES, n), embeddings
+
+
+def random_images(n, seed):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    return ImageSet(images, rng.integers(0, NUM_CLASSES, n), np.arange(1000, 1000 + n, dtype=np.int64))
+
+
+def file_bytes(version):
+    return [open(path, "rb").read() for path in version.shard_paths]
+
+
+# ---- extraction and upgrade ------------------------------------------------------------------------
+
+
+def test_extract_stores_the_models_embeddings_with_the_images_ids(ray_session, artifacts, tmp_path):
+    images = random_images(40, seed=2)
+    version, stats = extract_gallery(CONFIG, artifacts["phi_1"], images, str(tmp_path / "v1"))
+    ids, labels, embeddings = open_gallery(str(tmp_path / "v1")).read_all()
+    np.testing.assert_array_equal(ids, images.ids)
+    np.testing.assert_array_equal(labels, images.labels)
+    np.testing.assert_allclose(embeddings, embed_images(artifacts["phi_1"].module, images.images), atol=1e-5)
+    assert (version.lineage, version.space, version.num_shards) == (["phi_1"], "phi_1", 3)
+    assert (stats.rows, stats.shards, stats.skipped_shards) == (40, 3, 0)
+
+
+def test_upgrade_applies_psi_shard_by_shard_and_extends_the_lineage(upgraded, source_gallery, artifacts):
+    version, stats = upgraded
+    assert (version.lineage, version.space) == (["phi_1", "psi_1_2"], "phi_2")
+    assert (stats.rows, stats.shards, stats.skipped_shards) == (SHARDS * ROWS_PER_SHARD, SHARDS, 0)
+    for index in (0, 117, SHARDS - 1):
+        ids, labels, embeddings = version.read_shard(index)
+        source_ids, source_labels, source_embeddings = source_gallery.read_shard(index)
+        np.testing.assert_array_equal(ids, source_ids)
+        np.testing.assert_array_equal(labels, source_labels)
+        expected = upgrade_embeddings([artifacts["psi_1_2"].module], source_embeddings)
+        np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+        assert np.abs(embeddings - source_embeddings).max() > 0.1  # psi really moved the rows
+
+
+def test_upgrade_refuses_a_transform_from_another_space(ray_session, artifacts, source_gallery, tmp_path):
+    with pytest.raises(GalleryError, match="psi_2_3 maps phi_2 embeddings.*space of phi_1"):
+        upgrade_gallery(CONFIG, source_gallery, artifacts["psi_2_3"], str(tmp_path / "v2"))
+    assert not os.path.exists(tmp_path / "v2") and not os.path.exists(tmp_path / "v2.staging")
+
+
+def test_upgrade_never_overwrites_a_committed_version(upgraded, source_gallery, artifacts):
+    version, _ = upgraded
+    before = file_bytes(version) + [open(os.path.join(version.path, "manifest.json"), "rb").read()]
+    with pytest.raises(GalleryError, match="already holds a committed gallery version"):
+        upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], version.path)
+    assert file_bytes(version) + [open(os.path.join(version.path, "manifest.json"), "rb").read()] == before
+
+
+def test_upgrade_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgraded, source_gallery, artifacts,
+                                                            tmp_path):
+    out = str(tmp_path / "v2")
+    staging = out + ".staging"
+    driver = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "scripts", "upgrade_gallery.py"),
+         ray_session.get_runtime_context().gcs_address, source_gallery.path, str(artifacts["psi_1_2"].path), out],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while staged_shards(staging) < 3:
+            assert driver.poll() is None, f"the driver ended before the kill: {driver.stdout.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the driver staged no shards within 60 s"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    killed_at = staged_shards(staging)
+    assert killed_at < SHARDS and not os.path.exists(out)
+
+    version, stats = upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], out)
+    assert stats.skipped_shards >= 3 and stats.shards == SHARDS
+    ids = version.read_all()[0]
+    assert len(ids) == len(np.unique(ids)) == source_gallery.num_rows
+    np.testing.assert_array_equal(np.sort(ids), np.sort(source_gallery.read_all()[0]))
+    assert file_bytes(version) == file_bytes(upgraded[0])
+
+
+def staged_shards(staging):
+    return len([n for n in os.listdir(staging) if n.endswith(".parquet")]) if os.path.isdir(staging) else 0
+
+
+# ---- sharded evaluation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("map_at", [None, 5])
+def test_sharded_evaluation_equals_in_memory_metrics(ray_session, tmp_path, map_at):
+    ids, labels, embeddings = random_gallery(150, seed=3)
+    gallery = write_gallery(str(tmp_path / "v1"), ids, labels, embeddings, rows_per_shard=40, lineage=["phi_1"],
+                            space="phi_1")
+    # the first 30 queries are gallery images (self-excluded by id), the other 10 are not in the gallery
+    extra_ids, extra_labels, extra_embeddings = random_gallery(10, seed=4)
+    query = np.concatenate([embeddings[:30], extra_embeddings])
+    query_labels = np.concatenate([labels[:30], extra_labels])
+    query_ids = np.concatenate([ids[:30], extra_ids + 10_000])
+    got = evaluate_gallery(query, query_labels, query_ids, gallery.path, map_at=map_at, concurrency=2)
+    expected = retrieval_metrics(query, query_labels, embeddings, labels, query_ids, ids, map_at=map_at)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert got["num_queries"] == 40 and 0 < got["mAP"] < 1
+
+
+def test_evaluation_refuses_queries_of_another_dim(ray_session, source_gallery):
+    query = np.eye(3, 4, dtype=np.float32)
+    with pytest.raises(ValueError, match=f"query dim 4 does not match gallery .* dim {DIM}"):
+        evaluate_gallery(query, np.zeros(3, np.int64), None, source_gallery)
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+
+def test_cli_upgrade_onto_a_committed_version_exits_2(upgraded, source_gallery, artifacts, capsys):
+    code = main(["upgrade", "--gallery", source_gallery.path, "--transform", str(artifacts["psi_1_2"].path),
+                 "--out", upgraded[0].path])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "already holds a committed gallery version" in err and upgraded[0].path in err
+
+
+def test_cli_extract_then_evaluate_prints_the_metrics(ray_session, artifacts, tmp_path, capsys):
+    images = random_images(48, seed=5)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, images=images.images[:, 0], labels=images.labels, test_images=images.images[:, 0],
+             test_labels=images.labels)
+    settings = ["--set", "data.kind=npz", "--set", f"data.root={npz}", "--set", "gallery.rows_per_shard=16"]
+    model = str(artifacts["phi_1"].path)
+    assert main(["extract", "--model", model, "--out", str(tmp_path / "v1"), *settings]) == 0
+    assert "48 rows in 3 shards (0 resumed)" in capsys.readouterr().out
+    results = tmp_path / "results.json"
+    assert main(["evaluate", "--gallery", str(tmp_path / "v1"), "--model", model, "--out", str(results),
+                 *settings]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])
+    written = json.loads(results.read_text())
+    embeddings = embed_images(artifacts["phi_1"].module, images.images)
+    test_ids = open_gallery(str(tmp_path / "v1")).read_all()[0]
+    expected = retrieval_metrics(embeddings, images.labels, embeddings, images.labels, test_ids, test_ids)
+    assert written["metrics"] == pytest.approx(expected, abs=1e-6)
+    assert (written["query_model"], written["gallery_lineage"]) == ("phi_1", ["phi_1"])
+    assert printed == written

@@ -112,6 +112,11 @@ def write_report(run_dir: str | Path) -> Path:
 
 # --- report sections -------------------------------------------------------------------------------------------
 
+def plot_lambda_search(trials_csv: str | Path, png: str | Path) -> None:
+    """The lambda plot of a search on its own (what `bict-ray tune` leaves beside trials.csv)."""
+    _plot_lambda(_read_trials(Path(trials_csv)), Path(png))
+
+
 def _run_section(run: dict[str, Any]) -> str:
     lines = [f"# BiCT report: {run['name']}", ""]
     for key, label in (("dataset", "dataset"), ("scenario", "upgrade scenario"), ("steps", "models in sequence"),

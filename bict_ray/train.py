@@ -91,8 +91,10 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
     """
     out_dir = Path(out_dir)
     version = target.card["version"]
-    pairs = _extract_pairs.remote([(a.card, a.state) for a in source_chain], (target.card, target.state),
-                                  ray.put(train_set.images), config.train.batch_size * 4)
+    # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's CPU-less placement group
+    pairs = _extract_pairs.options(scheduling_strategy="DEFAULT").remote(
+        [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
+        config.train.batch_size * 4)
     d_in = source_chain[-1].card["spec"].get("d_out") or source_chain[-1].card["spec"]["embedding_dim"]
     spec = {"d_in": int(d_in), "d_out": int(target.card["spec"]["embedding_dim"]),
             "hidden": config.transform.hidden, "layers": config.transform.layers}
@@ -181,7 +183,7 @@ def _embedding_stage(loop, device):
     loader = torch.utils.data.DataLoader(dataset, batch_size=loop["batch_size"], shuffle=True, drop_last=True)
     old = None
     compat = None
-    if loop["compat"]:
+    if loop["compat"] and loop["lam"] > 0:
         old = module_from_state(loop["parent_card"], ray.get(loop["parent_state"])).to(device)
         old.requires_grad_(False)
         kwargs = {"temperature": loop["temperature"]} if loop["compat"] in ("contrastive", "ract") else {}
@@ -189,7 +191,7 @@ def _embedding_stage(loop, device):
             kwargs = {"old_weight": loop["old_weight"], "valid_mask": loop["old_valid"],
                       "classifier": loop["parent_card"]["spec"]["classifier"],
                       "scale": loop["parent_card"]["spec"]["scale"]}
-        compat = build_compat_loss(loop["compat"], **kwargs).to(device) if loop["lam"] > 0 else None
+        compat = build_compat_loss(loop["compat"], **kwargs).to(device)
     criterion = CompatibleTrainingLoss(loop["lam"], compat)
 
     def run_epoch(model, loader, optimizer, epoch):
@@ -365,7 +367,8 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet):
     if not picks:
         return weight, seen
     index = np.sort(np.concatenate(picks))
-    features = ray.get(_features.remote(parent.card, parent.state, ray.put(train_set.images[index])))
+    features = ray.get(_features.options(scheduling_strategy="DEFAULT").remote(
+        parent.card, parent.state, ray.put(train_set.images[index])))
     return synthesise_old_classifier(weight, seen, torch.tensor(features),
                                      torch.from_numpy(train_set.labels[index]), parent.card["spec"]["classifier"])
 

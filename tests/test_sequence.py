@@ -1,0 +1,116 @@
+"""The whole pipeline on the smoke preset: sequence, resume, report, and a 2-trial lambda search on Ray Tune."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bict_ray.config import ConfigError, load_config
+from bict_ray.report import write_report
+from bict_ray.sequence import run_sequence
+from bict_ray.store import open_gallery
+
+TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_session, smoke_config, smoke_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    lines = []
+    results = run_sequence(smoke_config, out, log=lines.append, dataset=smoke_data)
+    return out, results, lines
+
+
+def test_results_have_every_test_in_range(smoke_run):
+    out, results, _ = smoke_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["steps"] == results["steps"]
+    (step,) = saved["steps"]
+    assert step["step"] == 2 and set(step["tests"]) == set(TESTS)
+    for name, metrics in step["tests"].items():
+        for key in ("mAP", "R@1", "R@5", "R@10"):
+            assert 0.0 <= metrics[key] <= 1.0, (name, key)
+        assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"]
+    # same query model, same gallery: the two "before the upgrade" tests are the same number
+    assert step["tests"]["deployed_before"]["mAP"] == pytest.approx(step["tests"]["old_self"]["mAP"], abs=1e-6)
+    matrix = saved["matrix"]
+    assert matrix["queries"] == ["phi_1", "phi_2"] and matrix["galleries"] == ["v1", "v2"]
+    assert matrix["mAP"][1][1] == pytest.approx(step["tests"]["forward"]["mAP"], abs=1e-6)
+    fractions = [p["fraction"] for p in saved["partial_refresh"]]
+    assert fractions == [0.0, 0.5, 1.0]
+    assert saved["partial_refresh"][-1]["mAP"] == pytest.approx(step["tests"]["forward"]["mAP"], abs=1e-6)
+
+
+def test_galleries_keep_ids_and_lineage(smoke_run, smoke_data):
+    out, _, _ = smoke_run
+    v1, v2 = open_gallery(str(out / "gallery" / "v1")), open_gallery(str(out / "gallery" / "v2"))
+    assert v1.lineage == ["phi_1"] and v2.lineage == ["phi_1", "psi_1_2"] and v2.space == "phi_2"
+    ids1, _, _ = v1.read_all()
+    ids2, labels2, _ = v2.read_all()
+    assert sorted(ids1) == sorted(ids2) == sorted(smoke_data.test.ids)
+
+
+def test_resume_reruns_only_the_removed_stages(smoke_run, smoke_config, smoke_data, tmp_path):
+    out, results, _ = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ray_results"))
+    shutil.rmtree(copy / "transforms" / "psi_1_2")
+    shutil.rmtree(copy / "gallery" / "v2")
+    v1_bytes = (copy / "gallery" / "v1" / "part-00000.parquet").read_bytes()
+    lines = []
+    rerun = run_sequence(smoke_config, copy, log=lines.append, dataset=smoke_data)
+    assert set(rerun["timings"]) >= {"train psi_1_2", "upgrade gallery v2"}
+    assert not {"train phi_1", "train phi_2", "extract gallery v1"} & set(rerun["timings"])
+    assert any("phi_1: trained already" in line for line in lines)
+    assert (copy / "gallery" / "v1" / "part-00000.parquet").read_bytes() == v1_bytes
+    # stages that were not rerun give the same numbers
+    for name in ("old_self", "new_self", "backward", "backward_prev"):
+        assert rerun["steps"][0]["tests"][name] == results["steps"][0]["tests"][name]
+
+
+def test_another_config_is_refused_in_the_same_run_dir(smoke_run):
+    out, _, _ = smoke_run
+    with pytest.raises(ConfigError, match="compat.lam"):
+        run_sequence(load_config("configs/smoke.yaml", ["compat.lam=3"]), out)
+
+
+def test_report_renders_with_plots(smoke_run):
+    out, _, _ = smoke_run
+    report = write_report(out)
+    text = report.read_text()
+    assert "forward" in text and "backward" in text
+    for name in ("steps.png", "matrix.png", "partial_refresh.png"):
+        with Image.open(out / "plots" / name) as image:
+            assert image.size[0] > 100
+
+
+def test_two_trial_lambda_search(ray_session, smoke_config, tmp_path):
+    from bict_ray.tune import load_space, run_search
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("name: t\nparams:\n  compat.lam: {grid: [0.0, 1.0]}\nmax_concurrent_trials: 2\n")
+    config = load_config("configs/smoke.yaml", ["train.epochs=1", "transform.epochs=1", "eval.matrix=false",
+                                                "eval.partial_refresh=[]", "data.limit_train=400"])
+    summary = run_search(config, load_space(space_file, config), tmp_path / "out", log=lambda line: None)
+    trials = pd.read_csv(tmp_path / "out" / "tune" / "trials.csv")
+    assert sorted(trials["lam"]) == [0.0, 1.0]
+    assert trials["mean_forward_mAP"].between(0, 1).all() and trials["mean_backward_mAP"].between(0, 1).all()
+    assert summary["best_params"]["compat.lam"] in (0.0, 1.0)
+    assert (tmp_path / "out" / "tune" / "lambda.png").is_file()
+    assert json.loads((tmp_path / "out" / "tune" / "best_config.json").read_text())["trials"] == 2
+
+
+def test_bad_search_space_is_named(smoke_config, tmp_path):
+    from bict_ray.tune import load_space
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("params:\n  compat.lamda: {grid: [0.0, 1.0]}\n")
+    with pytest.raises(ConfigError, match="compat.lamda"):
+        load_space(space_file, smoke_config)
+    space_file.write_text("params:\n  compat.lam: {grid: [-1.0]}\n")
+    with pytest.raises(ConfigError, match="compat.lam must be >= 0"):
+        load_space(space_file, smoke_config)
+    for shipped in ("lambda_grid", "lambda_loguniform_asha", "lambda_and_loss", "demo_lambda"):
+        load_space(f"tune_spaces/{shipped}.yaml", smoke_config)

@@ -42,7 +42,7 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
     dataset = dataset or load_dataset(config.data)
-    runner = _SequenceRunner(config, run_dir, dataset, log)
+    runner = SequenceRunner(config, run_dir, dataset, log)
     results = runner.run(on_step)
     for name in config.baselines:
         results["baselines"][name] = _run_baseline(name, config, run_dir, dataset, log)
@@ -50,7 +50,7 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     return results
 
 
-class _SequenceRunner:
+class SequenceRunner:
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log):
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes)
@@ -63,13 +63,13 @@ class _SequenceRunner:
         results = {"run": self._run_info(), "steps": [], "matrix": None, "partial_refresh": [],
                    "baselines": {}, "timings": self.timings}
         for t in range(1, steps + 1):
-            self.models[t] = self._model(t)
+            self.models[t] = self.train_model(t)
             self.embedded.queries[t] = self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
             if t == 1:
                 self._gallery(1)
                 continue
             if config.transform.enabled:
-                self.transforms[t] = self._transform(t)
+                self.transforms[t] = self.train_transform(t)
                 self._gallery(t)
             tests = self._timed(f"evaluate step {t}", lambda: step_tests(
                 self.embedded, t, config.eval.ks, config.eval.map_at))
@@ -87,12 +87,21 @@ class _SequenceRunner:
         self.write(results)
         return results
 
+    def load_trained(self, models_up_to: int, transforms_up_to: int = 1) -> None:
+        """Load phi_1..phi_m and psi_1_2..psi_{n-1}_n from the run directory; each must exist (stage-wise jobs)."""
+        for s in range(1, models_up_to + 1):
+            folder = self.run_dir.model_dir(s)
+            self.models[s] = _load_if_done(folder) or _missing(folder, f"phi_{s}")
+        for s in range(2, transforms_up_to + 1):
+            folder = self.run_dir.transform_dir(s - 1, s)
+            self.transforms[s] = _load_if_done(folder) or _missing(folder, f"psi_{s - 1}_{s}")
+
     def write(self, results: dict) -> None:
         tmp = self.run_dir.results_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(self.run_dir.results_path)
 
-    def _model(self, t: int):
+    def train_model(self, t: int):
         folder = self.run_dir.model_dir(t)
         existing = _load_if_done(folder)
         if existing is not None:
@@ -108,7 +117,7 @@ class _SequenceRunner:
             self.config, folder, t, train, split.classes, self.dataset.num_classes, parent=parent,
             run_name=self._ray_name(f"phi_{t}")))
 
-    def _transform(self, t: int):
+    def train_transform(self, t: int):
         folder = self.run_dir.transform_dir(t - 1, t)
         existing = _load_if_done(folder)
         if existing is not None:
@@ -180,10 +189,14 @@ def _run_baseline(name: str, config: Config, run_dir: RunDir, dataset: Dataset, 
     baseline.eval.matrix = False
     baseline.eval.partial_refresh = []
     log(f"[sequence] baseline {name}: the same sequence with lambda = 0")
-    sub = _SequenceRunner(baseline, RunDir.create(run_dir.path / "baselines" / name, baseline), dataset,
+    sub = SequenceRunner(baseline, RunDir.create(run_dir.path / "baselines" / name, baseline), dataset,
                           lambda line: log(line.replace("[sequence]", f"[{name}]")))
     results = sub.run()
     return {"lam": 0.0, "steps": results["steps"], "timings": results["timings"]}
+
+
+def _missing(folder: Path, name: str):
+    raise FileNotFoundError(f"{name} is not trained yet ({folder} has no model.json): run its stage first")
 
 
 def _load_if_done(folder: Path):

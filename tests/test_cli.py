@@ -33,3 +33,11 @@ def test_splits_command_writes_and_protects_the_run_dir(tmp_path, capsys):
     assert "model phi_2: 1200 training images" in capsys.readouterr().out
     assert main(["splits", "-c", "configs/smoke.yaml", "--out", out, "--set", "scenario.seed=5"]) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_train_stage_needs_its_parent(ray_session, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--stage", "new", "--step", "2", "-c", "configs/smoke.yaml", "--out", out]) == 2
+    assert "phi_1 is not trained yet" in capsys.readouterr().err
+    assert main(["train", "--stage", "upgrade", "--step", "5", "-c", "configs/smoke.yaml", "--out", out]) == 2
+    assert "--step must be in 2..2" in capsys.readouterr().err

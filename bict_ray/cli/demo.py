@@ -1,32 +1,59 @@
-"""`bict-ray demo`: the main job on the embedded default (Fashion-MNIST, configs/demo.yaml)."""
+"""`bict-ray demo`: the main job on the embedded default (Fashion-MNIST, configs/demo.yaml).
+
+1. the BiCT sequence phi_1 -> phi_2 -> phi_3 (class growth 4 -> 7 -> 10) on the full data, with BCT only (the
+   never-upgraded gallery) reported beside it;
+2. a small lambda search on Ray Tune over whole sequences on a reduced slice of the data; its lambda = 0 trial is
+   the independent-training + psi baseline;
+3. the report (tables and plots) in RUN_DIR/report.md.
+
+Rerunning the same command resumes: finished stages and searches are skipped.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from bict_ray.cli.common import add_config_args
-from bict_ray.config import load_config
-from bict_ray.data import load_dataset
-from bict_ray.rundir import RunDir
-from bict_ray.splits import load_or_make_splits
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+PROJECT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = PROJECT / "configs" / "demo.yaml"
+DEMO_SPACE = PROJECT / "tune_spaces" / "demo_lambda.yaml"
+# the search runs whole sequences per trial: a slice of the data keeps it inside the demo's budget
+SEARCH_OVERRIDES = ["data.limit_train=12000", "data.limit_test=3000", "train.epochs=2", "eval.matrix=false",
+                    "eval.partial_refresh=[]"]
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the main job on Fashion-MNIST (configs/demo.yaml)")
     add_config_args(parser)
+    parser.add_argument("--no-search", action="store_true", help="skip the lambda search")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from bict_ray.config import load_config
+    from bict_ray.report import step_table, write_report
+    from bict_ray.sequence import run_sequence
+    from bict_ray.tune import load_space, run_search
+
+    started = time.perf_counter()
     config = load_config(args.config or DEMO_CONFIG, args.overrides)
-    run_dir = RunDir.create(args.out or "runs/demo", config)
-    dataset = load_dataset(config.data)
-    splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes)
-    print(f"dataset: {dataset.source}: {len(dataset.train)} train / {len(dataset.test)} test images")
-    for split in splits:
-        print(f"  phi_{split.version}: {len(split.train_ids)} training images of classes {split.classes}")
-    print("The training, gallery upgrade and evaluation stages are not built yet: this demo stops after the "
-          f"data and the seeded splits ({run_dir.path / 'splits'}).")
+    out = Path(args.out or "runs/demo")
+    print(f"[demo] 1/3 the BiCT upgrade sequence on {config.data.kind} into {out}", flush=True)
+    results = run_sequence(config, out)
+    if not args.no_search:
+        search_config = load_config(args.config or DEMO_CONFIG, [*args.overrides, *SEARCH_OVERRIDES])
+        space = load_space(DEMO_SPACE, search_config)
+        tune_dir = out / "tune"
+        if (tune_dir / "best_config.json").is_file():
+            print(f"[demo] 2/3 lambda search: done already ({tune_dir})", flush=True)
+        else:
+            print(f"[demo] 2/3 lambda search on a slice of the data ({', '.join(SEARCH_OVERRIDES[:3])})", flush=True)
+            run_search(search_config, space, out, resume=(tune_dir / "ray" / space.name).exists())
+    print("[demo] 3/3 report", flush=True)
+    report = write_report(out)
+    print()
+    print(step_table(results))
+    print(f"\nreport: {report}   ({time.perf_counter() - started:.0f} s)")
     return 0

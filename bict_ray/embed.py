@@ -27,7 +27,7 @@ def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = preprocess(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device))
+        batch = preprocess(torch.from_numpy(np.array(images[start:start + batch_size])).to(device))
         out.append(model.embed(batch).cpu())
     model.train(was_training)
     dim = model.embedding_dim
@@ -40,7 +40,7 @@ def model_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
     """Un-normalised (N, D) features of phi (what its classifier sees), for synthesising classifier rows."""
     was_training = model.training
     model.eval()
-    out = [model(preprocess(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).to(device)))[0].cpu()
+    out = [model(preprocess(torch.from_numpy(np.array(images[s:s + batch_size])).to(device)))[0].cpu()
            for s in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(out).numpy()

@@ -20,8 +20,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = PROJECT / "configs" / "demo.yaml"
 DEMO_SPACE = PROJECT / "tune_spaces" / "demo_lambda.yaml"
 # the search runs whole sequences per trial: a slice of the data keeps it inside the demo's budget
-SEARCH_OVERRIDES = ["data.limit_train=12000", "data.limit_test=3000", "train.epochs=2", "eval.matrix=false",
-                    "eval.partial_refresh=[]"]
+SEARCH_OVERRIDES = ["data.limit_train=12000", "data.limit_test=3000", "train.epochs=2", "train.cpus_per_worker=1",
+                    "eval.matrix=false", "eval.partial_refresh=[]"]
 
 
 def register(subparsers) -> None:

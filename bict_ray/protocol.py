@@ -6,7 +6,8 @@ The test split is both query and gallery (leave-one-out: self-matches are exclud
 - new_self        phi_t / phi_t(G)         (the backfill upper bound; forbidden in production, computed for evaluation)
 - backward        phi_t / v1               (BCT alone: the gallery is never upgraded)
 - backward_prev   phi_t / phi_{t-1}(G)     (BCT's pairwise compatibility)
-- forward         phi_t / v_t              (BiCT: v_t = psi_{t-1->t}(v_{t-1}))
+- forward         phi_t / v_t              (BiCT: v_t = psi_{t-1->t}(v_{t-1}); with BCT only the deployed
+                                           gallery stays v1, so forward equals backward)
 - deployed_before phi_{t-1} / v_{t-1}      (the system before this step)
 """
 
@@ -37,15 +38,18 @@ class SequenceEmbeddings:
 
 
 def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None) -> dict[str, dict]:
-    """The named tests of step t (t >= 2); ``forward`` only when gallery v_t exists (BiCT, not BCT only)."""
+    """The named tests of step t (t >= 2), each a dict of metrics."""
     q_new, q_old = data.queries[t], data.queries[t - 1]
     pairs = {"old_self": (q_old, q_old), "new_self": (q_new, q_new), "backward": (q_new, data.galleries[1]),
              "backward_prev": (q_new, q_old)}
-    if t in data.galleries:
-        pairs["forward"] = (q_new, data.galleries[t])
-    if t - 1 in data.galleries:
-        pairs["deployed_before"] = (q_old, data.galleries[t - 1])
+    pairs["forward"] = (q_new, deployed_gallery(data, t))
+    pairs["deployed_before"] = (q_old, deployed_gallery(data, t - 1))
     return {name: evaluate(q, g, ks, map_at) for name, (q, g) in pairs.items()}
+
+
+def deployed_gallery(data: SequenceEmbeddings, t: int) -> Embedded:
+    """The gallery as deployed after step t: v_t, or with BCT only (no psi) the newest version before it (v1)."""
+    return data.galleries[max(k for k in data.galleries if k <= t)]
 
 
 def compatibility_matrix(data: SequenceEmbeddings, ks=(1, 5, 10), map_at=None) -> dict:

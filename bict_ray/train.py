@@ -205,16 +205,8 @@ def _embedding_stage(loop, device):
                 with torch.no_grad():
                     ref = old(x)[0]
             losses = criterion(logits, features, y, ref)
-            check_finite(losses["total"], f"{loop['name']} epoch {epoch + 1} step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            n = len(y)
-            sums["loss"] += losses["total"].item() * n
-            sums["ce"] += losses["ce"].item() * n
-            sums["compat"] += losses["compat"].item() * n
+            _optimise(losses, optimizer, f"{loop['name']} epoch {epoch + 1} step {step + 1}", sums, len(y))
             sums["correct"] += float((logits.argmax(1) == y).sum())
-            sums["samples"] += n
         return sums
 
     return {"model": model, "loader": loader, "run_epoch": run_epoch}
@@ -237,20 +229,23 @@ def _transform_stage(loop, device):
             out = model(s)
             losses = transform_loss(out, t, y, new_weight, loop["classifier"], loop["scale"],
                                     loop["alpha"], loop["beta"])
-            check_finite(losses["total"], f"{loop['name']} epoch {epoch + 1} step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            n = len(y)
-            sums["loss"] += losses["total"].item() * n
-            sums["ce"] += losses["ce"].item() * n
-            sums["cos"] += losses["cos"].item() * n
+            _optimise(losses, optimizer, f"{loop['name']} epoch {epoch + 1} step {step + 1}", sums, len(y))
             with torch.no_grad():
                 sums["cos_sim"] += float(F.cosine_similarity(out, t, dim=1).sum())
-            sums["samples"] += n
         return sums
 
     return {"model": psi, "loader": loader, "run_epoch": run_epoch}
+
+
+def _optimise(losses: dict, optimizer, where: str, sums: dict, n: int) -> None:
+    """One step on losses["total"] (refused if not finite); adds every loss term, times n, to the epoch's sums."""
+    check_finite(losses["total"], where)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    for name, value in losses.items():
+        sums["loss" if name == "total" else name] += value.item() * n
+    sums["samples"] += n
 
 
 def _optimizer(loop, model):

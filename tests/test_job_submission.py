@@ -56,11 +56,14 @@ def local_cluster(tmp_path_factory):
 def test_submitted_smoke_sequence_succeeds(local_cluster, tmp_path):
     address, env = local_cluster
     out = tmp_path / "run"
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-         "python", "-m", "jobs.sequence", "--config", "configs/smoke.yaml", "--out", str(out),
-         "--set", "train.epochs=1", "--set", "eval.matrix=false"],
-        env=env, capture_output=True, text=True, timeout=900)
+    command = [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+               "python", "-m", "jobs.sequence", "--config", "configs/smoke.yaml", "--out", str(out),
+               "--set", "train.epochs=1", "--set", "eval.matrix=false"]
+    for _ in range(30):  # the job server answers before the head's job agent has registered
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
     results = json.loads((out / "results.json").read_text())

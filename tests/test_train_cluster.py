@@ -30,7 +30,7 @@ def test_two_workers_on_two_nodes(tmp_path):
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, smoke_data, tmp_path):
-    epochs = 8
+    epochs = 30  # long enough (about 0.3 s each on a quiet machine) to kill the worker mid-run
     config = load_config("configs/smoke.yaml", [f"train.epochs={epochs}", "train.max_failures=1"])
     storage = tmp_path / "ray_results"
     name = f"test-fault-{tmp_path.name}"
@@ -46,27 +46,31 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, smoke_data, tmp
 
     thread = threading.Thread(target=train)
     thread.start()
-    victim = _worker_pid_after_checkpoints(storage / name, at_least=2, timeout=240)
+    # the controller registers a checkpoint when it next polls the worker: kill a few epochs in, not at the first
+    victim, epoch_at_kill = _worker_after_checkpoints(storage / name, min_epoch=5, timeout=240)
     os.kill(victim, signal.SIGKILL)
+    assert epoch_at_kill < epochs - 2, "the run finished before the worker could be killed"
     thread.join(timeout=400)
     assert "error" not in outcome, outcome.get("error")
     history = outcome["model"].card["history"]
     assert [h["epoch"] for h in history] == list(range(epochs))  # every epoch, no gap, none twice
     attempts = [h["attempt"] for h in history]
     assert attempts[0] == 1 and attempts[-1] == 2 and attempts == sorted(attempts)
+    assert attempts.index(2) >= 1  # resumed from a checkpoint, not from scratch
     assert outcome["model"].card["workers"][0]["pid"] != victim
 
 
-def _worker_pid_after_checkpoints(folder, at_least: int, timeout: float) -> int:
-    """Once the run has saved ``at_least`` checkpoints, the pid of the rank-0 worker that saved the latest."""
+def _worker_after_checkpoints(folder, min_epoch: int, timeout: float) -> tuple[int, int]:
+    """Once the run has checkpointed epoch ``min_epoch`` or later: the rank-0 worker's pid and that epoch."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         checkpoints = sorted(folder.glob("checkpoint_*/" + CHECKPOINT_FILE)) if folder.exists() else []
-        if len(checkpoints) >= at_least:
+        if checkpoints:
             try:
                 saved = torch.load(checkpoints[-1], weights_only=True)
-                return saved["workers"][0]["pid"]
+                if saved["epoch"] >= min_epoch:
+                    return saved["workers"][0]["pid"], saved["epoch"]
             except (EOFError, RuntimeError):  # caught mid-write; the next poll reads it whole
                 pass
         time.sleep(0.2)
-    pytest.fail(f"no {at_least} checkpoints in {folder} within {timeout}s")
+    pytest.fail(f"no checkpoint of epoch {min_epoch} in {folder} within {timeout}s")

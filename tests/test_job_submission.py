@@ -22,13 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_ports() -> list[str]:
+    """Per-node agent ports of our own: the test session's Ray instance already holds the default ones, and a
+    job agent that cannot bind its port leaves the job server answering 'No available agent'."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
 @pytest.fixture
 def local_cluster(tmp_path_factory):
     temp = Path(f"/tmp/bict-{os.getpid()}")  # short: Ray's socket paths have a length limit
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     gcs, dashboard = free_port(), free_port()
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1", *agent_ports(),
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
          "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -37,7 +44,7 @@ def local_cluster(tmp_path_factory):
         address = f"http://127.0.0.1:{dashboard}"
         _wait_for(lambda: _job_server_up(address, env), 120, "the head's job server")
         worker = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=1",
+            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *agent_ports(),
              "--disable-usage-stats"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(worker)

@@ -27,11 +27,15 @@ returns a small picklable result; the driver combines them:
 Both give the same numbers. In mAP@k mode the scores come from faiss, which scores a pair identically in
 any block or shard. In exact mode they come from a BLAS matmul, whose last bit can depend on the block
 shape, so two items within one float32 ulp of each other may swap between the two paths.
+
+Exact mode sorts every score row by integer keys that numpy sorts by radix (`_sort_order`): one pass
+over a 16-bit score bucket, or two over the exact score for rows too wide for 16 bits; it compares
+scores and ids only between entries that share a key (`_key_corrections`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,8 +53,20 @@ from bict_ray.search import (
 
 # Best rank of a query none of whose positives is within reach (beyond the top-k list).
 NO_HIT = np.iinfo(np.int64).max
-# Query rows x gallery items per score block: about 70 MB of working memory in exact mode.
-_BLOCK_ELEMENTS = 1 << 22
+# Query rows x gallery items per score block: about 20 MB of working memory in exact mode, small enough
+# to stay in cache while a block is ranked.
+_BLOCK_ELEMENTS = 1 << 20
+# Exact mode scores up to this many rows per matmul, within _MATMUL_ELEMENTS (64 MB of scores): BLAS
+# needs some hundred rows to run near its peak once the gallery spills the cache.
+_MATMUL_ROWS = 256
+_MATMUL_ELEMENTS = 1 << 24
+# Rows up to this width sort in one radix pass over a 16-bit score bucket; wider rows would crowd the
+# buckets (and their exact comparisons) and sort in two passes over the exact score instead.
+_ONE_PASS_WIDTH = 1 << 15
+# Entries sharing a score bucket are compared pairwise. A block where most positives share their bucket,
+# or one's bucket runs on past _MAX_RUN entries on a side (exact ties: duplicates, collapsed embeddings),
+# is sorted by exact keys instead.
+_MAX_RUN = 16
 
 Shard = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -118,18 +134,12 @@ def retrieval_metrics(
     if map_at is not None:
         topk = _shard_topk(query, query_labels, query_ids, shard, _depth(ks, map_at), None)
         return _summarise(*_per_query_from_topk(topk, query_labels, map_at), topk.num_positives, ks)
-    ap, best_rank, num_positives = [], [], []
-    for block in query_blocks(len(query), rows_per_block(shard.size, _BLOCK_ELEMENTS)):
-        own = _own_entries(shard, query_ids, block)
-        scores = _block_scores(query[block], shard, own)
-        rows, cols = _block_positives(scores, query_labels[block], shard, own)
-        above = _ranked_above(scores, shard.ids, rows, scores[rows, cols], shard.ids[cols], cols)
-        offsets = _offsets(np.bincount(rows, minlength=scores.shape[0]))
-        block_ap, block_best_rank = _per_query_from_ranks(offsets, above + 1, None)
-        ap.append(block_ap)
-        best_rank.append(block_best_rank)
-        num_positives.append(np.diff(offsets))
-    return _summarise(np.concatenate(ap), np.concatenate(best_rank), np.concatenate(num_positives), ks)
+    query_codes, shard_codes = _label_codes(query_labels, shard.labels)
+    parts = [
+        _exact_block(scores, query_codes[block], shard_codes, shard, _own_columns(shard, query_ids, block))
+        for block, scores in _score_blocks(query, shard.emb)
+    ]
+    return _summarise(*(np.concatenate(column) for column in zip(*parts)), ks)
 
 
 def sharded_retrieval_metrics(
@@ -236,10 +246,8 @@ def shard_positives(
     query_labels, query_ids = _check_queries(query, query_labels, query_ids)
     shard = _ShardIndex.checked(query.shape[1], shard_emb, shard_labels, shard_ids, "shard")
     counts, scores, ids = [], [], []
-    for block in query_blocks(len(query), rows_per_block(shard.size, _BLOCK_ELEMENTS)):
-        own = _own_entries(shard, query_ids, block)
-        block_scores = _block_scores(query[block], shard, own)
-        rows, cols = _block_positives(block_scores, query_labels[block], shard, own)
+    for block, block_scores in _score_blocks(query, shard.emb):
+        rows, cols = _block_positives(query_labels[block], shard, _own_columns(shard, query_ids, block))
         counts.append(np.bincount(rows, minlength=block_scores.shape[0]))
         scores.append(block_scores[rows, cols])
         ids.append(shard.ids[cols])
@@ -288,18 +296,18 @@ def shard_rank_counts(
         query_ids = check_integer_vector("query_ids", query_ids, len(query))
     shard = _ShardIndex.checked(query.shape[1], shard_emb, None, shard_ids, "shard")
     above = np.empty(len(positives.ids), dtype=np.int64)
-    for block in query_blocks(len(query), rows_per_block(shard.size, _BLOCK_ELEMENTS)):
-        scores = _block_scores(query[block], shard, _own_entries(shard, query_ids, block))
+    for block, scores in _score_blocks(query, shard.emb):
         entries = slice(positives.offsets[block.start], positives.offsets[block.stop])
         rows = np.repeat(np.arange(scores.shape[0]), np.diff(positives.offsets[block.start : block.stop + 1]))
-        pos_scores = positives.scores[entries] + np.float32(0)
+        pos_scores = positives.scores[entries].copy()
         pos_ids = positives.ids[entries]
         # A positive stored in this shard is compared by the score this pass computes for it, so that it
         # never outranks itself even if a BLAS block shape changed its last bit since pass 1.
         cols = shard.find(pos_ids)
         mine = cols >= 0
         pos_scores[mine] = scores[rows[mine], cols[mine]]
-        above[entries] = _ranked_above(scores, shard.ids, rows, pos_scores, pos_ids, cols)
+        own_cols = _own_columns(shard, query_ids, block)
+        above[entries] = _ranked_above(scores, shard.ids, own_cols, rows, pos_scores, pos_ids)
     return above
 
 
@@ -318,13 +326,14 @@ def metrics_from_ranks(
 
 
 class _ShardIndex:
-    """A validated gallery shard with its ids sorted for lookups (labels None where not needed)."""
+    """A validated gallery shard with its ids sorted for lookups (labels None where not needed).
+    id_order: the item positions in ascending id order."""
 
     def __init__(self, emb: np.ndarray, labels: np.ndarray | None, ids: np.ndarray):
         self.emb, self.labels, self.ids = emb, labels, ids
         self.size = len(ids)
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._order]
+        self.id_order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self.id_order]
 
     @classmethod
     def checked(cls, dim: int, emb, labels, ids, name: str) -> _ShardIndex:
@@ -340,7 +349,7 @@ class _ShardIndex:
         if self.size == 0:
             return np.full(len(wanted), -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self._sorted_ids, wanted), self.size - 1)
-        return np.where(self._sorted_ids[pos] == wanted, self._order[pos], -1)
+        return np.where(self._sorted_ids[pos] == wanted, self.id_order[pos], -1)
 
 
 def _shard_topk(query, query_labels, query_ids, shard: _ShardIndex, k: int, threads) -> ShardTopK:
@@ -373,73 +382,270 @@ def _positive_counts(query_labels, query_ids, shard: _ShardIndex) -> np.ndarray:
     return result
 
 
-def _own_entries(shard: _ShardIndex, query_ids, block: slice) -> tuple[np.ndarray, np.ndarray]:
-    """Block rows and shard columns where a query meets its own entry (none without query ids)."""
+def _score_blocks(query: np.ndarray, emb: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """Query row blocks of at most _BLOCK_ELEMENTS scores, with their scores (B, G) float32, computed
+    by matmuls of up to _MATMUL_ROWS rows."""
+    rows = rows_per_block(len(emb), _BLOCK_ELEMENTS)
+    matmul_rows = max(rows, min(_MATMUL_ROWS, rows_per_block(len(emb), _MATMUL_ELEMENTS)))
+    for outer in query_blocks(len(query), matmul_rows):
+        scores = query[outer] @ emb.T
+        for inner in query_blocks(outer.stop - outer.start, rows):
+            yield slice(outer.start + inner.start, outer.start + inner.stop), scores[inner]
+
+
+def _own_columns(shard: _ShardIndex, query_ids, block: slice) -> np.ndarray:
+    """(B,) shard column of each block query's own entry, -1 where it has none (or no ids are given)."""
     if query_ids is None:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    cols = shard.find(query_ids[block])
-    rows = np.flatnonzero(cols >= 0)
-    return rows, cols[rows]
+        return np.full(block.stop - block.start, -1, dtype=np.int64)
+    return shard.find(query_ids[block])
 
 
-def _block_scores(query_block: np.ndarray, shard: _ShardIndex, own) -> np.ndarray:
-    """(B, G_s) float32 scores with each query's own entry at -inf (never above a real score)."""
-    scores = query_block @ shard.emb.T
-    scores += np.float32(0)  # -0.0 becomes +0.0: the two must rank as one score
-    scores[own] = -np.inf
-    return scores
+def _label_codes(query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as the smallest integers that tell the gallery's classes apart (-1: a query class the
+    gallery lacks): looking one up per sorted entry costs less than an int64 label."""
+    classes, gallery_codes = np.unique(gallery_labels, return_inverse=True)
+    query_codes = np.searchsorted(classes, query_labels)
+    query_codes[~np.isin(query_labels, classes)] = -1
+    dtype = np.min_scalar_type(-len(classes) - 1)
+    return query_codes.astype(dtype), gallery_codes.astype(dtype)
 
 
-def _block_positives(scores, block_labels, shard: _ShardIndex, own) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of every positive in a score block, row-major (rows ascending)."""
-    mask = shard.labels[None, :] == block_labels[:, None]
-    mask[own] = False
-    return np.nonzero(mask)
+def _block_positives(block_labels, shard: _ShardIndex, own_cols) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of every positive of a block of queries, row-major; own entries excluded."""
+    is_positive = shard.labels[None, :] == block_labels[:, None]
+    mine = np.flatnonzero(own_cols >= 0)
+    is_positive[mine, own_cols[mine]] = False
+    flat = np.flatnonzero(is_positive)
+    rows = flat // max(shard.size, 1)
+    return rows, flat - rows * shard.size
 
 
-def _ranked_above(scores, shard_ids, rows, pos_scores, pos_ids, own_cols) -> np.ndarray:
-    """For each positive (its block row, score, id and shard column or -1), the number of shard items
-    ranked above it. Sorts each score row once, then counts higher scores by binary search; items tied
-    with a positive's score (rare unless embeddings repeat) are then resolved by id."""
+def _exact_block(scores, block_codes, shard_codes, shard: _ShardIndex, own_cols) -> tuple[np.ndarray, ...]:
+    """Exact AP, best rank and positive count, each (B,), of a block of queries over the whole shard.
+
+    scores (B, G) float32; block_codes (B,) and shard_codes (G,) label codes (`_label_codes`).
+    """
     num_rows, width = scores.shape
+    if width == 0:
+        return np.zeros(num_rows), np.full(num_rows, NO_HIT), np.zeros(num_rows, dtype=np.int64)
+    exact = width > _ONE_PASS_WIDTH
+    ranked = _positive_ranks(scores, block_codes, shard_codes, shard, own_cols, exact)
+    if ranked is None:
+        ranked = _positive_ranks(scores, block_codes, shard_codes, shard, own_cols, exact=True)
+    rows, ranks = ranked
+    counts = np.bincount(rows, minlength=num_rows)
+    offsets = _offsets(counts)
+    # The j-th positive of a query, at rank r, adds j / r to its AP.
+    precision = (np.arange(1, len(ranks) + 1) - offsets[rows]) / ranks
+    ap = np.bincount(rows, weights=precision, minlength=num_rows) / np.maximum(counts, 1)
+    best_rank = np.full(num_rows, NO_HIT, dtype=np.int64)
+    best_rank[counts > 0] = ranks[offsets[:-1][counts > 0]]
+    return ap, best_rank, counts
+
+
+def _positive_ranks(scores, block_codes, shard_codes, shard: _ShardIndex, own_cols, exact: bool):
+    """Every positive's row and rank (1-based), rows ascending and ranks ascending within a row, from
+    one sort of each row by its keys (`_sort_order`): with exact keys and ties in id order the sort is
+    the ranking. Score buckets leave the order inside a bucket to `_key_corrections`; None if a bucket
+    is too crowded for it (`_MAX_RUN`)."""
+    width = scores.shape[1]
+    keys, order = _sort_order(scores, own_cols, exact, shard.id_order if exact else None)
+    sorted_positive = np.take(shard_codes, order) == block_codes[:, None]
+    # The own entry sorts last in its row (see _sort_order).
+    sorted_positive[own_cols >= 0, -1] = False
+    flat = np.flatnonzero(sorted_positive)
+    rows = flat // width
+    ranks = flat - rows * width + 1
+    if exact:
+        return rows, ranks
+    corrections = _key_corrections(
+        flat, rows, scores, shard.ids, order, keys, sorted_positive.ravel(), max_run=_MAX_RUN
+    )
+    if corrections is None:
+        return None
+    crowded, rank_fix, outranked_fix = corrections
+    # A crowded positive may change places with another one of its key: put each rank where its
+    # positive really stands, so that ranks ascend in every row.
+    ranks[crowded + outranked_fix] = ranks[crowded] + rank_fix
+    return rows, ranks
+
+
+def _ranked_above(scores, shard_ids, own_cols, rows, pos_scores, pos_ids) -> np.ndarray:
+    """For each positive (its block row, rows ascending; its score and id), the number of shard items
+    ranked above it in its row: a higher score, or an equal one and a smaller id. Each row's own entry
+    (own_cols, -1 for none) never counts.
+
+    The positives join their rows as extra columns and each row is sorted by its keys (`_sort_order`):
+    before a positive come the items of smaller keys and every item of its own key (items have the
+    smaller columns), which `_key_corrections` then compares exactly.
+    """
+    num_rows, width = scores.shape
+    above = np.zeros(len(rows), dtype=np.int64)
     if len(rows) == 0 or width == 0:
-        return np.zeros(len(rows), dtype=np.int64)
-    keys = _sortable(scores)
-    keys.sort(axis=1)
-    # Row r's sorted keys shifted into [r * 2**32 - 2**31, r * 2**32 + 2**31): one sorted flat array
-    # that a single vectorised searchsorted serves for every row.
-    flat = (keys.astype(np.int64) + (np.arange(num_rows, dtype=np.int64) << 32)[:, None]).ravel()
-    needles = (rows.astype(np.int64) << 32) + _sortable(pos_scores)
-    # Searching in ascending needle order walks `flat` once instead of jumping around it; the needles
-    # come grouped by row, which suits the stable sort (timsort merges runs).
-    order = np.argsort(needles, kind="stable")
-    right = np.empty_like(order)
-    right[order] = np.searchsorted(flat, needles[order], side="right")
-    above = (rows.astype(np.int64) + 1) * width - right
-    # Equal keys sit just before `right`; seeing two of them is enough to know whether some item other
-    # than the positive itself shares its score (rows never share keys, so no row check is needed).
-    equal = np.zeros(len(rows), dtype=np.int64)
-    for back in (1, 2):
-        at = right - back
-        equal += (at >= 0) & (flat[np.maximum(at, 0)] == needles)
-    tied = np.flatnonzero(equal > (own_cols >= 0))
-    if tied.size:
-        above[tied] += _tied_with_smaller_id(scores, shard_ids, rows[tied], pos_scores[tied], pos_ids[tied])
+        return above
+    counts = np.bincount(rows, minlength=num_rows)
+    first = _offsets(counts)[:-1]
+    extra = int(counts.max())
+    full = width + extra
+    combined = np.empty((num_rows, full), dtype=np.float32)
+    combined[:, :width] = scores
+    # Padding repeats an item's score, so that it cannot widen the row's score range.
+    combined[:, width:] = scores[:, :1]
+    combined[rows, width + np.arange(len(rows)) - first[rows]] = pos_scores
+    keys, order = _sort_order(combined, own_cols, exact=full > _ONE_PASS_WIDTH)
+    # Each row has `extra` columns past its items (positives, then padding), wherever they sort; what
+    # sorts before a positive and is none of those is an item.
+    extras = np.flatnonzero(order >= width)
+    extra_rows = extras // full
+    columns = order.ravel()[extras] - width
+    wanted = np.flatnonzero(columns < counts[extra_rows])
+    flat, rows = extras[wanted], extra_rows[wanted]
+    which = first[rows] + columns[wanted]
+    above[which] = flat - rows * full - (wanted - rows * extra)
+    crowded, rank_fix, _ = _key_corrections(
+        flat, rows, scores, shard_ids, order, keys, None, None, pos_scores[which], pos_ids[which]
+    )
+    above[which[crowded]] += rank_fix
     return above
 
 
-def _tied_with_smaller_id(scores, shard_ids, rows, pos_scores, pos_ids) -> np.ndarray:
-    counts = np.empty(len(rows), dtype=np.int64)
-    for chunk in query_blocks(len(rows), rows_per_block(scores.shape[1], _BLOCK_ELEMENTS)):
-        same = scores[rows[chunk]] == pos_scores[chunk, None]
-        counts[chunk] = (same & (shard_ids[None, :] < pos_ids[chunk, None])).sum(axis=1)
-    return counts
+def _sort_order(scores, own_cols, exact: bool, tie_order=None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer sort keys of a block's entries, and each row's columns in key order.
+
+    scores (B, W) float32; own_cols (B,) the column of each row's own entry, -1 for none; tie_order
+    (W,): the column order that equal exact keys keep (None: by column).
+    Returns keys (B, W) and order (B, W) int64: each row's columns by key, then tie order. A key never
+    decreases as the score falls, so an entry of a smaller key scores strictly higher. Exact keys are
+    equal only for equal scores; 16-bit score buckets (exact=False) may hold different scores. The own
+    entry alone takes the largest key and sorts last. numpy sorts 16-bit keys by radix, several times
+    faster than float32 scores: exact 32-bit keys take two such passes.
+    """
+    highest = scores.max(axis=1)
+    if np.isnan(highest).any():
+        raise ValueError("scores overflow float32 (NaN): embeddings must be L2-normalised")
+    mine = np.flatnonzero(own_cols >= 0)
+    if not exact:
+        keys = _score_buckets(scores, highest)
+        keys[mine, own_cols[mine]] = np.iinfo(np.uint16).max
+        return keys, np.argsort(keys, axis=1, kind="stable")
+    keys = _exact_keys(scores)
+    keys[mine, own_cols[mine]] = np.iinfo(np.uint32).max
+    # Radix sorts are stable: start from the tie order, sort by the lower half, then by the upper half.
+    tied = keys if tie_order is None else np.take(keys, tie_order, axis=1)
+    offsets = scores.shape[1] * np.arange(len(scores))[:, None]
+    first = np.argsort((tied & 0xFFFF).astype(np.uint16), axis=1, kind="stable") + offsets
+    upper = np.take((tied >> 16).astype(np.uint16), first)
+    order = np.take(first, np.argsort(upper, axis=1, kind="stable") + offsets) - offsets
+    return keys, order if tie_order is None else np.take(tie_order, order)
 
 
-def _sortable(x: np.ndarray) -> np.ndarray:
-    """int32 keys ordered like the float32 values (finite or infinite, -0.0 already turned into +0.0)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+def _score_buckets(scores, highest) -> np.ndarray:
+    """(B, W) uint16: 0 for a row's highest score (highest (B,)), 65534 for its lowest, linear in
+    between and monotone, since each float step rounds monotonically."""
+    score_range = highest - scores.min(axis=1)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        scale = np.minimum(65534 / score_range.astype(np.float64), np.finfo(np.float32).max)
+        steps = highest[:, None] - scores
+    # A row whose range overflows float32 (embeddings far from unit length) goes into one bucket: it is
+    # then ranked by exact comparisons alone.
+    unbounded = ~np.isfinite(score_range)
+    if unbounded.any():
+        steps[unbounded] = 0
+    buckets = np.empty(scores.shape, dtype=np.uint16)
+    np.multiply(steps, scale.astype(np.float32)[:, None], out=buckets, casting="unsafe")
+    return buckets
+
+
+def _exact_keys(scores) -> np.ndarray:
+    """(B, W) uint32 keys ascending as the scores descend, equal exactly for equal scores."""
+    bits = (scores + np.float32(0)).view(np.int32)  # + 0 makes -0.0 into +0.0: one score
+    # A non-negative float's bits ascend with it: flip them below the sign bit. A negative float's
+    # bits, sign bit set, already ascend as it descends.
+    return (bits ^ (~(bits >> 31) & 0x7FFFFFFF)).view(np.uint32)
+
+
+def _key_corrections(
+    flat, rows, scores, ids, order, keys, sorted_positive, max_run=None, needle_scores=None, needle_ids=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Exact order among entries that share a sort key, for entries at positions `flat` of rows in key
+    order (`_sort_order`).
+
+    flat (P,): positions in the row-major layout of `order`; rows (P,): their rows. scores (B, W) and
+    ids (W,): the block's items, columns < W of order (B, F) and keys (B, F); columns >= W are no items
+    and never count. sorted_positive: (B * F,) bool in the layout of `order`, marking positives, or None.
+    needle_scores, needle_ids (P,): the entries' scores and ids; None reads them from the block.
+    An entry whose neighbours have other keys needs nothing; the others ("crowded") are compared with
+    every entry of their key. Returns crowded (indices into flat) and, for those, what to add to the
+    count of items before them to get the items ranked above them, and the same for positives. With a
+    max_run: None if most entries are crowded or one's key runs on past max_run entries on a side.
+    """
+    width = scores.shape[1]
+    full = order.shape[1]
+    order, keys, scores = order.ravel(), keys.ravel(), scores.ravel()
+    row_start = rows * full
+    key = np.take(keys, row_start + np.take(order, flat))
+    crowded = np.flatnonzero(
+        (np.take(keys, row_start + np.take(order, flat - 1, mode="clip")) == key)
+        | (np.take(keys, row_start + np.take(order, flat + 1, mode="clip")) == key)
+    )
+    if max_run is not None and 2 * len(crowded) > len(flat):
+        return None
+    start, row_start, key = flat[crowded], row_start[crowded], key[crowded]
+    if needle_scores is None:
+        columns = order[start]
+        score, ident = scores[rows[crowded] * width + columns], ids[columns]
+    else:
+        score, ident = needle_scores[crowded], needle_ids[crowded]
+    runs = _key_run(start, row_start, key, order, keys, full, max_run)
+    if runs is None:
+        return None
+    first, last = runs
+    rank_fix = np.zeros(len(crowded), dtype=np.int64)
+    positive_fix = np.zeros(len(crowded), dtype=np.int64)
+    # Each crowded entry meets every entry of its run, in chunks of about _BLOCK_ELEMENTS meetings.
+    sizes = last - first + 1
+    bounds = np.searchsorted(np.cumsum(sizes), np.arange(_BLOCK_ELEMENTS, sizes.sum(), _BLOCK_ELEMENTS))
+    for chunk in np.split(np.arange(len(crowded)), bounds):
+        chunk_sizes = sizes[chunk]
+        owner = np.repeat(chunk, chunk_sizes)
+        run_offsets = np.cumsum(chunk_sizes) - chunk_sizes
+        at = np.repeat(first[chunk] - run_offsets, chunk_sizes) + np.arange(len(owner))
+        column = order[at]
+        item = column < width
+        owner, at, column = owner[item], at[item], column[item]
+        other = scores[rows[crowded[owner]] * width + column]
+        ahead = (other > score[owner]) | ((other == score[owner]) & (ids[column] < ident[owner]))
+        # An item before the entry was counted: take it back unless it ranks above. One after it was
+        # not: add it if it does. The entry itself is neither.
+        change = ahead.astype(np.int64) - (at < start[owner])
+        rank_fix += np.bincount(owner, weights=change, minlength=len(crowded)).astype(np.int64)
+        if sorted_positive is not None:
+            positive_fix += np.bincount(
+                owner, weights=change * sorted_positive[at], minlength=len(crowded)
+            ).astype(np.int64)
+    return crowded, rank_fix, positive_fix
+
+
+def _key_run(start, row_start, key, order, keys, full, max_steps=None):
+    """(first, last) flat positions of the run of entries, in key order, that share each start entry's
+    key: walked outwards one step at a time, all runs together; None after max_steps steps."""
+    n = len(start)
+    ends = np.concatenate([start, start])  # walker k < n finds the first position, n + k the last
+    step = np.repeat([-1, 1], n)
+    limit = np.concatenate([row_start, row_start + full - 1])
+    walker_start, walker_key = np.concatenate([row_start, row_start]), np.concatenate([key, key])
+    live = np.flatnonzero(ends != limit)
+    steps = 0
+    while live.size:
+        if steps == max_steps:
+            return None
+        steps += 1
+        next_at = ends[live] + step[live]
+        same = np.take(keys, walker_start[live] + np.take(order, next_at)) == walker_key[live]
+        live = live[same]
+        ends[live] = next_at[same]
+        live = live[ends[live] != limit[live]]
+    return ends[:n], ends[n:]
 
 
 def _per_query_from_ranks(offsets, ranks, map_at) -> tuple[np.ndarray, np.ndarray]:

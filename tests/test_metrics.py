@@ -93,6 +93,15 @@ def split_into_shards(problem, cuts, seed):
     ]
 
 
+@pytest.fixture(params=["one pass", "two passes"])
+def sort_passes(request, monkeypatch):
+    """Exact mode sorts narrow rows by 16-bit score buckets (one radix pass) and wide rows by exact
+    score keys (two passes): run the test both ways."""
+    if request.param == "two passes":
+        monkeypatch.setattr(metrics, "_ONE_PASS_WIDTH", 0)
+    return request.param
+
+
 # Query 0 (label 0) and query 1 (label 1) both sit at 0 degrees; the gallery at 10, 20, 30, 40 degrees
 # ranks g0, g1, g2, g3 for both. Query 0's positives are at ranks 1 and 3, query 1's at 2 and 4.
 HAND = dict(
@@ -103,7 +112,7 @@ HAND = dict(
 )
 
 
-def test_hand_computed_exact_map_and_recall():
+def test_hand_computed_exact_map_and_recall(sort_passes):
     result = retrieval_metrics(**HAND, ks=(1, 2))
     # AP0 = (1/1 + 2/3) / 2 = 5/6, AP1 = (1/2 + 2/4) / 2 = 1/2
     assert result == pytest.approx(
@@ -123,7 +132,7 @@ def test_hand_computed_map_at_k(map_at, expected):
     assert retrieval_metrics(**HAND, ks=(1,), map_at=map_at)["mAP"] == pytest.approx(expected)
 
 
-def test_self_match_is_excluded_by_id_not_position():
+def test_self_match_is_excluded_by_id_not_position(sort_passes):
     # The same four images embedded by two models: the query copy sits 2 degrees from its gallery copy.
     # Without self-exclusion each query would find itself first. With it:
     # q0 (2, label 0): g1 g2 g3 -> positive g2 at rank 2: AP 1/2.  q1 (12, label 1): g0 g2 g3 -> g3 at 3: 1/3.
@@ -144,7 +153,7 @@ def test_self_match_is_excluded_by_id_not_position():
 
 
 @pytest.mark.parametrize(("ids", "expected_ap", "expected_r1"), [([5, 9, 1], 7 / 12, 0.0), ([9, 5, 1], 5 / 6, 1.0)])
-def test_score_ties_are_broken_by_gallery_id(ids, expected_ap, expected_r1):
+def test_score_ties_are_broken_by_gallery_id(ids, expected_ap, expected_r1, sort_passes):
     # Gallery items 0 and 1 are the same vector (label 1 and label 0); item 2 scores lower (label 0).
     # Ids 5, 9: the negative ranks first -> positives at 2 and 3, AP (1/2 + 2/3) / 2 = 7/12.
     # Ids 9, 5: the positive ranks first -> positives at 1 and 3, AP (1 + 2/3) / 2 = 5/6.
@@ -162,7 +171,15 @@ def test_score_ties_are_broken_by_gallery_id(ids, expected_ap, expected_r1):
         )["R@1"] == expected_r1
 
 
-def test_queries_without_positive_are_counted_and_left_out_of_the_means():
+def test_a_query_class_missing_between_gallery_classes_has_no_positive(sort_passes):
+    # Gallery classes 0 and 2; a query of class 1 matches neither.
+    result = retrieval_metrics(HAND["query"], np.array([1, 2]), HAND["gallery"], np.array([0, 2, 0, 2]), ks=(1,))
+    assert result == pytest.approx(
+        {"mAP": (1 / 2 + 2 / 4) / 2, "R@1": 0.0, "num_queries": 1, "num_queries_without_positive": 1}
+    )
+
+
+def test_queries_without_positive_are_counted_and_left_out_of_the_means(sort_passes):
     # Query 2's label is absent; query 3's only positive is its own entry, which is excluded.
     query = at_angles(0, 0, 0, 40)
     result = retrieval_metrics(
@@ -177,7 +194,7 @@ def test_queries_without_positive_are_counted_and_left_out_of_the_means():
 
 @pytest.mark.parametrize("map_at", [None, 1, 5, 20])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_brute_force_on_tied_data(seed, map_at):
+def test_matches_brute_force_on_tied_data(seed, map_at, sort_passes):
     problem = tied_problem(seed)
     ks = (1, 3, 10)
     expected = brute_force(**problem, ks=ks, map_at=map_at)
@@ -185,7 +202,7 @@ def test_matches_brute_force_on_tied_data(seed, map_at):
 
 
 @pytest.mark.parametrize("map_at", [None, 10])
-def test_matches_brute_force_on_continuous_data(map_at):
+def test_matches_brute_force_on_continuous_data(map_at, sort_passes):
     rng = np.random.default_rng(3)
     gallery = rng.standard_normal((150, 12)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -202,17 +219,115 @@ def test_matches_brute_force_on_continuous_data(map_at):
     assert_same_metrics(retrieval_metrics(**problem, ks=(1, 5), map_at=map_at), expected)
 
 
-def test_results_do_not_depend_on_the_block_size(monkeypatch):
-    problem = tied_problem(4)
+def crowded_problem(num_classes=5, num_gallery=3000, num_query=25, seed=9):
+    """2-D unit vectors: 3000 scores in [-1, 1] share each row's 65535 score buckets often, so ranking
+    needs the exact comparisons inside a bucket. Half the queries are gallery items; ids shuffled."""
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(0, 2 * np.pi, num_gallery + num_query)
+    vectors = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    gallery_ids = rng.permutation(10 * num_gallery)[:num_gallery]
+    return dict(
+        query=vectors[num_gallery:],
+        query_labels=rng.integers(0, num_classes, num_query),
+        gallery=vectors[:num_gallery],
+        gallery_labels=rng.integers(0, num_classes, num_gallery),
+        query_ids=np.where(np.arange(num_query) % 2 == 0, gallery_ids[:num_query], -1 - np.arange(num_query)),
+        gallery_ids=gallery_ids,
+    )
+
+
+@pytest.mark.parametrize("num_classes", [5, 300])
+def test_matches_brute_force_where_scores_share_buckets(num_classes, sort_passes):
+    # 300 classes: label codes wider than one byte.
+    problem = crowded_problem(num_classes)
+    expected = brute_force(**problem, ks=(1, 5), map_at=None)
+    assert_same_metrics(retrieval_metrics(**problem, ks=(1, 5)), expected)
+    shards = split_into_shards(problem, [700, 1900], seed=1)
+    sharded = sharded_retrieval_metrics(
+        problem["query"], problem["query_labels"], lambda: shards, problem["query_ids"], ks=(1, 5)
+    )
+    assert_same_metrics(sharded, expected)
+
+
+def duplicated_pairs(rng):
+    """Every gallery vector twice: each positive shares its score bucket, with runs of two."""
+    vectors = rng.standard_normal((100, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.repeat(vectors, 2, axis=0)
+
+
+def one_long_run(rng):
+    """150 copies of one vector among 300 distinct ones: one bucket runs far past _MAX_RUN, while most
+    positives have a bucket to themselves."""
+    vectors = rng.standard_normal((301, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.concatenate([np.repeat(vectors[:1], 150, axis=0), vectors[1:]])
+
+
+@pytest.mark.parametrize("make_gallery", [duplicated_pairs, one_long_run])
+def test_crowded_score_buckets_fall_back_to_exact_keys(monkeypatch, make_gallery):
+    # Pairwise comparison inside buckets would cost more than a second sort by exact keys, where equal
+    # scores keep the id order.
+    rng = np.random.default_rng(11)
+    gallery = make_gallery(rng)
+    num_gallery = len(gallery)
+    gallery_ids = rng.permutation(num_gallery)
+    labels = np.where(np.arange(num_gallery) < 150, 0, rng.integers(0, 3, num_gallery))
+    problem = dict(
+        query=gallery[::10] + np.float32(1e-3), query_labels=labels[::10], gallery=gallery,
+        gallery_labels=labels, query_ids=gallery_ids[::10], gallery_ids=gallery_ids,
+    )
+    problem["query"] /= np.linalg.norm(problem["query"], axis=1, keepdims=True)
+    exact_flags = []
+    sort_order = metrics._sort_order
+    monkeypatch.setattr(metrics, "_sort_order", lambda *args: exact_flags.append(args[2]) or sort_order(*args))
+    assert_same_metrics(retrieval_metrics(**problem, ks=(1, 5)), brute_force(**problem, ks=(1, 5), map_at=None))
+    assert exact_flags == [False, True]
+
+
+def test_infinite_scores_rank_exactly(sort_passes):
+    # Embeddings far from unit length overflow float32 to +inf: those ties go by id like any other.
+    scale = np.float32(1e20)
+    gallery = np.array([[1, 0], [1, 1], [0, 1], [1, 1], [0, 0]], np.float32) * scale
+    query = np.array([[1, 1], [0, 1]], np.float32) * scale
+    problem = dict(
+        query=query, query_labels=np.array([0, 1]), gallery=gallery,
+        gallery_labels=np.array([0, 1, 0, 1, 0]), gallery_ids=np.array([4, 3, 2, 1, 0]),
+    )
+    with np.errstate(over="ignore"):
+        expected = brute_force(**problem, query_ids=None, ks=(1, 2), map_at=None)
+    # No invalid operation either: no NaN may reach the score buckets.
+    with np.errstate(over="ignore", invalid="raise"):
+        result = retrieval_metrics(**problem, ks=(1, 2))
+    assert_same_metrics(result, expected)
+
+
+def test_scores_that_overflow_to_nan_are_refused(sort_passes):
+    big = np.float32(1e20)
+    query = np.array([[big, big]], np.float32)
+    gallery = np.array([[big, -big], [1, 0]], np.float32)  # inf + -inf
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError, match="embeddings must be L2-normalised"):
+        retrieval_metrics(query, np.array([0]), gallery, np.array([0, 0]))
+
+
+@pytest.mark.parametrize(("block_elements", "matmul_rows"), [(7, 1), (400, 7), (400, 256)])
+def test_results_do_not_depend_on_the_block_size(monkeypatch, sort_passes, block_elements, matmul_rows):
+    problem = tied_problem(4)  # 30 queries, 80 gallery items
     expected = retrieval_metrics(**problem)
-    # 7 elements per block: one query row per block, and tie checks in many small chunks
-    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 7)
+    # 7 elements: one query row per block; 400: 5 rows per block, in matmuls of 7 rows (blocks of 5 and 2)
+    # or of all 30
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(metrics, "_MATMUL_ROWS", matmul_rows)
     assert retrieval_metrics(**problem) == expected
+    shards = split_into_shards(problem, [20, 50], seed=4)
+    assert sharded_retrieval_metrics(
+        problem["query"], problem["query_labels"], lambda: shards, problem["query_ids"]
+    ) == expected
 
 
 @pytest.mark.parametrize("map_at", [None, 5])
 @pytest.mark.parametrize("cuts", [[], [40], [1, 2, 79], [0, 25, 25, 60]])
-def test_sharded_equals_in_memory(cuts, map_at):
+def test_sharded_equals_in_memory(cuts, map_at, sort_passes):
     problem = tied_problem(len(cuts))
     shards = split_into_shards(problem, cuts, seed=len(cuts))
     expected = retrieval_metrics(**problem, ks=(1, 5), map_at=map_at)
@@ -223,7 +338,7 @@ def test_sharded_equals_in_memory(cuts, map_at):
 
 
 @pytest.mark.parametrize("map_at", [None, 10])
-def test_sharded_equals_in_memory_on_continuous_data(map_at):
+def test_sharded_equals_in_memory_on_continuous_data(map_at, sort_passes):
     rng = np.random.default_rng(5)
     gallery = rng.standard_normal((300, 32)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -255,7 +370,7 @@ def test_shard_passes_combine_as_documented():
     )
 
 
-def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently():
+def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently(sort_passes):
     # A BLAS call of another block shape may change a score's last bit between the passes; pass 2
     # compares a positive stored in its shard by the score it computes itself.
     problem = tied_problem(8)
@@ -270,7 +385,7 @@ def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently():
 
 
 @pytest.mark.parametrize(("positive_id", "expected"), [(0, 0), (5, 2)])
-def test_minus_zero_and_zero_are_one_score(positive_id, expected):
+def test_minus_zero_and_zero_are_one_score(positive_id, expected, sort_passes):
     # Both shard items score +0.0 against e_1; a positive scored -0.0 ties with them, so only ids decide.
     query = np.eye(4, dtype=np.float32)[[0]]
     positives = QueryPositives(np.array([0, 1]), np.array([-0.0], np.float32), np.array([positive_id]))

@@ -520,16 +520,23 @@ def _sort_order(scores, own_cols, exact: bool, tie_order=None) -> tuple[np.ndarr
     entry alone takes the largest key and sorts last. numpy sorts 16-bit keys by radix, several times
     faster than float32 scores: exact 32-bit keys take two such passes.
     """
-    highest = scores.max(axis=1)
-    if np.isnan(highest).any():
-        raise ValueError("scores overflow float32 (NaN): embeddings must be L2-normalised")
     mine = np.flatnonzero(own_cols >= 0)
+    own = (mine, own_cols[mine])
+    # The own entry sorts last whatever its score (often the row's highest): keep it out of the range.
+    own_scores = scores[own]
+    scores[own] = -np.inf
+    highest = scores.max(axis=1)
+    scores[own] = np.inf
+    lowest = scores.min(axis=1)
+    scores[own] = own_scores
+    if np.isnan(highest).any() or np.isnan(own_scores).any():
+        raise ValueError("scores overflow float32 (NaN): embeddings must be L2-normalised")
     if not exact:
-        keys = _score_buckets(scores, highest)
-        keys[mine, own_cols[mine]] = np.iinfo(np.uint16).max
+        keys = _score_buckets(scores, highest, lowest, own)
+        keys[own] = np.iinfo(np.uint16).max
         return keys, np.argsort(keys, axis=1, kind="stable")
     keys = _exact_keys(scores)
-    keys[mine, own_cols[mine]] = np.iinfo(np.uint32).max
+    keys[own] = np.iinfo(np.uint32).max
     # Radix sorts are stable: start from the tie order, sort by the lower half, then by the upper half.
     tied = keys if tie_order is None else np.take(keys, tie_order, axis=1)
     offsets = scores.shape[1] * np.arange(len(scores))[:, None]
@@ -539,13 +546,16 @@ def _sort_order(scores, own_cols, exact: bool, tie_order=None) -> tuple[np.ndarr
     return keys, order if tie_order is None else np.take(tie_order, order)
 
 
-def _score_buckets(scores, highest) -> np.ndarray:
-    """(B, W) uint16: 0 for a row's highest score (highest (B,)), 65534 for its lowest, linear in
-    between and monotone, since each float step rounds monotonically."""
-    score_range = highest - scores.min(axis=1)
+def _score_buckets(scores, highest, lowest, own) -> np.ndarray:
+    """(B, W) uint16: 0 at a row's highest score, 65534 at its lowest (highest, lowest (B,)), linear in
+    between and monotone, since each float step rounds monotonically. own: (rows, columns) of entries
+    outside that range, left at 0 for the caller to overwrite."""
+    score_range = highest - lowest
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         scale = np.minimum(65534 / score_range.astype(np.float64), np.finfo(np.float32).max)
         steps = highest[:, None] - scores
+    # The own entries' steps may fall outside 0..65534, and casting those to uint16 is undefined.
+    steps[own] = 0
     # A row whose range overflows float32 (embeddings far from unit length) goes into one bucket: it is
     # then ranked by exact comparisons alone.
     unbounded = ~np.isfinite(score_range)

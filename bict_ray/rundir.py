@@ -59,10 +59,6 @@ class RunDir:
     def results_path(self) -> Path:
         return self.path / "results.json"
 
-    @property
-    def ray_storage(self) -> Path:
-        return (self.path / "ray_results").resolve()
-
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """Keys whose values differ between two config dicts, ignoring RUNTIME_KEYS."""

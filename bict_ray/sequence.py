@@ -103,12 +103,10 @@ class SequenceRunner:
 
     def train_model(self, t: int):
         folder = self.run_dir.model_dir(t)
-        existing = _load_if_done(folder)
+        existing = self._trained_already(folder, f"phi_{t}")
         if existing is not None:
-            self.log(f"[sequence] phi_{t}: trained already ({folder}), skipped")
             return existing
-        split = self.splits[t - 1]
-        train = self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
+        split, train = self._training_split(t)
         parent = self.models.get(t - 1)
         what = "independently" if parent is None or self.config.compat.lam == 0 else \
             f"backward-compatible with phi_{t - 1} ({self.config.compat.loss}, lambda={self.config.compat.lam:g})"
@@ -119,12 +117,10 @@ class SequenceRunner:
 
     def train_transform(self, t: int):
         folder = self.run_dir.transform_dir(t - 1, t)
-        existing = _load_if_done(folder)
+        existing = self._trained_already(folder, f"psi_{t - 1}_{t}")
         if existing is not None:
-            self.log(f"[sequence] psi_{t - 1}_{t}: trained already ({folder}), skipped")
             return existing
-        split = self.splits[t - 1]
-        train = self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
+        _, train = self._training_split(t)
         if self.config.transform.source == "gallery":
             chain = [self.models[1], *(self.transforms[s] for s in range(2, t))]
         else:
@@ -133,6 +129,17 @@ class SequenceRunner:
                  f"({' -> '.join(a.card['name'] for a in chain)} to phi_{t})")
         return self._timed(f"train psi_{t - 1}_{t}", lambda: train_upgrade_transform(
             self.config, folder, t - 1, self.models[t], train, chain, run_name=self._ray_name(f"psi_{t - 1}_{t}")))
+
+    def _trained_already(self, folder: Path, name: str):
+        existing = _load_if_done(folder)
+        if existing is not None:
+            self.log(f"[sequence] {name}: trained already ({folder}), skipped")
+        return existing
+
+    def _training_split(self, t: int):
+        """Model t's split and its training images (psi_{t-1->t} trains on the same images as phi_t)."""
+        split = self.splits[t - 1]
+        return split, self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
 
     def _gallery(self, t: int) -> None:
         out = str(self.run_dir.gallery_dir(t))

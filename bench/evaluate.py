@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import best_of, machine_info  # noqa: E402  (numpy-free: BLAS threads are set before numpy loads)
 
 FULL = dict(queries=10_000, gallery=100_000, dim=256, sharded_queries=1_000, matmul_size=2048, repeat=1)
 QUICK = dict(queries=300, gallery=3_000, dim=64, sharded_queries=300, matmul_size=512, repeat=3)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sharded_equal": all(sharded[name][1] == in_memory[name][1] for name in sharded),
         "sharded_max_abs_diff": max(differences),
         "threads": {"faiss": faiss.omp_get_max_threads(), "blas": args.threads, "blas_set_by": blas_method},
-        "machine": machine_info(load_start, faiss.__version__, np.__version__),
+        "machine": machine_info(load_start, numpy=np.__version__, faiss=faiss.__version__),
     }
     print_table(report)
     print(json.dumps(report))
@@ -193,35 +195,6 @@ def measure_matmul_gflops(rng, size: int, repeat: int = 5) -> float:
     a @ b  # the first call starts BLAS's threads
     seconds, _ = best_of(repeat, lambda: a @ b)
     return 2 * size**3 / seconds / 1e9
-
-
-def best_of(repeat: int, run):
-    """(best seconds over `repeat` runs, the last run's result)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
-def machine_info(load_start, faiss_version: str, numpy_version: str) -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        # The machine may be shared: the load says how much of it other work took meanwhile.
-        "load_avg_start": [round(x, 2) for x in load_start],
-        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "numpy": numpy_version,
-        "faiss": faiss_version,
-    }
 
 
 def print_table(report: dict) -> None:

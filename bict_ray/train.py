@@ -51,6 +51,27 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
     are unchanged bit for bit. Returns the saved artifact (``out_dir`` gets weights.pt + model.json).
     """
     out_dir = Path(out_dir)
+    loop, compat_card = embedding_loop(config, version, train_set, num_classes, parent)
+    spec = loop["spec"]
+    history, state, workers = _fit(config, out_dir, loop, run_name)
+    model = EmbeddingNet.from_spec(spec)
+    model.load_state_dict(state)
+    card = {"kind": "embedding", "version": version, "backbone": spec["backbone"],
+            "embedding_dim": spec["embedding_dim"], "num_classes": num_classes, "classes_seen": classes_seen,
+            "num_train": len(train_set), "parent": parent.card["name"] if parent else None,
+            "name": f"phi_{version}", **compat_card, "epochs": config.train.epochs,
+            "metrics": history[-1] if history else {}, "history": history, "workers": workers}
+    save_artifact(out_dir, model, card)
+    return load_artifact(out_dir)
+
+
+def embedding_loop(config: Config, version: int, train_set: ImageSet, num_classes: int,
+                   parent: Artifact | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the workers need to train phi_<version> (``train_loop_per_worker``'s config), and the card's compat keys.
+
+    The images go to the object store once; with a ``parent`` the frozen old model and, for bct, its classifier
+    with synthesised rows come along.
+    """
     spec = {"backbone": config.model.backbone, "in_channels": int(train_set.images.shape[1]),
             "image_size": int(train_set.images.shape[2]), "embedding_dim": config.model.embedding_dim,
             "num_classes": num_classes, "classifier": config.model.classifier, "scale": config.model.scale}
@@ -70,16 +91,7 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
         if config.compat.loss == "bct" and config.compat.lam > 0:
             weight, valid = _old_classifier(config, parent, train_set)
             loop.update(old_weight=weight, old_valid=valid)
-    history, state, workers = _fit(config, out_dir, loop, run_name)
-    model = EmbeddingNet.from_spec(spec)
-    model.load_state_dict(state)
-    card = {"kind": "embedding", "version": version, "backbone": spec["backbone"],
-            "embedding_dim": spec["embedding_dim"], "num_classes": num_classes, "classes_seen": classes_seen,
-            "num_train": len(train_set), "parent": parent.card["name"] if parent else None,
-            "name": f"phi_{version}", **compat_card, "epochs": config.train.epochs,
-            "metrics": history[-1] if history else {}, "history": history, "workers": workers}
-    save_artifact(out_dir, model, card)
-    return load_artifact(out_dir)
+    return loop, compat_card
 
 
 def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, target: Artifact,
@@ -151,23 +163,46 @@ def train_loop_per_worker(loop: dict[str, Any]) -> list[dict[str, Any]]:
     for epoch in range(start_epoch, loop["epochs"]):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         totals = stage["run_epoch"](model, loader, optimizer, epoch)
         scheduler.step()
         seconds = time.perf_counter() - started
         metrics = _reduce(totals, device)
-        metrics.update(epoch=epoch, attempt=attempt, seconds=seconds,
+        metrics.update(epoch=epoch, attempt=attempt, seconds=seconds, started_at=started_at,
                        samples_per_s=metrics["samples"] / seconds if seconds > 0 else 0.0)
         history.append(metrics)
         if rank == 0:
-            print(f"[{loop['name']}] epoch {epoch + 1}/{loop['epochs']} "
-                  + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "attempt")), flush=True)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "attempt", "started_at"))
+            print(f"[{loop['name']}] epoch {epoch + 1}/{loop['epochs']} {shown}", flush=True)
         _report(metrics, model, optimizer, scheduler, epoch, history, attempt, workers, rank)
     if start_epoch >= loop["epochs"] and history:
         # a rerun of a finished run reports its final state again, so the driver gets a checkpoint
         _report(history[-1], model, optimizer, scheduler, loop["epochs"] - 1, history, attempt, workers, rank)
     return history
 
+
+def run_in_process(loop: dict[str, Any], log=None) -> list[dict[str, float]]:
+    """The same stage, model, data and optimiser as ``train_loop_per_worker``, run in this process without Ray
+    Train (no worker group, no report, no checkpoint): the baseline of ``bench/train.py``.
+
+    Returns one record per epoch: ``seconds`` (the epoch's wall time) and ``samples``.
+    """
+    if loop["threads"]:
+        torch.set_num_threads(loop["threads"])
+    torch.manual_seed(loop["seed"])
+    stage = _build_stage(loop, torch.device("cpu"))
+    model = stage["model"]
+    optimizer, scheduler = _optimizer(loop, model)
+    records = []
+    for epoch in range(loop["epochs"]):
+        started = time.perf_counter()
+        totals = stage["run_epoch"](model, stage["loader"], optimizer, epoch)
+        scheduler.step()
+        records.append({"seconds": time.perf_counter() - started, "samples": totals["samples"],
+                        "loss": totals["loss"] / max(totals["samples"], 1.0)})
+        if log:
+            log(f"[{loop['name']} in process] epoch {epoch + 1}/{loop['epochs']} {records[-1]['seconds']:.2f} s")
+    return records
 
 def _build_stage(loop: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if loop["stage"] == "embedding":
@@ -176,7 +211,7 @@ def _build_stage(loop: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _embedding_stage(loop, device):
-    images, labels = ray.get(loop["data"])
+    images, labels = _resolve(loop["data"])
     model = EmbeddingNet.from_spec(loop["spec"], backbone_weights=loop.get("backbone_weights"))
     # copies: arrays from the object store are read-only, and torch wants writable memory
     dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels))
@@ -184,7 +219,7 @@ def _embedding_stage(loop, device):
     old = None
     compat = None
     if loop["compat"] and loop["lam"] > 0:
-        old = module_from_state(loop["parent_card"], ray.get(loop["parent_state"])).to(device)
+        old = module_from_state(loop["parent_card"], _resolve(loop["parent_state"])).to(device)
         old.requires_grad_(False)
         kwargs = {"temperature": loop["temperature"]} if loop["compat"] in ("contrastive", "ract") else {}
         if loop["compat"] == "bct":
@@ -213,8 +248,8 @@ def _embedding_stage(loop, device):
 
 
 def _transform_stage(loop, device):
-    source, target = ray.get(loop["pairs"])
-    labels = ray.get(loop["labels"])
+    source, target = _resolve(loop["pairs"])
+    labels = _resolve(loop["labels"])
     psi = UpgradeTransform.from_spec(loop["spec"])
     dataset = torch.utils.data.TensorDataset(torch.tensor(source), torch.tensor(target), torch.tensor(labels))
     drop_last = len(dataset) > loop["batch_size"]  # BatchNorm needs more than one sample per batch
@@ -235,6 +270,11 @@ def _transform_stage(loop, device):
         return sums
 
     return {"model": psi, "loader": loader, "run_epoch": run_epoch}
+
+
+def _resolve(value):
+    """An object-store reference fetched; a plain value as it is (the benchmark runs the stages without Ray)."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def _optimise(losses: dict, optimizer, where: str, sums: dict, n: int) -> None:

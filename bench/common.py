@@ -1,0 +1,36 @@
+"""What every benchmark shares: timing the best of a few runs, and a record of the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+
+def best_of(repeat: int, run):
+    """(best seconds over `repeat` runs, the last run's result)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def machine_info(load_start, **versions: str) -> dict:
+    """CPU count and model, the load average at the start and now (the machine may be shared: the load says how
+    much of it other work took meanwhile), Python and the given library versions."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "load_avg_start": [round(x, 2) for x in load_start],
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        **versions,
+    }

@@ -1,0 +1,44 @@
+"""The training benchmark's quick mode runs end to end on the session's Ray instance and reports sane figures."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_compares_ray_train_with_the_plain_loop(ray_session, capsys):
+    report = load_bench().main(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) > 1, "a human-readable table comes before the JSON line"
+    assert json.loads(lines[-1]) == json.loads(json.dumps(report))
+    assert report["quick"] is True and report["epochs"] >= 3
+    assert report["plain_images_per_s"] > 0 and report["ray_images_per_s"] > 0
+    one = report["ray"]["1"]
+    # the same work on both paths: Ray Train's epoch is the plain one plus its overhead, never a fraction of it
+    assert -0.5 < report["overhead_vs_plain_torch"] < 3
+    assert one["epoch_seconds"] >= one["compute_seconds"] > 0
+    assert one["startup_seconds"] > 0 and one["finish_seconds"] > 0
+    assert one["total_seconds"] > one["startup_seconds"] + 2 * one["epoch_seconds"]
+    assert report["machine"]["cpu_count"] >= 1 and report["threads"] >= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "2"], "--epochs must be at least 3"),
+    (["--workers", "3", "--threads", "2"], "--workers must be between 1 and --threads"),
+    (["--images", "10"], "--images must give every worker at least two batches"),
+])
+def test_bad_arguments_are_refused(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_bench().main(["--quick", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -210,7 +210,8 @@ class EvalConfig:
 
 @dataclass
 class RayConfig:
-    """How to reach Ray. address None = start or join a local instance (ray.init's own rules)."""
+    """How to reach Ray. address None = the job's cluster ($RAY_ADDRESS) or else a new local instance;
+    "auto" = the cluster started on this machine (`ray start`); "ray://..." or "host:port" = that cluster."""
 
     address: str | None = None
     num_cpus: int | None = None  # only for a local instance started by this process

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -31,6 +31,7 @@ class PipelineStats:
     shards: int
     skipped_shards: int
     seconds: float
+    nodes: frozenset[str] = field(default_factory=frozenset)  # Ray node ids whose actors processed the shards
 
     @property
     def rows_per_s(self) -> float:
@@ -112,7 +113,9 @@ class _ShardActor:
             self.writer.write_shard(index, ids, labels, embeddings)
             rows.append(len(ids))
             skipped.append(False)
-        return {"shard": batch["id"], "rows": np.asarray(rows, np.int64), "skipped": np.asarray(skipped)}
+        node = ray.get_runtime_context().get_node_id()
+        return {"shard": batch["id"], "rows": np.asarray(rows, np.int64), "skipped": np.asarray(skipped),
+                "node": np.asarray([node] * len(rows))}
 
 
 class _ExtractShard(_ShardActor):
@@ -151,7 +154,10 @@ class _UpgradeShard(_ShardActor):
 def _run_pool(actor_cls, cfg: GalleryConfig, num_shards: int, kwargs: dict) -> list[dict]:
     """Map shard indices through an actor pool; returns one record per shard."""
     concurrency = max(1, min(cfg.concurrency, num_shards))
-    dataset = ray.data.range(num_shards, override_num_blocks=num_shards).map_batches(
+    # the indices come from the driver (from_items), not from a read task: such a task holds a whole CPU, and on
+    # nodes of 1 CPU it deadlocks beside actors that need more than the rest of its node
+    indices = [{"id": i} for i in range(num_shards)]
+    dataset = ray.data.from_items(indices, override_num_blocks=num_shards).map_batches(
         actor_cls, fn_constructor_kwargs=kwargs, batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)
@@ -176,4 +182,4 @@ def _shard_rows(version: GalleryVersion) -> np.ndarray:
 def _stats(results: list[dict], started: float) -> PipelineStats:
     return PipelineStats(rows=int(sum(r["rows"] for r in results)), shards=len(results),
                          skipped_shards=int(sum(bool(r["skipped"]) for r in results)),
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, nodes=frozenset(str(r["node"]) for r in results))

@@ -55,13 +55,14 @@ class SequenceRunner:
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes)
         self.timings: dict[str, float] = {}
+        self.gallery_nodes: dict[str, list[str]] = {}  # gallery version -> Ray nodes its pipeline ran on
         self.models, self.transforms = {}, {}
         self.embedded = SequenceEmbeddings()
 
     def run(self, on_step=None) -> dict:
         config, steps = self.config, self.config.scenario.steps
         results = {"run": self._run_info(), "steps": [], "matrix": None, "partial_refresh": [],
-                   "baselines": {}, "timings": self.timings}
+                   "baselines": {}, "timings": self.timings, "gallery_nodes": self.gallery_nodes}
         for t in range(1, steps + 1):
             self.models[t] = self.train_model(t)
             self.embedded.queries[t] = self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
@@ -150,12 +151,14 @@ class SequenceRunner:
             _, stats = self._timed("extract gallery v1", lambda: extract_gallery(
                 self.config.gallery, self.models[1], self.dataset.test, out))
             self.log(f"[sequence] gallery v1: {stats.rows} rows in {stats.shards} shards, {stats.rows_per_s:,.0f} rows/s")
+            self.gallery_nodes["v1"] = sorted(stats.nodes)
         else:
             source = open_gallery(str(self.run_dir.gallery_dir(t - 1)))
             _, stats = self._timed(f"upgrade gallery v{t}", lambda: upgrade_gallery(
                 self.config.gallery, source, self.transforms[t], out))
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
                      f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
+            self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)
         ids, labels, embeddings = open_gallery(out).read_all()
         self.embedded.galleries[t] = Embedded(embeddings, ids, labels)
 

@@ -51,10 +51,13 @@ NORM_TOLERANCE = 1e-3
 # Fixed writer options: identical inputs must give identical bytes, so that a resumed upgrade
 # produces exactly the files of an uninterrupted one. Parquet files carry no timestamps; the
 # only environment-dependent bytes are the writer's "created_by" version string.
+# The embedding column is not compressed: zstd shrank unit float32 rows by 8% (950 instead of
+# 1,031 bytes per 256-d row) and was a third to a half of the cost of writing a shard (measured on
+# 2 cores under load: write_shard 8.8 -> 5.7 us per row at 256 dims, 12.4 -> 6.3 at 512; reading is
+# as fast either way). ids and labels compress well.
 _PARQUET_OPTIONS = dict(
     row_group_size=65536,
-    compression="zstd",
-    compression_level=3,
+    compression={"id": "zstd", "label": "zstd", "embedding": "none"},
     use_dictionary=["label"],
     write_statistics=True,
     write_page_checksum=True,

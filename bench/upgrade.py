@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"benchmark": "upgrade", "quick": args.quick}
     try:
         started = time.perf_counter()
+        log(f"generating the gallery: {args.rows:,} rows x {args.dim} dims")
         source = make_gallery(os.path.join(root, "v1"), args.rows, args.dim, args.rows_per_shard, args.seed)
         generate_s = time.perf_counter() - started
         psi, identity = make_transforms(root, args.dim, args.hidden, args.layers, args.seed)
@@ -115,14 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
         ours, ident = {}, {}
         for _ in range(args.repeat):
             for c in args.concurrency:
+                log(f"ours: upgrade_gallery with psi, {c} actor(s)")
                 ours[c] = best(ours.get(c), run_upgrade(config(c), source, psi, os.path.join(root, f"ours-{c}"),
                                                         monitor, input_ids, samples))
             for c in args.concurrency:
+                log(f"(b) upgrade_gallery with the identity, {c} actor(s)")
                 ident[c] = best(ident.get(c), run_upgrade(config(c), source, identity,
                                                           os.path.join(root, f"identity-{c}"), monitor, input_ids,
                                                           samples))
         single = None
         for _ in range(args.repeat):
+            log("(a) the single-process loop")
             single = best(single, run_single_process(source, psi, os.path.join(root, "single"), args.threads,
                                                      monitor, input_ids, samples))
         monitor.stop()
@@ -280,6 +284,11 @@ def row_bytes(dim: int) -> int:
 # ---- data ----------------------------------------------------------------------------------------------
 
 
+def log(message: str) -> None:
+    """Progress, on stderr: stdout ends with the JSON line."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def make_gallery(out: str, rows: int, dim: int, rows_per_shard: int, seed: int):
     """A committed phi_1 gallery of ``rows`` unit rows, generated and written one shard at a time (memory
     bounded): shard i from the seed (seed, i), ids 0 .. rows-1 in order, labels 0..9."""
@@ -288,13 +297,16 @@ def make_gallery(out: str, rows: int, dim: int, rows_per_shard: int, seed: int):
     from bict_ray.store import GalleryWriter
 
     writer = GalleryWriter(out, dim=dim, lineage=["phi_1"], space="phi_1", normalised=True)
+    num_shards = -(-rows // rows_per_shard)
     for index, start in enumerate(range(0, rows, rows_per_shard)):
+        if num_shards >= 100 and index % (num_shards // 10) == 0:
+            log(f"  generating {out}: shard {index:,} of {num_shards:,}")
         n = min(rows_per_shard, rows - start)
         rng = np.random.default_rng([seed, index])
         embeddings = rng.standard_normal((n, dim), dtype=np.float32)
         embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
         writer.write_shard(index, np.arange(start, start + n, dtype=np.int64), rng.integers(0, 10, n), embeddings)
-    return writer.commit(num_shards=-(-rows // rows_per_shard))
+    return writer.commit(num_shards=num_shards)
 
 
 def make_transforms(root: str, dim: int, hidden: int, layers: int, seed: int):
@@ -442,6 +454,7 @@ def summarise(version, source, wall: float, seconds: float, watch: dict, input_i
 
 def best(kept: dict | None, new: dict) -> dict:
     """The faster of two runs of one path; correctness holds only if it holds for both."""
+    log(f"  {new['rows_per_s']:,.0f} rows/s ({new['seconds']:.1f} s)")
     if kept is None:
         return new
     winner = dict(new if new["rows_per_s"] > kept["rows_per_s"] else kept)

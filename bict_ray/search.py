@@ -50,7 +50,7 @@ def exact_search(
     tie_key = np.arange(len(gallery), dtype=np.int64)
     if gallery_ids is not None:
         tie_key = check_ids("gallery_ids", gallery_ids, len(gallery))
-    with _faiss_threads(threads):
+    with _faiss_threads(threads), _faiss_blocks():
         return _search_tie_exact(query, gallery, min(int(k), len(gallery)), tie_key)
 
 
@@ -176,6 +176,22 @@ def _search_tie_exact(
 def _rank_rows(scores: np.ndarray, tie_key: np.ndarray) -> np.ndarray:
     """Per-row column order: score descending, then tie_key ascending. (Q, n) -> (Q, n) int64."""
     return np.lexsort((tie_key, -scores), axis=-1)
+
+
+# faiss scores a block of queries against a block of gallery rows with one sgemm, then keeps each query's top k.
+# Its default gallery block (1,024 rows) leaves the sgemm short: 10k queries x 100k x 256 on 2 cores reached
+# 0.69-0.71 of the machine's sgemm rate; 4,096 rows (a 64 MB score block with 4,096 queries) reached 0.78-0.80.
+FAISS_DATABASE_BLOCK = 4096
+
+
+@contextlib.contextmanager
+def _faiss_blocks() -> Iterator[None]:
+    previous = faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_database_bs = FAISS_DATABASE_BLOCK
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = previous
 
 
 @contextlib.contextmanager

@@ -34,3 +34,11 @@ def machine_info(load_start, **versions: str) -> dict:
         "python": platform.python_version(),
         **versions,
     }
+
+
+def print_rows(rows, decimals: int = 3) -> None:
+    """The table of a benchmark: (name, seconds or None, note) rows, names and seconds aligned."""
+    width = max(len(name) for name, _, _ in rows)
+    for name, seconds, note in rows:
+        shown = "" if seconds is None else f"{seconds:9.{decimals}f} s"
+        print(f"  {name:<{width}}  {shown:>11}  {note}")

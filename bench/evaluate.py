@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import best_of, machine_info  # noqa: E402  (numpy-free: BLAS threads are set before numpy loads)
+from bench.common import best_of, machine_info, print_rows  # noqa: E402  (numpy-free: BLAS threads are set before numpy loads)
 
 FULL = dict(queries=10_000, gallery=100_000, dim=256, sharded_queries=1_000, matmul_size=2048, repeat=1)
 QUICK = dict(queries=300, gallery=3_000, dim=64, sharded_queries=300, matmul_size=512, repeat=3)
@@ -222,10 +222,7 @@ def print_table(report: dict) -> None:
     print(f"machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), load {machine['load_avg_start']} -> "
           f"{machine['load_avg_end']}; threads: faiss {threads['faiss']}, BLAS {threads['blas']} "
           f"(set by {threads['blas_set_by']})")
-    width = max(len(name) for name, _, _ in rows)
-    for name, seconds, note in rows:
-        shown = "" if seconds is None else f"{seconds:9.3f} s"
-        print(f"  {name:<{width}}  {shown:>11}  {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info  # noqa: E402
+from bench.common import machine_info, print_rows  # noqa: E402
 
 FULL = dict(rows=1_000_000, dim=256, rows_per_shard=None, tiny_rows=64, sample_interval=0.2)
 QUICK = dict(rows=8_192, dim=256, rows_per_shard=1_024, tiny_rows=16, sample_interval=0.05)
@@ -657,10 +657,7 @@ def print_table(report: dict) -> None:
     print(f"machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), load {machine['load_avg_start']} -> "
           f"{machine['load_avg_end']}; torch threads: single process {threads['single_process_torch']}, per actor "
           f"{threads['actor_torch']}; Ray CPUs {threads['ray_cpus']}, {report['cpus_per_actor']} per actor")
-    width = max(len(name) for name, _, _ in lines)
-    for name, secs, note in lines:
-        shown = "" if secs is None else f"{secs:9.2f} s"
-        print(f"  {name:<{width}}  {shown:>11}  {note}")
+    print_rows(lines, decimals=2)
     print(f"ours ({best_c} actors) vs single process: {report['speedup_vs_single_process']:.2f}x (target 1.5); "
           f"fraction of identity: {report['fraction_of_identity']:.2f} (target 0.7); peak RSS "
           f"{report['peak_rss_mb']:,.0f} MB (driver + Ray processes; anonymous {report['peak_anon_mb']:,.0f} MB)")

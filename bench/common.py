@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import sys
 import time
 
 
@@ -42,3 +44,25 @@ def print_rows(rows, decimals: int = 3) -> None:
     for name, seconds, note in rows:
         shown = "" if seconds is None else f"{seconds:9.{decimals}f} s"
         print(f"  {name:<{width}}  {shown:>11}  {note}")
+
+
+def start_ray(num_cpus: int, attempts: int = 3) -> tuple[bool, float]:
+    """(whether this call started Ray, seconds). A fresh local instance, never another one on the machine
+    (``address="local"``); retried, since another instance starting at the same time may take its ports."""
+    import ray
+
+    if ray.is_initialized():
+        return False, 0.0
+    for attempt in range(attempts):
+        started = time.perf_counter()
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+            return True, time.perf_counter() - started
+        except Exception as err:  # a port collision surfaces as several error types
+            if attempt == attempts - 1:
+                raise
+            print(f"ray.init failed ({type(err).__name__}: {err}); retrying", file=sys.stderr)
+            ray.shutdown()
+            time.sleep(2 + 3 * attempt)
+    raise AssertionError("unreachable")

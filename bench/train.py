@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info  # noqa: E402
+from bench.common import machine_info, start_ray  # noqa: E402
 
 FULL = dict(images=12_000, epochs=4, batch_size=128, workers=[1, 2])
 QUICK = dict(images=1_024, epochs=3, batch_size=64, workers=[1])
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = ImageSet(rng.integers(0, 256, (args.images, 1, 28, 28), dtype=np.uint8),
                       rng.integers(0, args.classes, args.images).astype(np.int64), np.arange(args.images))
     classes = list(range(args.classes))
-    if not ray.is_initialized():
-        # worker logs stay off stdout: the JSON line must be the last line
-        ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    start_ray(args.threads)  # worker logs stay off stdout: the JSON line must be the last line
 
     def config(workers: int):
         return load_config(None, [

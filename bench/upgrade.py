@@ -67,7 +67,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, print_rows  # noqa: E402
+from bench.common import machine_info, print_rows, start_ray  # noqa: E402
 
 FULL = dict(rows=1_000_000, dim=256, rows_per_shard=None, tiny_rows=64, sample_interval=0.2)
 QUICK = dict(rows=8_192, dim=256, rows_per_shard=1_024, tiny_rows=16, sample_interval=0.05)
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bict_ray.config import GalleryConfig
+    from bict_ray.gallery import ACTOR_THREADS
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             "targets": {"speedup_vs_single_process": 1.5, "fraction_of_identity": 0.7},
             "threads": {
                 "single_process_torch": args.threads,
-                "actor_torch": actor_threads(),
+                "actor_torch": ACTOR_THREADS,
                 "pyarrow_cpu_count": pa.cpu_count(),
                 "memcopy": args.threads,
                 "ray_cpus": args.ray_cpus if started_ray else None,
@@ -267,7 +268,7 @@ def parse_args(argv):
                      f"than --ray-cpus {args.ray_cpus}: the pool would wait for its actors forever")
     if args.workdir is not None and not os.path.isdir(args.workdir):
         parser.error(f"--workdir {args.workdir} is not a folder")
-    # the input version, one output at a time (each deleted after its checks), zstd barely shrinks floats
+    # the input version, one output at a time (each deleted after its checks); embeddings are stored uncompressed
     needed = 2 * args.rows * row_bytes(args.dim) * 1.05
     free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
     if needed > free:
@@ -339,28 +340,6 @@ def id_digests(version) -> list[str]:
 # ---- Ray -----------------------------------------------------------------------------------------------
 
 
-def start_ray(num_cpus: int, attempts: int = 3) -> tuple[bool, float]:
-    """(whether this call started Ray, seconds). A fresh local instance, never another one on the machine
-    (``address="local"``); retried, since another instance starting at the same time may take its ports."""
-    import ray
-
-    if ray.is_initialized():
-        return False, 0.0
-    for attempt in range(attempts):
-        started = time.perf_counter()
-        try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-            return True, time.perf_counter() - started
-        except Exception as err:  # a port collision surfaces as several error types
-            if attempt == attempts - 1:
-                raise
-            print(f"ray.init failed ({type(err).__name__}: {err}); retrying", file=sys.stderr)
-            ray.shutdown()
-            time.sleep(2 + 3 * attempt)
-    raise AssertionError("unreachable")
-
-
 def configure_ray_data() -> None:
     import ray
 
@@ -368,16 +347,6 @@ def configure_ray_data() -> None:
     context.enable_progress_bars = False
     for name in ("ray.data", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def actor_threads() -> int:
-    """The torch threads a pipeline actor runs with (``_ShardActor``'s setting)."""
-    import inspect
-
-    from bict_ray.gallery import _ShardActor
-
-    default = inspect.signature(_ShardActor.__init__).parameters.get("threads")
-    return default.default if default is not None and default.default is not inspect.Parameter.empty else -1
 
 
 def run_upgrade(cfg, source, transform, out: str, monitor: "Monitor", input_ids=None, samples=()) -> dict:
@@ -442,7 +411,7 @@ def summarise(version, source, wall: float, seconds: float, watch: dict, input_i
         "rows_per_s": rows / seconds,
         "steady_rows_per_s": steady,
         "first_shard_s": first,
-        "after_last_shard_s": None if last is None else seconds - last,
+        "after_last_shard_s": seconds - last,
         "rss": watch["rss"],
         "rows_equal": rows == source.num_rows and [s["rows"] for s in version.manifest["shards"]]
         == [s["rows"] for s in source.manifest["shards"]],

@@ -93,11 +93,16 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
     return version, _stats(results, started)
 
 
+# torch threads per pipeline actor: the pool scales by actors, one core each
+ACTOR_THREADS = 1
+
+
 class _ShardActor:
     """Base of the pool's actors: open the writer once, skip finished shards, time the rest."""
 
-    def __init__(self, out, dim, lineage, space, use_gpu, threads=1):
+    def __init__(self, out, dim, lineage, space, use_gpu, threads=ACTOR_THREADS):
         torch.set_num_threads(threads)
+        self.node = ray.get_runtime_context().get_node_id()  # where this actor runs, for PipelineStats.nodes
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True)
 
@@ -113,9 +118,8 @@ class _ShardActor:
             self.writer.write_shard(index, ids, labels, embeddings)
             rows.append(len(ids))
             skipped.append(False)
-        node = ray.get_runtime_context().get_node_id()
         return {"shard": batch["id"], "rows": np.asarray(rows, np.int64), "skipped": np.asarray(skipped),
-                "node": np.asarray([node] * len(rows))}
+                "node": np.asarray([self.node] * len(rows))}
 
 
 class _ExtractShard(_ShardActor):

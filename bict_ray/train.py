@@ -181,7 +181,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> list[dict[str, Any]]:
     return history
 
 
-def run_in_process(loop: dict[str, Any], log=None) -> list[dict[str, float]]:
+def run_in_process(loop: dict[str, Any]) -> list[dict[str, float]]:
     """The same stage, model, data and optimiser as ``train_loop_per_worker``, run in this process without Ray
     Train (no worker group, no report, no checkpoint): the baseline of ``bench/train.py``.
 
@@ -200,9 +200,8 @@ def run_in_process(loop: dict[str, Any], log=None) -> list[dict[str, float]]:
         scheduler.step()
         records.append({"seconds": time.perf_counter() - started, "samples": totals["samples"],
                         "loss": totals["loss"] / max(totals["samples"], 1.0)})
-        if log:
-            log(f"[{loop['name']} in process] epoch {epoch + 1}/{loop['epochs']} {records[-1]['seconds']:.2f} s")
     return records
+
 
 def _build_stage(loop: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if loop["stage"] == "embedding":

@@ -4,7 +4,8 @@ A gallery version is a folder::
 
     part-00000.parquet, part-00001.parquet, ...   columns: id int64, label int64 (null = unlabelled),
                                                   embedding fixed_shape_tensor<float32>[dim]
-    manifest.json                                 lineage, space, dim, row counts, sha256 per shard
+    manifest.json                                 lineage, space, dim, and per shard: rows, sha256,
+                                                  id range, size in bytes
 
 The embedding column uses Arrow's native ``pa.fixed_shape_tensor`` so that plain pyarrow
 (``column.to_numpy_ndarray()``) and Ray Data batches both see an (N, dim) float32 array.
@@ -20,6 +21,10 @@ Publication protocol (a version is trusted only when its manifest exists):
 
 Each shard file appears complete or not at all (temp file + rename), and the same data always gives
 the same bytes, so a killed writer is resumed by skipping the shards ``has_shard`` reports done.
+
+``write_shard`` returns the shard's manifest record, computed from the bytes it wrote. Handing these
+records to ``commit`` spares it reading every shard back to hash it (31 s of a 286 s upgrade of a
+10 GB gallery): it then reads only each shard's footer and id column.
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ _PARQUET_OPTIONS = dict(
     store_schema=True,
 )
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_RECORD_KEYS = ("file", "rows", "sha256", "min_id", "max_id", "bytes")
+"""The keys of a shard's manifest record, in manifest order (manifests older than ``bytes`` lack it)."""
 
 
 class GalleryError(ValueError):
@@ -137,8 +145,11 @@ class GalleryWriter:
         """Where the shards are staged until ``commit`` (``<out>.staging`` locally, else ``out``)."""
         return self._staging.display
 
-    def write_shard(self, index: int, ids, labels, embeddings) -> None:
-        """Write shard ``index`` (overwriting an unfinished or earlier copy of it).
+    def write_shard(self, index: int, ids, labels, embeddings) -> dict:
+        """Write shard ``index`` (overwriting an unfinished or earlier copy of it) and return its
+        manifest record ``{"file", "rows", "sha256", "min_id", "max_id", "bytes"}``, computed from
+        the bytes written (plain ints and strings: JSON-serialisable and picklable). Passing the
+        records of the shards to ``commit`` spares it reading each shard back to hash it.
 
         ids: (n,) integers, unique. labels: (n,) integers (``UNLABELLED`` = none) or None.
         embeddings: (n, dim) floats, finite (cast to float32; L2-normalised if the gallery is).
@@ -149,7 +160,9 @@ class GalleryWriter:
         table = _shard_table(name, ids, labels, embeddings, self.dim, self.normalised)
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer, **_PARQUET_OPTIONS)
-        _write_atomic(self._staging, name, buffer.getvalue())
+        data = buffer.getvalue()
+        _write_atomic(self._staging, name, data)
+        return _shard_record(name, hashlib.sha256(data).hexdigest(), len(data), table.column("id").to_numpy())
 
     def has_shard(self, index: int, expected_rows: int | None = None) -> bool:
         """Whether shard ``index`` is already staged complete: readable footer, this gallery's
@@ -165,29 +178,43 @@ class GalleryWriter:
             return False
         return expected_rows is None or meta.num_rows == expected_rows
 
-    def commit(self, num_shards: int | None = None) -> "GalleryVersion":
+    def commit(self, num_shards: int | None = None, records=None) -> "GalleryVersion":
         """Validate the staged shards, write the manifest and publish the version.
 
-        ``num_shards``: if given, exactly shards ``0 .. num_shards-1`` must be staged. Raises
-        ``GalleryError`` (leaving everything in place) for an empty gallery, missing or extra shard
-        indices, an unreadable shard, a wrong dim, duplicate ids, or ``out`` already committed.
+        ``num_shards``: if given, exactly shards ``0 .. num_shards-1`` must be staged.
+        ``records``: records returned by ``write_shard`` (by any writer of this ``out``), for any
+        subset of the shards. A shard whose staged file has the size its record names is described
+        by the record, reading only the file's footer and ids (to check its schema, its record's
+        rows and id range, and ids unique across shards); any other shard (no record, e.g. one
+        staged by a killed earlier run, or a file replaced since) is read back whole and hashed.
+
+        Raises ``GalleryError`` (leaving everything in place) for an empty gallery, missing or
+        extra shard indices, an unreadable shard, a wrong dim, duplicate ids, a malformed record,
+        a record for a shard that is not staged or that disagrees with the file's ids, or ``out``
+        already committed.
         """
         self._refuse_committed()
-        names = self._staged_shards(num_shards)
-        records, id_arrays = [], []
+        given = _records_by_file(records)
+        staged, leftovers = self._staged_shards(num_shards)
+        unknown = sorted(set(given) - set(staged))
+        if unknown:
+            raise GalleryError(f"records given for shards {unknown}, which are not staged in {self._staging.display}")
+        names, shard_records, id_arrays = list(staged), [], []
         for name in names:
-            record, ids = self._describe_shard(name)
-            records.append(record)
+            record, ids = self._describe_shard(name, staged[name], given.get(name))
+            shard_records.append(record)
             id_arrays.append(ids)
         _check_unique_ids(names, id_arrays)
+        for path in leftovers:
+            self._staging.fs.delete_file(path)
         manifest = {
             "format_version": FORMAT_VERSION,
             "lineage": self.lineage,
             "space": self.space,
             "dim": self.dim,
             "normalised": self.normalised,
-            "num_rows": int(sum(r["rows"] for r in records)),
-            "shards": records,
+            "num_rows": int(sum(r["rows"] for r in shard_records)),
+            "shards": shard_records,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extra": self.extra,
         }
@@ -205,15 +232,19 @@ class GalleryWriter:
         if self._out.is_local and self._out.fs.get_file_info(self._out.path).type != pafs.FileType.NotFound:
             raise GalleryError(f"{self._out.display} exists but is not a committed gallery version; remove it first")
 
-    def _staged_shards(self, num_shards: int | None) -> list[str]:
+    def _staged_shards(self, num_shards: int | None) -> tuple[dict[str, int], list[str]]:
+        """The staged shards as ``{file name: size in bytes}`` in shard order, and the paths of the
+        temp files left by killed writers (never finished shards; ``commit`` deletes them once the
+        version is known good, so that a refused commit changes nothing)."""
         selector = pafs.FileSelector(self._staging.path, allow_not_found=True)
-        indices = {}
+        indices, sizes, leftovers = {}, {}, []
         for info in self._staging.fs.get_file_info(selector):
             name = posixpath.basename(info.path)
             if name.endswith(".tmp"):
-                self._staging.fs.delete_file(info.path)  # left by a killed writer; never a finished shard
+                leftovers.append(info.path)
             elif (match := _SHARD_RE.match(name)) is not None:
                 indices[int(match.group(1))] = name
+                sizes[name] = info.size
             elif name != MANIFEST_NAME:
                 raise GalleryError(f"unexpected file {name!r} in {self._staging.display}")
         if not indices:
@@ -225,29 +256,44 @@ class GalleryWriter:
             raise GalleryError(f"missing shards {[shard_name(i) for i in missing]} in {self._staging.display}")
         if extra:
             raise GalleryError(f"unexpected shards {[shard_name(i) for i in extra]} in {self._staging.display}")
-        return [indices[i] for i in expected]
+        return {indices[i]: sizes[indices[i]] for i in expected}, leftovers
 
-    def _describe_shard(self, name: str) -> tuple[dict, np.ndarray]:
-        """The manifest record of a staged shard, and its ids (read back from the file itself)."""
+    def _describe_shard(self, name: str, size: int, record: dict | None) -> tuple[dict, np.ndarray]:
+        """The manifest record of a staged shard of ``size`` bytes, and its ids.
+
+        ``record`` (from ``write_shard``, or None) is trusted for the file's sha256 if the file
+        still has the size it names; then only the footer and the ids are read, and must agree
+        with it. Otherwise the whole file is read back and hashed.
+        """
         location = self._staging.child(name)
+        if record is not None and record["bytes"] == size:
+            with location.fs.open_input_file(location.path) as source:
+                ids = self._shard_ids(name, source)
+            found = _shard_record(name, record["sha256"], record["bytes"], ids)
+            if found != record:
+                differ = [key for key in _RECORD_KEYS if found[key] != record[key]]
+                given = ", ".join(f"{key} {record[key]}" for key in differ)
+                actual = ", ".join(f"{key} {found[key]}" for key in differ)
+                raise GalleryError(f"shard {name}: the record given to commit says {given}, the file has {actual}")
+            return found, ids
         data = _read_bytes(location)
+        ids = self._shard_ids(name, pa.BufferReader(data))
+        return _shard_record(name, hashlib.sha256(data).hexdigest(), len(data), ids), ids
+
+    def _shard_ids(self, name: str, source: pa.NativeFile) -> np.ndarray:
+        """The ids of the staged shard ``name`` open as ``source``, after checking from its footer
+        that it has this gallery's schema (reads the footer and the id column only)."""
         try:
-            table = pq.read_table(pa.BufferReader(data), columns=["id"])
-            schema = pq.read_schema(pa.BufferReader(data))
+            with pq.ParquetFile(source) as parquet:
+                problem = _schema_problem(parquet.schema_arrow, self.dim)
+                if problem is not None:
+                    raise GalleryError(f"shard {name}: {problem} (gallery dim {self.dim})")
+                ids = parquet.read(columns=["id"]).column("id").to_numpy()
         except pa.ArrowException as err:
             raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None
-        problem = _schema_problem(schema, self.dim)
-        if problem is not None:
-            raise GalleryError(f"shard {name}: {problem} (gallery dim {self.dim})")
-        ids = table.column("id").to_numpy()
-        record = {
-            "file": name,
-            "rows": len(ids),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "min_id": int(ids.min()),
-            "max_id": int(ids.max()),
-        }
-        return record, ids
+        if len(ids) == 0:
+            raise GalleryError(f"shard {name}: no rows")
+        return ids
 
 
 def open_gallery(path: str, *, filesystem: pafs.FileSystem | None = None) -> "GalleryVersion":
@@ -302,11 +348,13 @@ def write_gallery(
         normalised=normalised, extra=extra, filesystem=filesystem,
     )
     starts = range(0, len(embeddings), rows_per_shard)
+    records = []
     for index, start in enumerate(starts):
         rows = slice(start, start + rows_per_shard)
         if not writer.has_shard(index, expected_rows=len(ids[rows])):
-            writer.write_shard(index, ids[rows], None if labels is None else labels[rows], embeddings[rows])
-    return writer.commit(num_shards=len(starts))
+            shard_labels = None if labels is None else labels[rows]
+            records.append(writer.write_shard(index, ids[rows], shard_labels, embeddings[rows]))
+    return writer.commit(num_shards=len(starts), records=records)
 
 
 class GalleryVersion:
@@ -528,6 +576,52 @@ def _schema_problem(schema: pa.Schema, dim: int) -> str | None:
     for field in expected:
         if schema.field(field.name).type != field.type:
             return f"column {field.name!r} has type {schema.field(field.name).type}, expected {field.type}"
+    return None
+
+
+def _shard_record(name: str, sha256: str, size: int, ids: np.ndarray) -> dict:
+    """The manifest record of shard ``name``: a file of ``size`` bytes hashing to ``sha256`` and
+    holding the (non-empty) ``ids``; plain Python values, in ``_RECORD_KEYS`` order."""
+    return {
+        "file": name,
+        "rows": len(ids),
+        "sha256": sha256,
+        "min_id": int(ids.min()),
+        "max_id": int(ids.max()),
+        "bytes": int(size),
+    }
+
+
+def _records_by_file(records) -> dict[str, dict]:
+    """The shard records given to ``commit`` (an iterable, or None), checked and keyed by file name.
+    Raises for a malformed record or two different records for the same file."""
+    by_file = {}
+    for record in records if records is not None else ():
+        problem = _record_problem(record)
+        if problem is not None:
+            raise GalleryError(f"malformed shard record {record!r}: {problem}")
+        record = {key: record[key] if key in ("file", "sha256") else int(record[key]) for key in _RECORD_KEYS}
+        earlier = by_file.setdefault(record["file"], record)
+        if earlier != record:
+            raise GalleryError(f"two different records given for shard {record['file']}: {earlier} and {record}")
+    return by_file
+
+
+def _record_problem(record: Any) -> str | None:
+    """What makes ``record`` differ from a record returned by ``write_shard``, or None."""
+    if not isinstance(record, dict):
+        return "expected a dict"
+    if set(record) != set(_RECORD_KEYS):
+        return f"keys {sorted(record)}, expected {sorted(_RECORD_KEYS)}"
+    if not isinstance(record["file"], str) or _SHARD_RE.match(record["file"]) is None:
+        return "file must be a shard name like part-00000.parquet"
+    if not isinstance(record["sha256"], str) or _SHA256_RE.fullmatch(record["sha256"]) is None:
+        return "sha256 must be 64 lowercase hex digits"
+    numbers = [record[key] for key in ("rows", "min_id", "max_id", "bytes")]
+    if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in numbers):
+        return "rows, min_id, max_id and bytes must be integers"
+    if record["rows"] <= 0 or record["bytes"] <= 0 or record["min_id"] > record["max_id"]:
+        return "rows and bytes must be positive and min_id <= max_id"
     return None
 
 

@@ -157,6 +157,138 @@ def test_write_gallery_rerun_after_kill_skips_finished_shards(tmp_path):
     np.testing.assert_array_equal(version.read_all()[0], ids)
 
 
+# ---- shard records handed to commit ---------------------------------------------------------------
+
+
+def write_shards(out):
+    """A writer on ``out`` with ``make_gallery()`` staged in shards of 4, 4, 2 rows, and their records."""
+    ids, labels, embeddings = make_gallery()
+    writer = GalleryWriter(out, dim=4, **LINEAGE)
+    rows = np.split(np.arange(10), [4, 8])
+    return writer, [writer.write_shard(i, ids[r], labels[r], embeddings[r]) for i, r in enumerate(rows)]
+
+
+def staged_files(writer):
+    folder = writer.staging_path
+    return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+
+
+def without_created(manifest):
+    return {key: value for key, value in manifest.items() if key != "created"}
+
+
+def test_write_shard_returns_the_manifest_record(tmp_path):
+    writer, records = write_shards(str(tmp_path / "v"))
+    shard0 = open(os.path.join(writer.staging_path, "part-00000.parquet"), "rb").read()
+    assert records[0] == {"file": "part-00000.parquet", "rows": 4, "sha256": hashlib.sha256(shard0).hexdigest(),
+                          "min_id": 100, "max_id": 103, "bytes": len(shard0)}
+    assert json.loads(json.dumps(records)) == records  # plain JSON types, as a Ray task would return them
+    version = writer.commit()
+    assert version.manifest["shards"] == records
+    assert open_gallery(version.path).manifest["shards"] == records
+
+
+def test_commit_with_records_gives_the_same_manifest(tmp_path, committed):
+    writer, records = write_shards(str(tmp_path / "fast"))
+    version = writer.commit(num_shards=3, records=iter(records[::-1]))  # any iterable, in any order
+    assert without_created(version.manifest) == without_created(committed.manifest)
+    assert shard_bytes(version) == shard_bytes(committed)
+    version.validate()
+
+
+def test_commit_trusts_a_record_only_for_a_file_of_the_recorded_size(tmp_path):
+    writer, records = write_shards(str(tmp_path / "v"))
+    true_sha = records[1]["sha256"]
+    trusted = dict(records[0], sha256="0" * 64)  # size matches: commit does not read the bytes to check
+    stale = dict(records[1], sha256="1" * 64, bytes=records[1]["bytes"] + 1)  # size differs: file replaced
+    version = writer.commit(records=[trusted, stale, records[2]])
+    assert version.manifest["shards"] == [trusted, dict(records[1], sha256=true_sha), records[2]]
+    with pytest.raises(GalleryError, match="shard part-00000.parquet: sha256 does not match"):
+        version.read_shard(0)
+
+
+def test_commit_with_records_on_an_object_store():
+    fs, _ = pafs.FileSystem.from_uri("mock://")
+    ids, labels, embeddings = make_gallery(n=6)
+    writer = GalleryWriter("bucket/v1", dim=4, filesystem=fs, **LINEAGE)
+    records = [writer.write_shard(0, ids[:3], labels[:3], embeddings[:3]),
+               writer.write_shard(1, ids[3:], labels[3:], embeddings[3:])]
+    version = writer.commit(records=records)
+    assert version.manifest["shards"] == records
+    open_gallery("bucket/v1", filesystem=fs).validate()
+
+
+def test_commit_with_records_still_refuses_a_shard_of_another_dim(tmp_path):
+    out = str(tmp_path / "v")
+    record = GalleryWriter(out, dim=3, **LINEAGE).write_shard(0, [1], None, [[1.0, 0.0, 0.0]])
+    writer = GalleryWriter(out, dim=4, **LINEAGE)
+    with pytest.raises(GalleryError, match=r"shard part-00000.parquet: column 'embedding' .*\(gallery dim 4\)"):
+        writer.commit(records=[record])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(file="part-00003.parquet"), r"records given for shards \['part-00003.parquet'\], which are not staged"),
+        (dict(rows=5), "shard part-00001.parquet: the record given to commit says rows 5, the file has rows 4"),
+        (dict(min_id=103, max_id=108), "says min_id 103, max_id 108, the file has min_id 104, max_id 107"),
+        (dict(file="../part-00001.parquet"), "malformed shard record .*file must be a shard name"),
+        (dict(sha256="ABC"), "malformed shard record .*sha256 must be 64 lowercase hex digits"),
+        (dict(sha256="a" * 64 + "\n"), "malformed shard record .*sha256 must be 64 lowercase hex digits"),
+        (dict(rows="4"), "malformed shard record .*must be integers"),
+        (dict(bytes=0), "malformed shard record .*must be positive"),
+        (dict(extra=1), "malformed shard record .*keys"),
+    ],
+)
+def test_bad_records_are_refused_and_leave_staging_intact(tmp_path, change, message):
+    writer, records = write_shards(str(tmp_path / "v"))
+    before = staged_files(writer)
+    with pytest.raises(GalleryError, match=message):
+        writer.commit(records=[records[0], dict(records[1], **change), records[2]])
+    assert staged_files(writer) == before and not os.path.exists(tmp_path / "v")
+
+
+def test_conflicting_records_for_one_shard_are_refused(tmp_path):
+    writer, records = write_shards(str(tmp_path / "v"))
+    with pytest.raises(GalleryError, match="two different records given for shard part-00000.parquet"):
+        writer.commit(records=records + [dict(records[0], sha256="0" * 64)])
+    assert writer.commit(records=records + records[:1]).manifest["shards"] == records  # a repeat is harmless
+
+
+def test_refused_commit_keeps_a_killed_writers_temp_files_until_it_succeeds(tmp_path):
+    writer, records = write_shards(str(tmp_path / "v"))
+    open(os.path.join(writer.staging_path, ".part-00003.parquet.dead.tmp"), "wb").write(b"PAR1")
+    with pytest.raises(GalleryError, match="not staged"):
+        writer.commit(records=[dict(records[0], file="part-00003.parquet")])
+    assert ".part-00003.parquet.dead.tmp" in os.listdir(writer.staging_path)
+    assert sorted(os.listdir(writer.commit(records=records).path)) == ["manifest.json"] + [
+        f"part-0000{i}.parquet" for i in range(3)
+    ]
+
+
+def test_commit_mixes_records_with_shards_of_a_resumed_run(tmp_path, committed):
+    ids, labels, embeddings = make_gallery()
+    out = str(tmp_path / "resumed")
+    GalleryWriter(out, dim=4, **LINEAGE).write_shard(1, ids[4:8], labels[4:8], embeddings[4:8])  # the killed run
+    writer = GalleryWriter(out, dim=4, **LINEAGE)
+    assert writer.has_shard(1, expected_rows=4)
+    records = [writer.write_shard(0, ids[:4], labels[:4], embeddings[:4]),
+               writer.write_shard(2, ids[8:], labels[8:], embeddings[8:])]
+    version = writer.commit(num_shards=3, records=records)
+    assert without_created(version.manifest) == without_created(committed.manifest)
+    version.validate()
+
+
+def test_manifest_without_shard_sizes_is_accepted(committed):
+    manifest = json.load(open(os.path.join(committed.path, "manifest.json")))
+    for record in manifest["shards"]:
+        del record["bytes"]  # written before records carried the file size
+    rewrite_manifest(committed.path, shards=manifest["shards"])
+    version = open_gallery(committed.path)
+    version.validate()
+    np.testing.assert_array_equal(version.read_all()[0], make_gallery()[0])
+
+
 # ---- refusing to overwrite ------------------------------------------------------------------------
 
 

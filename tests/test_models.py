@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -151,6 +152,41 @@ def test_upgrade_transform_shapes_and_layers():
     assert sum(isinstance(m, nn.Linear) for m in psi.modules()) == 4
     with pytest.raises(ValueError, match=r"expects \(N, 6\) input, got \(5, 4\)"):
         psi(torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("d_out, layers", [(6, 2), (4, 3)])
+def test_folded_transform_is_the_eval_transform(d_out, layers):
+    """Upgrades run psi with BatchNorm folded into the Linear before it: the same function as eval mode."""
+    torch.manual_seed(0)
+    psi = UpgradeTransform(6, d_out, hidden=16, layers=layers)
+    _randomise_batchnorm(psi)
+    for p in psi.parameters():
+        nn.init.normal_(p, std=1 / math.sqrt(16))
+    x = torch.randn(32, 6)
+    psi.eval()
+    torch.testing.assert_close(psi.folded()(x), psi(x), rtol=1e-5, atol=1e-6)
+    assert psi.folded().spec == psi.spec
+
+
+def test_upgrade_embeddings_normalises_each_step_in_blocks():
+    """Rows beyond one block come out as psi gives them, each step L2-normalised, the input untouched."""
+    from bict_ray.embed import UPGRADE_BLOCK_ROWS, upgrade_embeddings
+
+    torch.manual_seed(0)
+    first, second = UpgradeTransform(6, 6, hidden=16), UpgradeTransform(6, 5, hidden=16)
+    for psi in (first, second):
+        _randomise_batchnorm(psi)
+        nn.init.normal_(psi.mlp[-1].weight, std=0.5)
+    x = torch.nn.functional.normalize(torch.randn(UPGRADE_BLOCK_ROWS + 7, 6), dim=1).numpy()
+    before = x.copy()
+    out = upgrade_embeddings([first, second], x)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(
+            second.eval()(torch.nn.functional.normalize(first.eval()(torch.from_numpy(x)), dim=1)), dim=1)
+    assert out.shape == (UPGRADE_BLOCK_ROWS + 7, 5) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(x, before)
+    assert upgrade_embeddings([first], x[:0]).shape == (0, 6)
 
 
 def test_upgrade_transform_spec_round_trip(tmp_path):

@@ -5,11 +5,13 @@ as version v1 in a temporary folder under ``--workdir``) and one psi artifact (`
 the default hidden size and layers of ``TransformConfig``, seeded random weights, eval mode). Measured in the
 same run, each as rows/s over the whole gallery, wall clock from the call to the committed version:
 
-- ours: ``bict_ray.gallery.upgrade_gallery`` (Ray Data, an actor pool over shard indices), at each
-  ``--concurrency`` (default 1 and 2 actors: the scaling 1 -> 2 on this machine);
+- ours: ``bict_ray.gallery.upgrade_gallery`` (Ray Data tasks over shard indices), at each ``--concurrency``
+  (default 1 and 2 tasks at once: the scaling 1 -> 2 on this machine), in a Ray job whose workers already
+  exist (the cold pipeline below started them), as in a job that upgrades or evaluates more than once;
 - (a) single process: a plain loop in this process, ``GalleryVersion.read_shard`` (pyarrow) -> psi
-  (``upgrade_embeddings``, torch with ``--threads`` threads) -> ``GalleryWriter.write_shard`` -> commit: the
-  same store, the same total thread count as the pool of 2 single-threaded actors (per-phase seconds too);
+  (``upgrade_embeddings``, torch with ``--threads`` threads) -> ``GalleryWriter.write_shard`` -> commit with
+  the records ``write_shard`` returned (as ``upgrade_gallery`` does): the same store, the same total thread
+  count as 2 single-threaded tasks (per-phase seconds too);
 - (b) identity: a psi-shaped artifact that is exactly the identity (residual ``UpgradeTransform`` with one
   hidden unit and a zero last layer: ``x + 0``) through the same ``upgrade_gallery`` at each concurrency:
   the pipeline's I/O bound (read, check, normalise, write, commit);
@@ -18,18 +20,18 @@ same run, each as rows/s over the whole gallery, wall clock from the call to the
 - psi alone: ``upgrade_embeddings`` on one in-memory shard, 1 thread and ``--threads`` threads: the compute
   bound, for reading the figures above.
 
-Fixed costs: Ray's start (``ray.init``), a cold and a warm tiny identity pipeline (a few rows per actor: the
-fixed cost of one pipeline), and for each run the time until its first output shard is staged and the time
+Fixed costs: Ray's start (``ray.init``), a cold and a warm tiny identity pipeline (a few rows per task: the
+fixed cost of one pipeline in a new job and in a job whose workers exist), and for each run the time until its first output shard is staged and the time
 after its last one (commit and checks). The steady rate (rows between the first and the last staged shard) is
 reported beside the wall-clock rate.
 
 Memory: a background thread samples the resident memory (psutil, every ``--sample-interval`` s) of this
 process and all its descendants. This process starts Ray (``ray.init(address="local")``), so the descendants
-are every process of that Ray instance: GCS, raylet, agents, Ray Data's helper actors, idle workers and the
-pipeline's actors. ``peak_rss_mb`` is the largest sum of RSS over that tree seen during our upgrades; RSS
+are every process of that Ray instance: GCS, raylet, agents, Ray Data's helper actors and the worker
+processes that run the pipeline's tasks. ``peak_rss_mb`` is the largest sum of RSS over that tree seen during our upgrades; RSS
 counts the shared libraries (torch: ~250 MB) once per process, so it overstates, and ``peak_anon_mb`` is the
 same sum of anonymous memory (RSS less file-backed and shared pages: heap, tensors, Arrow buffers). Both are
-also reported for the driver, the pipeline's actors and Ray's other processes apart, and, for each run, the
+also reported for the driver, the worker processes and Ray's other processes apart, and, for each run, the
 peak over the first and over the second half of its shards (a bounded pipeline does not grow between the
 halves; compare the figures of a 1M x 256 and a 5M x 512 run). When Ray already runs in this process
 (``main`` called from a test session), only this process's descendants are counted.
@@ -72,6 +74,8 @@ from bench.common import machine_info, print_rows, start_ray  # noqa: E402
 FULL = dict(rows=1_000_000, dim=256, rows_per_shard=None, tiny_rows=64, sample_interval=0.2)
 QUICK = dict(rows=8_192, dim=256, rows_per_shard=1_024, tiny_rows=16, sample_interval=0.05)
 SHARD_RE = re.compile(r"^part-\d{5,}\.parquet$")
+# process titles of Ray workers: running a pipeline task, or idle between tasks
+WORKER_TITLES = ("ray::MapBatches(_process_shards)", "ray::IDLE")
 MB = 1 << 20
 
 
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bict_ray.config import GalleryConfig
-    from bict_ray.gallery import ACTOR_THREADS
+    from bict_ray.gallery import WORKER_THREADS
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def config(concurrency: int) -> GalleryConfig:
             return GalleryConfig(rows_per_shard=args.rows_per_shard, concurrency=concurrency,
-                                 cpus_per_actor=args.cpus_per_actor)
+                                 cpus_per_task=args.cpus_per_task)
 
         # The first pipeline of a fresh Ray instance pays for starting workers and importing torch there.
         cold = run_upgrade(config(max(args.concurrency)), tiny, identity, os.path.join(root, "tiny-cold"), monitor)
@@ -117,11 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
         ours, ident = {}, {}
         for _ in range(args.repeat):
             for c in args.concurrency:
-                log(f"ours: upgrade_gallery with psi, {c} actor(s)")
+                log(f"ours: upgrade_gallery with psi, {c} task(s) at once")
                 ours[c] = best(ours.get(c), run_upgrade(config(c), source, psi, os.path.join(root, f"ours-{c}"),
                                                         monitor, input_ids, samples))
             for c in args.concurrency:
-                log(f"(b) upgrade_gallery with the identity, {c} actor(s)")
+                log(f"(b) upgrade_gallery with the identity, {c} task(s) at once")
                 ident[c] = best(ident.get(c), run_upgrade(config(c), source, identity,
                                                           os.path.join(root, f"identity-{c}"), monitor, input_ids,
                                                           samples))
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             "row_bytes": row_bytes(args.dim),
             "psi": {"d_in": args.dim, "d_out": args.dim, "hidden": args.hidden, "layers": args.layers},
             "concurrency": list(args.concurrency),
-            "cpus_per_actor": args.cpus_per_actor,
+            "cpus_per_task": args.cpus_per_task,
             "best_concurrency": best_c,
             "ours_rows_per_s": ours[best_c]["rows_per_s"],
             "ours_rows_per_s_by_concurrency": {str(c): ours[c]["rows_per_s"] for c in ours},
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             "fraction_of_identity_by_concurrency": {str(c): ours[c]["rows_per_s"] / ident[c]["rows_per_s"]
                                                     for c in ours},
             "scaling_by_concurrency": {str(c): ours[c]["rows_per_s"] / ours[min(ours)]["rows_per_s"] for c in ours},
-            # a pipeline's fixed cost: a warm Ray Data pipeline over a few rows per actor, start to commit
+            # a pipeline's fixed cost: a warm Ray Data pipeline over a few rows per task, start to commit
             "pipeline_fixed_seconds": warm["seconds"],
             "peak_rss_mb": max(ours[c]["rss"]["peak_total_rss_mb"] for c in ours),
             "peak_anon_mb": max(ours[c]["rss"]["peak_total_anon_mb"] for c in ours),
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ids_equal": all(r["ids_equal"] for r in [*ours.values(), *ident.values(), single]),
             "ray_equals_single_process": all(c["max_abs_diff"] <= 1e-5 for c in compare.values()),
             "ray_vs_single_process_max_abs_diff": max(c["max_abs_diff"] for c in compare.values()),
-            # byte-identical shard files (sha256 in the manifests), ours vs (a): thread counts differ (1 per actor)
+            # byte-identical shard files (sha256 in the manifests), ours vs (a): thread counts differ (1 per task)
             "ray_vs_single_process_identical_shards": min(c["identical_shards"] for c in compare.values()),
             "identity_equals_input": ident_diff <= 1e-5,
             "identity_max_abs_diff": ident_diff,
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             "targets": {"speedup_vs_single_process": 1.5, "fraction_of_identity": 0.7},
             "threads": {
                 "single_process_torch": args.threads,
-                "actor_torch": ACTOR_THREADS,
+                "task_torch": WORKER_THREADS,
                 "pyarrow_cpu_count": pa.cpu_count(),
                 "memcopy": args.threads,
                 "ray_cpus": args.ray_cpus if started_ray else None,
@@ -235,16 +239,16 @@ def parse_args(argv):
     parser.add_argument("--dim", type=int, help="embedding dim, psi is dim -> dim (default 256)")
     parser.add_argument("--rows-per-shard", type=int,
                         help=f"shard size (default GalleryConfig's {gallery.rows_per_shard}; --quick 1,024)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2], help="actor pool sizes (1 2)")
-    parser.add_argument("--cpus-per-actor", type=float, default=gallery.cpus_per_actor,
-                        help=f"Ray CPUs reserved per actor (GalleryConfig's {gallery.cpus_per_actor})")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2], help="Ray Data tasks at once (1 2)")
+    parser.add_argument("--cpus-per-task", type=float, default=gallery.cpus_per_task,
+                        help=f"Ray CPUs reserved per task (GalleryConfig's {gallery.cpus_per_task})")
     parser.add_argument("--hidden", type=int, default=transform.hidden, help="psi's hidden width (TransformConfig)")
     parser.add_argument("--layers", type=int, default=transform.layers, help="psi's hidden blocks (TransformConfig)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads of the single process and threads of the copy (all cores)")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="num_cpus of the Ray instance started")
     parser.add_argument("--repeat", type=int, default=1, help="runs per path, the fastest kept (1)")
-    parser.add_argument("--tiny-rows", type=int, help="rows per actor of the fixed-cost pipeline (64; --quick 16)")
+    parser.add_argument("--tiny-rows", type=int, help="rows per task of the fixed-cost pipeline (64; --quick 16)")
     parser.add_argument("--sample-interval", type=float, help="seconds between RSS samples (0.2; --quick 0.05)")
     parser.add_argument("--workdir", default=None, help="where the galleries are written (default: the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the input gallery and artifacts (not outputs)")
@@ -261,11 +265,11 @@ def parse_args(argv):
     if min(args.concurrency) < 1:
         parser.error("--concurrency values must be at least 1")
     args.concurrency = sorted(set(args.concurrency))
-    if args.cpus_per_actor <= 0 or args.sample_interval <= 0:
-        parser.error("--cpus-per-actor and --sample-interval must be positive")
-    if max(args.concurrency) * args.cpus_per_actor > args.ray_cpus:
-        parser.error(f"--concurrency {max(args.concurrency)} x --cpus-per-actor {args.cpus_per_actor} needs more "
-                     f"than --ray-cpus {args.ray_cpus}: the pool would wait for its actors forever")
+    if args.cpus_per_task <= 0 or args.sample_interval <= 0:
+        parser.error("--cpus-per-task and --sample-interval must be positive")
+    if max(args.concurrency) * args.cpus_per_task > args.ray_cpus:
+        parser.error(f"--concurrency {max(args.concurrency)} x --cpus-per-task {args.cpus_per_task} needs more "
+                     f"than --ray-cpus {args.ray_cpus}: the tasks could never run at once")
     if args.workdir is not None and not os.path.isdir(args.workdir):
         parser.error(f"--workdir {args.workdir} is not a folder")
     # the input version, one output at a time (each deleted after its checks); embeddings are stored uncompressed
@@ -377,19 +381,20 @@ def run_single_process(source, transform, out: str, threads: int, monitor: "Moni
     wall, started = time.time(), time.perf_counter()
     writer = GalleryWriter(out, dim=card["spec"]["d_out"], lineage=[*source.lineage, card["name"]],
                            space=card["target"], normalised=True, extra={"source_version": source.path})
+    records = []
     for index in range(source.num_shards):
         t0 = time.perf_counter()
         ids, labels, embeddings = source.read_shard(index)
         t1 = time.perf_counter()
         upgraded = upgrade_embeddings([transform.module], embeddings)
         t2 = time.perf_counter()
-        writer.write_shard(index, ids, labels, upgraded)
+        records.append(writer.write_shard(index, ids, labels, upgraded))
         t3 = time.perf_counter()
         phases["read"] += t1 - t0
         phases["psi"] += t2 - t1
         phases["write"] += t3 - t2
     t3 = time.perf_counter()
-    version = writer.commit(num_shards=source.num_shards)
+    version = writer.commit(num_shards=source.num_shards, records=records)
     phases["commit"] = time.perf_counter() - t3
     seconds = time.perf_counter() - started
     result = summarise(version, source, wall, seconds, monitor.end(), input_ids, samples)
@@ -548,10 +553,11 @@ class Monitor(threading.Thread):
 
     def sample(self) -> dict:
         """Bytes resident in this process and its descendants, in total and per part: this process, the
-        pipeline's actors (Ray Data's ``MapWorker``s) and Ray's other processes; each also as anonymous memory
+        worker processes (running the pipeline's ``MapBatches`` tasks, or idle between them) and Ray's other
+        processes; each also as anonymous memory
         (RSS less file-backed and shared pages: heap, tensors, Arrow buffers), which does not count the shared
         libraries once per process as RSS does."""
-        out = {f"{part}_{kind}": 0 for part in ("total", "driver", "actors", "other") for kind in ("rss", "anon")}
+        out = {f"{part}_{kind}": 0 for part in ("total", "driver", "workers", "other") for kind in ("rss", "anon")}
         try:
             children = self.process.children(recursive=True)
         except self.psutil.Error:
@@ -562,7 +568,7 @@ class Monitor(threading.Thread):
                 title = (proc.cmdline() or [""])[0] if proc is not self.process else ""
             except self.psutil.Error:
                 continue
-            part = "driver" if proc is self.process else "actors" if "MapWorker(" in title else "other"
+            part = "driver" if proc is self.process else "workers" if title in WORKER_TITLES else "other"
             for key in ("total", part):
                 out[f"{key}_rss"] += memory.rss
                 out[f"{key}_anon"] += memory.rss - memory.shared
@@ -597,7 +603,7 @@ def print_table(report: dict) -> None:
     lines = []
     for c in report["concurrency"]:
         key = str(c)
-        lines.append((f"ours: upgrade_gallery, {c} actor(s)", seconds[f"ours_{c}"],
+        lines.append((f"ours: upgrade_gallery, {c} task(s)", seconds[f"ours_{c}"],
                       f"{report['ours_rows_per_s_by_concurrency'][key]:,.0f} rows/s (steady "
                       f"{fmt(report['ours_steady_rows_per_s_by_concurrency'][key])}), first shard "
                       f"{fmt(first[f'ours_{c}'], '.1f')} s, after last {fmt(after[f'ours_{c}'], '.1f')} s, "
@@ -624,10 +630,10 @@ def print_table(report: dict) -> None:
           f"({report['gallery_bytes'] / 1e9:.2f} GB on disk), psi {dim}->{report['psi']['hidden']}x"
           f"{report['psi']['layers']}->{dim}")
     print(f"machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), load {machine['load_avg_start']} -> "
-          f"{machine['load_avg_end']}; torch threads: single process {threads['single_process_torch']}, per actor "
-          f"{threads['actor_torch']}; Ray CPUs {threads['ray_cpus']}, {report['cpus_per_actor']} per actor")
+          f"{machine['load_avg_end']}; torch threads: single process {threads['single_process_torch']}, per task "
+          f"{threads['task_torch']}; Ray CPUs {threads['ray_cpus']}, {report['cpus_per_task']} per task")
     print_rows(lines, decimals=2)
-    print(f"ours ({best_c} actors) vs single process: {report['speedup_vs_single_process']:.2f}x (target 1.5); "
+    print(f"ours ({best_c} tasks) vs single process: {report['speedup_vs_single_process']:.2f}x (target 1.5); "
           f"fraction of identity: {report['fraction_of_identity']:.2f} (target 0.7); peak RSS "
           f"{report['peak_rss_mb']:,.0f} MB (driver + Ray processes; anonymous {report['peak_anon_mb']:,.0f} MB)")
     print(f"correct: rows {report['rows_equal']}, ids {report['ids_equal']}, Ray = single process "

@@ -180,16 +180,18 @@ class GalleryConfig:
 
     rows_per_shard: int = 4096
     batch_size: int = 1024
-    concurrency: int = 1  # actors in the pool
-    cpus_per_actor: float = 0.5  # fractional: a full CPU per actor hangs 2 actors on 2 CPUs (RAY-NOTES.md)
+    concurrency: int = 1  # Ray Data tasks at once (each one torch thread)
+    cpus_per_task: float = 0.5  # fractional: Ray Data's own work needs a share of the CPUs beside the tasks
     use_gpu: bool = False
+
+    RENAMED = {"cpus_per_actor": "cpus_per_task"}  # old key -> new key, still read from older configs
 
     def __post_init__(self):
         for name in ("rows_per_shard", "batch_size", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gallery.{name} must be >= 1, got {getattr(self, name)}")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError(f"gallery.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+        if self.cpus_per_task <= 0:
+            raise ConfigError(f"gallery.cpus_per_task must be > 0, got {self.cpus_per_task}")
 
 
 @dataclass
@@ -292,6 +294,7 @@ def from_dict(cls, raw: dict[str, Any], prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    raw = _renamed(cls, raw, prefix)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
@@ -365,11 +368,26 @@ def _float_or_text(text: str):
         return text
 
 
+def _renamed(cls, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``raw`` with the keys ``cls.RENAMED`` maps from an older name under their current name."""
+    renamed = getattr(cls, "RENAMED", {})
+    if not set(raw) & set(renamed):
+        return raw
+    raw = dict(raw)
+    for old, new in renamed.items():
+        if old in raw:
+            if new in raw:
+                raise ConfigError(f"{prefix}{old} is the old name of {prefix}{new}; give only {prefix}{new}")
+            raw[new] = raw.pop(old)
+    return raw
+
+
 def _check_path(cls, keys: list[str], dotted: str) -> None:
     for depth, key in enumerate(keys):
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"unknown config key {dotted}: {'.'.join(keys[:depth])} is not a section")
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        key = getattr(cls, "RENAMED", {}).get(key, key)
         if key not in fields:
             where = ".".join(keys[:depth]) or "the top level"
             raise ConfigError(

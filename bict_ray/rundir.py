@@ -21,7 +21,8 @@ from bict_ray.config import Config, ConfigError, save_config
 # How a run is executed, not what it computes: these may change between a run and its resumption.
 RUNTIME_KEYS = frozenset({
     "ray", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage_path",
-    "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_actor",
+    "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
+    "gallery.cpus_per_actor",  # its old name, in the config.yaml of older runs
     "gallery.use_gpu", "gallery.batch_size",
 })
 

@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--data", help="npz with images/labels/test_images/test_labels (default: Fashion-MNIST)")
     parser.add_argument("--out", default="/tmp/bict-gpu")
     args = parser.parse_args()
-    overrides = ["train.use_gpu=true", "gallery.use_gpu=true", "train.cpus_per_worker=4", "gallery.cpus_per_actor=1"]
+    overrides = ["train.use_gpu=true", "gallery.use_gpu=true", "train.cpus_per_worker=4", "gallery.cpus_per_task=1"]
     if args.data:
         overrides += ["data.kind=npz", f"data.root={args.data}"]
     config = load_config("configs/smoke.yaml", overrides)

@@ -36,7 +36,7 @@ def test_quick_benchmark_prints_its_figures_as_json_last(tmp_path):
     # correctness of every output, checked by the benchmark itself
     for key in ("rows_equal", "ids_equal", "ray_equals_single_process", "identity_equals_input", "psi_moved_rows"):
         assert report[key] is True, key
-    assert report["threads"]["single_process_torch"] >= 1 and report["threads"]["actor_torch"] >= 1
+    assert report["threads"]["single_process_torch"] >= 1 and report["threads"]["task_torch"] >= 1
     machine = report["machine"]
     assert machine["cpu_count"] >= 1 and len(machine["load_avg_start"]) == 3 and len(machine["load_avg_end"]) == 3
     assert report["quick"] is True and report["rows"] <= 10_000
@@ -56,8 +56,8 @@ def test_bad_sizes_are_refused():
 
 def test_a_pool_that_would_hang_is_refused():
     run = subprocess.run(
-        [sys.executable, "bench/upgrade.py", "--quick", "--concurrency", "3", "--cpus-per-actor", "1",
+        [sys.executable, "bench/upgrade.py", "--quick", "--concurrency", "3", "--cpus-per-task", "1",
          "--ray-cpus", "2"], cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 2
-    assert "needs more than --ray-cpus 2: the pool would wait for its actors forever" in run.stderr
+    assert "needs more than --ray-cpus 2: the tasks could never run at once" in run.stderr

@@ -129,8 +129,9 @@ def test_upgrade_survives_losing_a_worker_node(tmp_path):
     assert report["staged_after_removal"] < script.SHARDS, report
     stats = report["stats"]
     assert (stats["shards"], stats["rows"]) == (script.SHARDS, script.SHARDS * script.ROWS_PER_SHARD), report
-    # the removed node worked before it went, the replacement after (the lost actor restarted there)
-    assert {report["victim"], report["replacement"]} <= set(stats["nodes"]), report
+    # the replacement took over: the tasks lost with the victim (their outputs too, which lived in its object
+    # store) ran again there, skipping the shards the victim had staged
+    assert report["replacement"] in stats["nodes"], report
 
     source = open_gallery(str(tmp_path / "v1"))
     upgraded = open_gallery(str(tmp_path / "v2"))  # checks every shard's sha256 against the manifest on read

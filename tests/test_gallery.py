@@ -28,7 +28,7 @@ IMAGE_SIZE = 8
 NUM_CLASSES = 4
 # Many small shards: the killed driver must still be mid-upgrade when the test has seen a few shards staged.
 SHARDS, ROWS_PER_SHARD = 120, 16
-CONFIG = GalleryConfig(rows_per_shard=16, batch_size=64, concurrency=1, cpus_per_actor=0.5)
+CONFIG = GalleryConfig(rows_per_shard=16, batch_size=64, concurrency=1, cpus_per_task=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 Usage: cluster_sequence.py sequence OUT | node-loss OUT. They run in a subprocess because the test session holds
 an in-process Ray instance of its own. The head has no CPUs and each worker node one CPU, so two Train workers
-(1 CPU each) and two gallery actors (0.6 CPU each) can only be placed one per node. The last line printed is a JSON
+(1 CPU each) and two gallery tasks (0.6 CPU each) can only be placed one per node. The last line printed is a JSON
 report of where things ran (after REPORT_PREFIX); the artifacts stay in OUT for the test to check.
 
 sequence: the smoke sequence (train phi_1, extract v1, train phi_2 and psi_1_2, upgrade v2, evaluate) with Train
-workers and Ray Data actors spread over the two worker nodes.
+workers and Ray Data tasks spread over the two worker nodes.
 
 node-loss: a gallery upgrade during which one worker node is removed (its processes killed) once a few shards are
 staged, and a replacement node added; the test compares the result with psi applied in-process.
@@ -27,7 +27,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 WORKER_NODES = 2
-GALLERY_CPUS = 0.6  # > 0.5: two gallery actors never fit on one 1-CPU node
+GALLERY_CPUS = 0.6  # > 0.5: two gallery tasks never fit on one 1-CPU node
 # node-loss: shards costly enough (a wide psi) that the upgrade is still running when a node goes away
 SHARDS, ROWS_PER_SHARD, DIM, HIDDEN = 40, 2000, 16, 1024
 REMOVE_AFTER_SHARDS = 4
@@ -72,15 +72,14 @@ def run_smoke_sequence(cluster: Cluster, out: str) -> dict:
 
     config = load_config("configs/smoke.yaml", [
         "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=1", "transform.epochs=1",
-        "gallery.concurrency=2", f"gallery.cpus_per_actor={GALLERY_CPUS}", "gallery.rows_per_shard=50"])
-    # dispatch no shard before both actors are up: else the first one started may take all 8 shards
-    ray.data.DataContext.get_current().wait_for_min_actors_s = 300
+        "gallery.concurrency=2", f"gallery.cpus_per_task={GALLERY_CPUS}", "gallery.rows_per_shard=50"])
     run_sequence(config, out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return {}
 
 
 def run_node_loss(cluster: Cluster, out: str) -> dict:
     from bict_ray.artifacts import load_artifact, save_artifact
+    from bict_ray import gallery
     from bict_ray.config import GalleryConfig
     from bict_ray.gallery import upgrade_gallery
     from bict_ray.models import UpgradeTransform
@@ -98,7 +97,10 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
     save_artifact(f"{out}/psi_1_2", psi, {"kind": "transform", "name": "psi_1_2", "source": "phi_1",
                                          "target": "phi_2"})
     transform = load_artifact(f"{out}/psi_1_2")
-    config = GalleryConfig(rows_per_shard=ROWS_PER_SHARD, concurrency=2, cpus_per_actor=GALLERY_CPUS)
+    config = GalleryConfig(rows_per_shard=ROWS_PER_SHARD, concurrency=2, cpus_per_task=GALLERY_CPUS)
+    # one shard a task: a task reports its shards when it ends, so the victim's work shows in the stats only if
+    # some of its tasks ended before the crash
+    gallery.TASK_ROWS = ROWS_PER_SHARD
 
     outcome = {}
 

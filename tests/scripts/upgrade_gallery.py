@@ -1,6 +1,6 @@
 """A driver that upgrades a gallery on an existing Ray instance, for the test that SIGKILLs it mid-upgrade.
 
-Usage: upgrade_gallery.py RAY_ADDRESS GALLERY TRANSFORM OUT. One actor, one shard at a time, so that the
+Usage: upgrade_gallery.py RAY_ADDRESS GALLERY TRANSFORM OUT. One task at a time, so that the
 upgrade is still running when the test sees its first shards staged.
 """
 
@@ -15,7 +15,7 @@ from bict_ray.gallery import upgrade_gallery
 
 def main(address: str, gallery: str, transform: str, out: str) -> None:
     ray.init(address=address, log_to_driver=False)
-    upgrade_gallery(GalleryConfig(concurrency=1, cpus_per_actor=0.5), gallery, load_artifact(transform), out)
+    upgrade_gallery(GalleryConfig(concurrency=1, cpus_per_task=0.5), gallery, load_artifact(transform), out)
     print("finished", flush=True)
 
 

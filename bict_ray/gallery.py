@@ -14,9 +14,12 @@ every call with actors, 0.2 s with tasks once the job's workers exist).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,8 +46,10 @@ class PipelineStats:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: str) -> tuple[GalleryVersion, PipelineStats]:
+def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: str,
+                    progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:
     """Embed ``images`` with ``model`` (phi_1) into a new committed gallery version at ``out`` (resumable).
+    ``progress``: called with a line on the shards staged so far every ``PROGRESS_EVERY_S`` seconds.
 
     Shard i holds rows ``i * rows_per_shard ...`` of ``images`` in their order, so a rerun after a kill maps the
     same rows to the same shards and skips those already written.
@@ -56,7 +61,7 @@ def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: 
     num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
     started = time.perf_counter()
     writer = GalleryWriter(out, dim=dim, lineage=[name], space=name, normalised=True)
-    results = _run_pool(_ExtractShard, cfg, num_shards, cfg.rows_per_shard, dict(
+    results = _run_pool(_ExtractShard, cfg, writer, num_shards, progress, dict(
         card=model.card, state=model.state, data=ray.put((images.images, images.labels, images.ids)),
         out=out, dim=dim, lineage=[name], space=name, rows_per_shard=cfg.rows_per_shard,
         batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
@@ -64,9 +69,10 @@ def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: 
     return version, _stats(results, started)
 
 
-def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform: Artifact,
-                    out: str) -> tuple[GalleryVersion, PipelineStats]:
+def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform: Artifact, out: str,
+                    progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:
     """G <- psi(G): a new version at ``out`` with the same ids, lineage extended by psi. Resumable after a kill.
+    ``progress``: called with a line on the shards staged so far every ``PROGRESS_EVERY_S`` seconds.
 
     Refuses a transform whose source model is not the space the gallery is in, and an ``out`` that already holds a
     committed version.
@@ -89,7 +95,7 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
     started = time.perf_counter()
     writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card["target"], normalised=True,
                            extra={"source_version": source.path})
-    results = _run_pool(_UpgradeShard, cfg, source.num_shards, source.num_rows / source.num_shards, dict(
+    results = _run_pool(_UpgradeShard, cfg, writer, source.num_shards, progress, dict(
         card=card, state=transform.state, source=source, out=out, dim=dim, lineage=lineage,
         space=card["target"], use_gpu=cfg.use_gpu))
     version = writer.commit(num_shards=source.num_shards, records=_records(results))
@@ -100,10 +106,14 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
 
 # torch threads per pipeline task: the pipeline scales by tasks, one core each
 WORKER_THREADS = 1
-# Rows a task processes (whole shards, at least one): enough that Ray Data's per-task cost is small beside the
-# work (upgrading 262k x 256 rows on 2 cores: 32k rows/s at one 4,096-row shard a task, 50k at eight), few
-# enough that the shards still spread over every task (see _shards_per_task).
-TASK_ROWS = 32768
+# Tasks per concurrent slot: each task takes an equal run of consecutive shards. Few and long, because Ray Data
+# notices a finished task only every 0.1 s and a task's start costs too: upgrading 524k x 256 rows with 2 slots
+# on 2 cores ran at 56k rows/s in 8 tasks a slot, 69k in 2, 75k in 1. Two, so that a slow slot can hand its
+# second task to a faster one. A task lost with its node costs little either way: its shards already staged
+# are skipped when it runs again.
+TASKS_PER_SLOT = 2
+# seconds between two progress lines of a pipeline
+PROGRESS_EVERY_S = 10.0
 
 
 class _ShardWorker:
@@ -171,11 +181,11 @@ def _process_shards(batch: dict[str, np.ndarray], worker: type[_ShardWorker], kw
     return worker(**ray.get(kwargs))(batch)
 
 
-def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, num_shards: int, rows_per_shard: float,
-              kwargs: dict) -> list[dict]:
+def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, writer: GalleryWriter, num_shards: int,
+              progress: Callable[[str], None] | None, kwargs: dict) -> list[dict]:
     """Map shard indices through Ray Data tasks; returns one record per shard."""
     concurrency = max(1, min(cfg.concurrency, num_shards))
-    per_task = _shards_per_task(num_shards, rows_per_shard, concurrency)
+    per_task = -(-num_shards // (TASKS_PER_SLOT * concurrency))
     # the indices come from the driver (from_items), not from a read task: such a task holds a whole CPU, and on
     # nodes of 1 CPU it deadlocks beside map tasks that need more than the rest of its node. One block a task
     # (batch_size=None), so that per_task decides how the shards are grouped.
@@ -184,13 +194,32 @@ def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, num_shards: int, r
         _process_shards, fn_kwargs=dict(worker=worker, kwargs=ray.put(kwargs)), batch_size=None,
         compute=ray.data.TaskPoolStrategy(size=concurrency),
         num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0)
-    return dataset.take_all()
+    with _watch(writer, num_shards, progress):
+        return dataset.take_all()
 
 
-def _shards_per_task(num_shards: int, rows_per_shard: float, concurrency: int) -> int:
-    """Shards a task takes: about TASK_ROWS rows, but at least 4 tasks per concurrent slot when there are
-    shards enough (so that the slots finish together and a lost task costs little to redo)."""
-    return max(1, min(int(TASK_ROWS // max(rows_per_shard, 1)), num_shards // (4 * concurrency)))
+@contextlib.contextmanager
+def _watch(writer: GalleryWriter, num_shards: int, progress: Callable[[str], None] | None) -> Iterator[None]:
+    """Report the shards staged every PROGRESS_EVERY_S seconds while the body runs (a task reports to Ray Data
+    only when all its shards are done, so Ray Data's own progress moves in a few big steps)."""
+    if progress is None:
+        yield
+        return
+    stop, started = threading.Event(), time.perf_counter()
+
+    def report() -> None:
+        while not stop.wait(PROGRESS_EVERY_S):
+            staged = writer.staged_count()
+            elapsed = time.perf_counter() - started
+            progress(f"{writer.staging_path}: {staged}/{num_shards} shards staged after {elapsed:.0f} s")
+
+    thread = threading.Thread(target=report, name="gallery-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _refuse_committed(out: str) -> None:

@@ -137,6 +137,9 @@ class SequenceRunner:
             self.log(f"[sequence] {name}: trained already ({folder}), skipped")
         return existing
 
+    def _progress(self, line: str) -> None:
+        self.log(f"[sequence] {line}")
+
     def _training_split(self, t: int):
         """Model t's split and its training images (psi_{t-1->t} trains on the same images as phi_t)."""
         split = self.splits[t - 1]
@@ -149,13 +152,13 @@ class SequenceRunner:
         elif t == 1:
             self.log(f"[sequence] extracting gallery v1 with phi_1 ({len(self.dataset.test)} images)")
             _, stats = self._timed("extract gallery v1", lambda: extract_gallery(
-                self.config.gallery, self.models[1], self.dataset.test, out))
+                self.config.gallery, self.models[1], self.dataset.test, out, progress=self._progress))
             self.log(f"[sequence] gallery v1: {stats.rows} rows in {stats.shards} shards, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes["v1"] = sorted(stats.nodes)
         else:
             source = open_gallery(str(self.run_dir.gallery_dir(t - 1)))
             _, stats = self._timed(f"upgrade gallery v{t}", lambda: upgrade_gallery(
-                self.config.gallery, source, self.transforms[t], out))
+                self.config.gallery, source, self.transforms[t], out, progress=self._progress))
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
                      f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)

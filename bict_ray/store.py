@@ -164,6 +164,12 @@ class GalleryWriter:
         _write_atomic(self._staging, name, data)
         return _shard_record(name, hashlib.sha256(data).hexdigest(), len(data), table.column("id").to_numpy())
 
+    def staged_count(self) -> int:
+        """How many shard files are staged so far (one listing; for progress, not a check)."""
+        selector = pafs.FileSelector(self._staging.path, allow_not_found=True)
+        infos = self._staging.fs.get_file_info(selector)
+        return sum(1 for info in infos if _SHARD_RE.match(posixpath.basename(info.path)))
+
     def has_shard(self, index: int, expected_rows: int | None = None) -> bool:
         """Whether shard ``index`` is already staged complete: readable footer, this gallery's
         schema and (if given) ``expected_rows`` rows. A resumed upgrade skips shards for which

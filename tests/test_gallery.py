@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,17 @@ def test_extract_stores_the_models_embeddings_with_the_images_ids(ray_session, a
     np.testing.assert_allclose(embeddings, embed_images(artifacts["phi_1"].module, images.images), atol=1e-5)
     assert (version.lineage, version.space, version.num_shards) == (["phi_1"], "phi_1", 3)
     assert (stats.rows, stats.shards, stats.skipped_shards) == (40, 3, 0)
+
+
+def test_a_long_pipeline_reports_the_shards_staged(ray_session, artifacts, source_gallery, tmp_path, monkeypatch):
+    import bict_ray.gallery
+
+    monkeypatch.setattr(bict_ray.gallery, "PROGRESS_EVERY_S", 0.05)
+    lines = []
+    upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"), progress=lines.append)
+    counts = [int(re.search(r"(\d+)/120 shards staged after \d+ s$", line).group(1)) for line in lines]
+    assert counts and counts == sorted(counts) and counts[-1] <= SHARDS
+    assert all(line.startswith(str(tmp_path / "v2.staging")) for line in lines)
 
 
 def test_upgrade_applies_psi_shard_by_shard_and_extends_the_lineage(upgraded, source_gallery, artifacts):

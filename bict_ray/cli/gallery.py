@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def run_extract(args) -> int:
     config = config_from_args(args)
     ensure_ray(config.ray)
     model = load_artifact(args.model)
-    version, stats = extract_gallery(config.gallery, model, load_dataset(config.data).test, args.out)
+    version, stats = extract_gallery(config.gallery, model, load_dataset(config.data).test, args.out,
+                                     progress=_progress)
     print(f"extracted {version.path}: {_stats_line(stats)}; lineage {' -> '.join(version.lineage)}")
     return 0
 
@@ -58,7 +60,8 @@ def run_upgrade(args) -> int:
 
     config = config_from_args(args)
     ensure_ray(config.ray)
-    version, stats = upgrade_gallery(config.gallery, args.gallery, load_artifact(args.transform), args.out)
+    version, stats = upgrade_gallery(config.gallery, args.gallery, load_artifact(args.transform), args.out,
+                                     progress=_progress)
     print(f"upgraded {args.gallery} -> {version.path}: {_stats_line(stats)}; "
           f"lineage {' -> '.join(version.lineage)}")
     return 0
@@ -89,6 +92,10 @@ def run_evaluate(args) -> int:
     if args.out:
         _write_text(Path(args.out), text + "\n")
     return 0
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _stats_line(stats) -> str:

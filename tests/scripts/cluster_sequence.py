@@ -100,7 +100,7 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
     config = GalleryConfig(rows_per_shard=ROWS_PER_SHARD, concurrency=2, cpus_per_task=GALLERY_CPUS)
     # one shard a task: a task reports its shards when it ends, so the victim's work shows in the stats only if
     # some of its tasks ended before the crash
-    gallery.TASK_ROWS = ROWS_PER_SHARD
+    gallery.TASKS_PER_SLOT = SHARDS
 
     outcome = {}
 

@@ -184,18 +184,24 @@ def _process_shards(batch: dict[str, np.ndarray], worker: type[_ShardWorker], kw
 def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, writer: GalleryWriter, num_shards: int,
               progress: Callable[[str], None] | None, kwargs: dict) -> list[dict]:
     """Map shard indices through Ray Data tasks; returns one record per shard."""
-    concurrency = max(1, min(cfg.concurrency, num_shards))
-    per_task = -(-num_shards // (TASKS_PER_SLOT * concurrency))
-    # the indices come from the driver (from_items), not from a read task: such a task holds a whole CPU, and on
-    # nodes of 1 CPU it deadlocks beside map tasks that need more than the rest of its node. One block a task
-    # (batch_size=None), so that per_task decides how the shards are grouped.
-    indices = [{"id": i} for i in range(num_shards)]
-    dataset = ray.data.from_items(indices, override_num_blocks=-(-num_shards // per_task)).map_batches(
+    dataset = shard_tasks(num_shards, cfg.concurrency).map_batches(
         _process_shards, fn_kwargs=dict(worker=worker, kwargs=ray.put(kwargs)), batch_size=None,
-        compute=ray.data.TaskPoolStrategy(size=concurrency),
+        compute=ray.data.TaskPoolStrategy(size=min(cfg.concurrency, num_shards)),
         num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0)
     with _watch(writer, num_shards, progress):
         return dataset.take_all()
+
+
+def shard_tasks(num_shards: int, concurrency: int) -> ray.data.Dataset:
+    """The shard indices 0 .. num_shards-1 (column ``id``) in one block per task, TASKS_PER_SLOT tasks for each of
+    ``concurrency`` slots: map it with ``batch_size=None`` so that each task takes one run of consecutive shards.
+
+    The indices come from the driver (``from_items``), not from a read task (``ray.data.range``): such a task holds
+    a whole CPU, and on nodes of 1 CPU it deadlocks beside map tasks that need more than the rest of its node.
+    """
+    slots = max(1, min(concurrency, num_shards))
+    per_task = -(-num_shards // (TASKS_PER_SLOT * slots))
+    return ray.data.from_items([{"id": i} for i in range(num_shards)], override_num_blocks=-(-num_shards // per_task))
 
 
 @contextlib.contextmanager

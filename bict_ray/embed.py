@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bict_ray.models import FoldedTransform, UpgradeTransform
+
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) uint8 -> float32 in [-1, 1]."""
@@ -53,18 +55,27 @@ def model_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
 UPGRADE_BLOCK_ROWS = 1024
 
 
+def inference_form(psi: nn.Module | FoldedTransform) -> nn.Module | FoldedTransform:
+    """psi as upgrades apply it: an ``UpgradeTransform`` folded (``UpgradeTransform.folded``), any other module in
+    eval mode. Fold once and pass the result to ``upgrade_embeddings`` when applying psi to many shards."""
+    if isinstance(psi, FoldedTransform):
+        return psi
+    psi.eval()
+    return psi.folded() if isinstance(psi, UpgradeTransform) else psi
+
+
 @torch.no_grad()
-def upgrade_embeddings(transforms: Sequence[nn.Module], embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+def upgrade_embeddings(transforms: Sequence[nn.Module | FoldedTransform],
+                       embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
     """Apply psi_{s->s+1}, then the next, ... to (N, D) stored embeddings; each output is L2-normalised.
 
     Normalising after every transform keeps each intermediate exactly what that gallery version stores.
-    Transforms with a ``folded()`` form (``UpgradeTransform``) run folded, in blocks of ``UPGRADE_BLOCK_ROWS``.
+    Each transform runs in its ``inference_form``, in blocks of ``UPGRADE_BLOCK_ROWS``.
     """
     # a copy: Parquet-backed arrays are read-only, and psi must not write into the caller's rows
     x = torch.tensor(np.asarray(embeddings, dtype=np.float32))
     for psi in transforms:
-        psi.eval()
-        apply = psi.folded() if hasattr(psi, "folded") else psi
+        apply = inference_form(psi)
         out = x.new_empty((len(x), psi.spec["d_out"]))
         for start in range(0, len(x), UPGRADE_BLOCK_ROWS):
             block = apply(x[start:start + UPGRADE_BLOCK_ROWS])

@@ -1,8 +1,9 @@
 """Retrieval evaluation against a committed gallery version, its shards searched in parallel on Ray Data.
 
-Gallery shard *indices* are mapped through Ray Data tasks (a run of shards each, ``gallery.shard_tasks``); a task
-reads its shards one at a time (``GalleryVersion.read_shard``, checksum verified) and returns for each the small
-per-shard result of ``bict_ray.metrics`` (top-k lists, positives or rank counts), which the driver combines. Rows never pass through the object store; the queries do, once (``ray.put``).
+Gallery shard *indices* are mapped through Ray Data tasks (a run of shards each, ``gallery.map_shard_tasks``); a
+task reads its shards one at a time (``GalleryVersion.read_shard``, checksum verified) and returns for each the
+small per-shard result of ``bict_ray.metrics`` (top-k lists, positives or rank counts), which the driver combines.
+Rows never pass through the object store; the queries do, once (``ray.put``).
 The result equals ``retrieval_metrics`` on the whole gallery in memory:
 
 - mAP@k (``map_at`` set), one pass: ``shard_topk`` -> ``merge_shard_topk`` -> ``metrics_from_topk``.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import ray
 
-from bict_ray.gallery import shard_tasks
+from bict_ray.gallery import map_shard_tasks
 from bict_ray.metrics import (
     merge_positives,
     merge_shard_topk,
@@ -82,9 +83,8 @@ def _map_shards(version: GalleryVersion, queries, pass_fn: Callable, kwargs: dic
                 cpus_per_task: float) -> Iterator:
     """Yield ``pass_fn(query, labels, ids, shard, **kwargs)`` for every shard of ``version``, in any order."""
     num_shards = version.num_shards
-    dataset = shard_tasks(num_shards, concurrency).map_batches(
-        _shard_pass, batch_size=None, fn_kwargs=dict(version=version, queries=queries, pass_fn=pass_fn, **kwargs),
-        compute=ray.data.TaskPoolStrategy(size=max(1, min(concurrency, num_shards))), num_cpus=cpus_per_task)
+    dataset = map_shard_tasks(version.num_shards, concurrency, _shard_pass,
+                              dict(version=version, queries=queries, pass_fn=pass_fn, **kwargs), num_cpus=cpus_per_task)
     for row in dataset.iter_rows():
         # per-shard results are numpy-holding dataclasses: they travel as one pickled value each
         yield pickle.loads(row["result"])

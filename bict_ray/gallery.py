@@ -1,7 +1,7 @@
 """The serving half of BiCT on Ray Data: extract a gallery once, then upgrade it from its embeddings alone.
 
-Both pipelines map *shard indices* through Ray Data tasks (``from_items(indices).map_batches(fn)``): a task takes
-a few consecutive shards, builds its model once, and for each shard i reads its input rows, embeds or transforms
+Both pipelines map *shard indices* through Ray Data tasks (``map_shard_tasks``): a task takes a run of
+consecutive shards, builds its model once, and for each shard i reads its input rows, embeds or transforms
 them and writes output shard i itself. Keeping output shard i a pure function of input shard i is what makes an
 upgrade resumable: a killed run re-run skips the shards already written (``GalleryWriter.has_shard``), and the
 result has the same bytes as an uninterrupted run, which a streaming read->map->write of blocks cannot promise.
@@ -29,7 +29,7 @@ import torch
 from bict_ray.artifacts import Artifact, module_from_state
 from bict_ray.config import GalleryConfig
 from bict_ray.data import ImageSet
-from bict_ray.embed import embed_images, upgrade_embeddings
+from bict_ray.embed import embed_images, inference_form, upgrade_embeddings
 from bict_ray.store import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
 
 
@@ -163,7 +163,7 @@ class _ExtractShard(_ShardWorker):
 class _UpgradeShard(_ShardWorker):
     def __init__(self, card, state, source: GalleryVersion, **kwargs):
         super().__init__(**kwargs)
-        self.psi = module_from_state(card, state)
+        self.psi = inference_form(module_from_state(card, state))  # folded once for all the task's shards
         self.source = source
 
     def expected_rows(self, index: int) -> int:
@@ -184,24 +184,28 @@ def _process_shards(batch: dict[str, np.ndarray], worker: type[_ShardWorker], kw
 def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, writer: GalleryWriter, num_shards: int,
               progress: Callable[[str], None] | None, kwargs: dict) -> list[dict]:
     """Map shard indices through Ray Data tasks; returns one record per shard."""
-    dataset = shard_tasks(num_shards, cfg.concurrency).map_batches(
-        _process_shards, fn_kwargs=dict(worker=worker, kwargs=ray.put(kwargs)), batch_size=None,
-        compute=ray.data.TaskPoolStrategy(size=min(cfg.concurrency, num_shards)),
-        num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0)
+    dataset = map_shard_tasks(num_shards, cfg.concurrency, _process_shards,
+                              dict(worker=worker, kwargs=ray.put(kwargs)),
+                              num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0)
     with _watch(writer, num_shards, progress):
         return dataset.take_all()
 
 
-def shard_tasks(num_shards: int, concurrency: int) -> ray.data.Dataset:
-    """The shard indices 0 .. num_shards-1 (column ``id``) in one block per task, TASKS_PER_SLOT tasks for each of
-    ``concurrency`` slots: map it with ``batch_size=None`` so that each task takes one run of consecutive shards.
+def map_shard_tasks(num_shards: int, concurrency: int, fn: Callable, fn_kwargs: dict, num_cpus: float,
+                    num_gpus: float = 0) -> ray.data.Dataset:
+    """``fn(batch, **fn_kwargs)`` over the shard indices 0 .. num_shards-1 in Ray Data tasks, at most
+    ``concurrency`` at once: TASKS_PER_SLOT tasks a slot, each called once with a run of consecutive shard indices
+    (``batch["id"]``).
 
     The indices come from the driver (``from_items``), not from a read task (``ray.data.range``): such a task holds
     a whole CPU, and on nodes of 1 CPU it deadlocks beside map tasks that need more than the rest of its node.
     """
     slots = max(1, min(concurrency, num_shards))
     per_task = -(-num_shards // (TASKS_PER_SLOT * slots))
-    return ray.data.from_items([{"id": i} for i in range(num_shards)], override_num_blocks=-(-num_shards // per_task))
+    indices = ray.data.from_items([{"id": i} for i in range(num_shards)],
+                                  override_num_blocks=-(-num_shards // per_task))
+    return indices.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=None, compute=ray.data.TaskPoolStrategy(size=slots),
+                               num_cpus=num_cpus, num_gpus=num_gpus)
 
 
 @contextlib.contextmanager

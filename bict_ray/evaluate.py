@@ -103,7 +103,7 @@ def _shard_pass(batch: dict[str, np.ndarray], *, version: GalleryVersion, querie
 
 def _topk_pass(query, labels, ids, shard, *, depth: int):
     shard_ids, shard_labels, emb = shard
-    # one faiss thread: the tasks already run side by side on the machine's cores
+    # one search thread: the tasks already run side by side on the machine's cores
     return shard_topk(query, labels, emb, shard_labels, shard_ids, depth, ids, threads=1)
 
 

@@ -24,8 +24,8 @@ returns a small picklable result; the driver combines them:
   The merged positives hold every (query, positive) pair, 12 bytes each: that bounds where exact mAP fits.
 
 `sharded_retrieval_metrics` runs those passes in one process; `retrieval_metrics` is the in-memory path.
-Both give the same numbers. In mAP@k mode the scores come from faiss, which scores a pair identically in
-any block or shard. In exact mode they come from a BLAS matmul, whose last bit can depend on the block
+Both give the same numbers. In mAP@k mode the scores come from `exact_search`, which scores a pair
+identically in any block or shard. In exact mode they come from a BLAS matmul, whose last bit can depend on the block
 shape, so two items within one float32 ulp of each other may swap between the two paths.
 
 Exact mode sorts every score row by integer keys that numpy sorts by radix (`_sort_order`): one pass
@@ -195,7 +195,7 @@ def shard_topk(
     """mAP@k pass over one shard: each query's top-k in the shard (self excluded) and its positive count.
 
     query (Q, D) float32; shard_emb (G_s, D) float32; labels and ids integer vectors; k >= max(ks, map_at).
-    threads: faiss threads (see `exact_search`).
+    threads: search threads (see `exact_search`).
     """
     query_labels, query_ids = _check_queries(query, query_labels, query_ids)
     shard = _ShardIndex.checked(query.shape[1], shard_emb, shard_labels, shard_ids, "shard")

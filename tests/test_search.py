@@ -1,12 +1,31 @@
-"""Exact search and top-k merging: against numpy brute force, with ties, and refusing bad input."""
+"""Exact search and top-k merging: against numpy brute force, with ties, and refusing bad input.
+
+Every test of `exact_search` runs twice: on the compiled top-k (`bict_ray/_topk.cpp`, what an install
+builds) and on the faiss fallback (what runs where it could not be built)."""
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
+from bict_ray import search
 from bict_ray.search import exact_search, merge_topk
+
+
+@pytest.fixture(autouse=True, params=["compiled", "faiss"])
+def search_kernel(request, monkeypatch):
+    if request.param == "faiss":
+        monkeypatch.setattr(search, "_kernel", [None])
+    return request.param
+
+
+def integer_rows(rng, n, dim, span=2):
+    """Small integers as float32: every inner product is an exact integer whatever the order of the sum, so
+    the expected ranking is known exactly, and ties are everywhere."""
+    return rng.integers(-span, span + 1, (n, dim)).astype(np.float32)
 
 
 def unit_rows(rng, n, dim):
@@ -72,14 +91,83 @@ def test_k_beyond_gallery_is_clamped_to_gallery_size():
     np.testing.assert_array_equal(np.sort(indices, axis=1), np.tile([0, 1, 2], (4, 1)))
 
 
-def test_threads_apply_to_the_call_only():
+def blas_threads():
+    return [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_threads_apply_to_the_call_only(monkeypatch):
+    monkeypatch.setattr(search, "_INLINE_PAIRS", 0)  # use threads even on this small search
     rng = np.random.default_rng(2)
-    before = faiss.omp_get_max_threads()
-    query, gallery = unit_rows(rng, 5, 8), unit_rows(rng, 50, 8)
+    before, blas_before = faiss.omp_get_max_threads(), blas_threads()
+    query, gallery = unit_rows(rng, 5, 8), unit_rows(rng, 5000, 8)
     _, one_thread = exact_search(query, gallery, 5, threads=1)
     _, default = exact_search(query, gallery, 5)
+    _, three = exact_search(query, gallery, 5, threads=3)
     np.testing.assert_array_equal(one_thread, default)
+    np.testing.assert_array_equal(one_thread, three)
     assert faiss.omp_get_max_threads() == before
+    assert blas_threads() == blas_before
+
+
+def test_concurrent_searches_restore_the_blas_threads(monkeypatch):
+    monkeypatch.setattr(search, "_INLINE_PAIRS", 0)
+    rng = np.random.default_rng(3)
+    query, gallery = unit_rows(rng, 64, 16), unit_rows(rng, 6000, 16)
+    expected = exact_search(query, gallery, 9, threads=1)[1]
+    before = blas_threads()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: exact_search(query, gallery, 9, threads=t)[1], [1, 2, 3, 2, 1, 2]))
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize(
+    "num_queries, num_gallery, dim, k, threads",
+    [
+        (1, 5000, 16, 10, 2),  # one query: the gallery is split between the threads, their lists merged
+        (2, 4100, 8, 100, 3),  # a short last tile; three gallery ranges
+        (37, 2048, 4, 1, 2),  # exactly one tile, k = 1, heavy ties
+        (70, 700, 32, 700, 2),  # k = the whole gallery: a full sort
+        (90, 6000, 8, 300, 1),  # the candidate buffers fill and compact many times
+        (130, 3000, 64, 25, 4),  # query blocks of 33 rows on four threads
+    ],
+)
+def test_exact_search_is_exact_on_integer_data(monkeypatch, num_queries, num_gallery, dim, k, threads):
+    monkeypatch.setattr(search, "_INLINE_PAIRS", 0)
+    rng = np.random.default_rng(num_queries)
+    query, gallery = integer_rows(rng, num_queries, dim), integer_rows(rng, num_gallery, dim)
+    ids = rng.permutation(10 * num_gallery)[:num_gallery]
+    scores, indices = exact_search(query, gallery, k, gallery_ids=ids, threads=threads)
+    expected_scores, expected = brute_force_topk(query, gallery, k, ids)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_query_blocks_and_threads_do_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(5)
+    query, gallery = unit_rows(rng, 200, 32), unit_rows(rng, 5000, 32)
+    reference = exact_search(query, gallery, 50, threads=1)
+    monkeypatch.setattr(search, "_INLINE_PAIRS", 0)
+    monkeypatch.setattr(search, "SEARCH_QUERY_BLOCK", 7)
+    for threads in (1, 2, 5):
+        result = exact_search(query, gallery, 50, threads=threads)
+        np.testing.assert_array_equal(result[1], reference[1])
+        np.testing.assert_array_equal(result[0], reference[0])
+
+
+def test_the_compiled_top_k_is_built_and_agrees_with_faiss(search_kernel):
+    # An install that silently failed to build it would run the slower fallback everywhere.
+    if search_kernel == "faiss":
+        pytest.skip("compares the compiled top-k against this fallback")
+    assert search._topk_kernel() is not None, "bict_ray/_topk.cpp was not built: reinstall with a C++ compiler"
+    rng = np.random.default_rng(6)
+    query, gallery = unit_rows(rng, 300, 64), unit_rows(rng, 9000, 64)
+    scores, indices = exact_search(query, gallery, 40)
+    faiss_scores, faiss_indices = faiss.knn(query, gallery, 40, metric=faiss.METRIC_INNER_PRODUCT)
+    # two BLAS builds: the same lists up to near-ties within float32 rounding
+    assert (indices == faiss_indices).all(axis=1).mean() > 0.95
+    np.testing.assert_allclose(scores, faiss_scores, atol=1e-6)
 
 
 @pytest.mark.parametrize("cuts", [[], [40], [1, 2, 50], [0, 30, 30, 89]])

@@ -71,6 +71,12 @@ _MAX_RUN = 16
 Shard = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+def _DENSE_ID_SPAN(size: int) -> int:
+    """The widest id range that `_ShardIndex` looks up through a table of positions (8 bytes an id of the range):
+    16 per item, or 8 MB, whichever is larger; sparser ids are found by binary search."""
+    return max(16 * size, 1 << 20)
+
+
 @dataclass(frozen=True, eq=False)
 class ShardTopK:
     """Each query's top-k gallery items in one shard, or merged over shards.
@@ -334,6 +340,14 @@ class _ShardIndex:
         self.size = len(ids)
         self.id_order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self.id_order]
+        # Ids within a moderate span (image indices, split into shards) are looked up in a table of positions,
+        # one read per id: exact mAP looks up every positive of every query in every shard, and a binary
+        # search over the sorted ids cost 30-40 ns each (a quarter of a sharded exact evaluation).
+        self._first_id, self._table = 0, None
+        if self.size and int(self._sorted_ids[-1]) - int(self._sorted_ids[0]) < _DENSE_ID_SPAN(self.size):
+            self._first_id = int(self._sorted_ids[0])
+            self._table = np.full(int(self._sorted_ids[-1]) - self._first_id + 1, -1, dtype=np.int64)
+            self._table[ids - self._first_id] = np.arange(self.size)
 
     @classmethod
     def checked(cls, dim: int, emb, labels, ids, name: str) -> _ShardIndex:
@@ -348,6 +362,10 @@ class _ShardIndex:
         """Shard positions of the wanted ids, -1 where an id is not in the shard."""
         if self.size == 0:
             return np.full(len(wanted), -1, dtype=np.int64)
+        if self._table is not None:
+            offset = np.asarray(wanted, dtype=np.int64) - self._first_id
+            inside = (offset >= 0) & (offset < len(self._table))
+            return np.where(inside, self._table[np.where(inside, offset, 0)], -1)
         pos = np.minimum(np.searchsorted(self._sorted_ids, wanted), self.size - 1)
         return np.where(self._sorted_ids[pos] == wanted, self.id_order[pos], -1)
 

@@ -354,6 +354,22 @@ def test_sharded_equals_in_memory_on_continuous_data(map_at, sort_passes):
     assert_same_metrics(result, expected, tol=1e-9)
 
 
+@pytest.mark.parametrize("map_at", [None, 5])
+def test_sparse_ids_give_the_same_metrics_as_dense_ones(map_at):
+    # Ids within a moderate span are found through a table of positions, sparse ones (hashes, say) by binary
+    # search: both must find the same positives and own entries, in shards and in memory.
+    problem = tied_problem(3)
+    sparse = {**problem, "query_ids": problem["query_ids"] * 10**12 + 7, "gallery_ids": problem["gallery_ids"] * 10**12 + 7}
+    expected = retrieval_metrics(**problem, ks=(1, 5), map_at=map_at)
+    for case in (problem, sparse):
+        shards = split_into_shards(case, [30, 31, 60], seed=1)
+        result = sharded_retrieval_metrics(
+            case["query"], case["query_labels"], lambda: shards, case["query_ids"], ks=(1, 5), map_at=map_at
+        )
+        assert_same_metrics(result, expected, tol=0)
+        assert_same_metrics(retrieval_metrics(**case, ks=(1, 5), map_at=map_at), expected, tol=0)
+
+
 def test_shard_passes_combine_as_documented():
     # The runner's view: each pass one call per shard, combined on the driver. Exact ranks read with a
     # cut-off agree with the top-k pass.

@@ -18,7 +18,9 @@ same run, each as rows/s over the whole gallery, wall clock from the call to the
 - (c) memory bandwidth: a plain numpy copy (``--threads`` threads) of the gallery's row bytes
   (``rows x (16 + 4 dim)``), reported as GB/s and as the equivalent rows/s;
 - psi alone: ``upgrade_embeddings`` on one in-memory shard, 1 thread and ``--threads`` threads: the compute
-  bound, for reading the figures above.
+  bound, for reading the figures above;
+- ours with ``gallery.upgrade_precision=bfloat16`` (psi computing in bfloat16) at the largest concurrency: rows/s,
+  its fraction of (b), and how far its rows are from float32's on the sample shards.
 
 Fixed costs: Ray's start (``ray.init``), a cold and a warm tiny identity pipeline (a few rows per task: the
 fixed cost of one pipeline in a new job and in a job whose workers exist), and for each run the time until its first output shard is staged and the time
@@ -110,9 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
         started_ray, ray_init_s = start_ray(args.ray_cpus)
         configure_ray_data()
 
-        def config(concurrency: int) -> GalleryConfig:
+        def config(concurrency: int, precision: str = "float32") -> GalleryConfig:
             return GalleryConfig(rows_per_shard=args.rows_per_shard, concurrency=concurrency,
-                                 cpus_per_task=args.cpus_per_task)
+                                 cpus_per_task=args.cpus_per_task, upgrade_precision=precision)
 
         # The first pipeline of a fresh Ray instance pays for starting workers and importing torch there.
         cold = run_upgrade(config(max(args.concurrency)), tiny, identity, os.path.join(root, "tiny-cold"), monitor)
@@ -129,6 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
                 ident[c] = best(ident.get(c), run_upgrade(config(c), source, identity,
                                                           os.path.join(root, f"identity-{c}"), monitor, input_ids,
                                                           samples))
+        # gallery.upgrade_precision=bfloat16 at the largest concurrency: psi in bfloat16, the same pipeline
+        fast, fast_c = None, max(args.concurrency)
+        for _ in range(args.repeat):
+            log(f"ours in bfloat16: upgrade_gallery with psi, {fast_c} task(s) at once")
+            fast = best(fast, run_upgrade(config(fast_c, "bfloat16"), source, psi, os.path.join(root, "bf16"),
+                                          monitor, input_ids, samples))
         single = None
         for _ in range(args.repeat):
             log("(a) the single-process loop")
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         copy_s, copy_bytes = measure_copy(np, args.rows * row_bytes(args.dim), args.threads)
         psi_rate = {1: psi_only_rate(torch, psi, input_samples[0], 1),
                     args.threads: psi_only_rate(torch, psi, input_samples[0], args.threads)}
+        psi_bf16_rate = psi_only_rate(torch, psi, input_samples[0], 1, "bfloat16")
         torch.set_num_threads(args.threads)
 
         best_c = max(ours, key=lambda c: ours[c]["rows_per_s"])
@@ -172,6 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
             "fraction_of_identity": ours[best_c]["rows_per_s"] / ident[best_c]["rows_per_s"],
             "fraction_of_identity_by_concurrency": {str(c): ours[c]["rows_per_s"] / ident[c]["rows_per_s"]
                                                     for c in ours},
+            "bfloat16": {
+                "concurrency": fast_c,
+                "rows_per_s": fast["rows_per_s"],
+                "fraction_of_identity": fast["rows_per_s"] / ident[fast_c]["rows_per_s"],
+                "speedup_vs_float32": fast["rows_per_s"] / ours[fast_c]["rows_per_s"],
+                "psi_only_rows_per_s_1_thread": psi_bf16_rate,
+                "max_abs_diff_vs_float32": max(float(np.abs(fast["samples"][i] - ours[fast_c]["samples"][i]).max())
+                                               for i in samples),
+                "min_cosine_vs_float32": min(float((fast["samples"][i] * ours[fast_c]["samples"][i]).sum(1).min())
+                                             for i in samples),
+                "seconds": fast["seconds"],
+            },
             "scaling_by_concurrency": {str(c): ours[c]["rows_per_s"] / ours[min(ours)]["rows_per_s"] for c in ours},
             # a pipeline's fixed cost: a warm Ray Data pipeline over a few rows per task, start to commit
             "pipeline_fixed_seconds": warm["seconds"],
@@ -197,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
             "after_last_shard_seconds": {**{f"ours_{c}": ours[c]["after_last_shard_s"] for c in ours},
                                          **{f"identity_{c}": ident[c]["after_last_shard_s"] for c in ident}},
             "single_process_phase_seconds": single["phases"],
-            "rows_equal": all(r["rows_equal"] for r in [*ours.values(), *ident.values(), single]),
-            "ids_equal": all(r["ids_equal"] for r in [*ours.values(), *ident.values(), single]),
+            "rows_equal": all(r["rows_equal"] for r in [*ours.values(), *ident.values(), single, fast]),
+            "ids_equal": all(r["ids_equal"] for r in [*ours.values(), *ident.values(), single, fast]),
             "ray_equals_single_process": all(c["max_abs_diff"] <= 1e-5 for c in compare.values()),
             "ray_vs_single_process_max_abs_diff": max(c["max_abs_diff"] for c in compare.values()),
             # byte-identical shard files (sha256 in the manifests), ours vs (a): thread counts differ (1 per task)
@@ -473,16 +494,18 @@ def measure_copy(np, total_bytes: int, threads: int, chunk: int = 64 * MB, minim
     return seconds, passes * size * threads
 
 
-def psi_only_rate(torch, transform, embeddings, threads: int, repeat: int = 3) -> float:
-    """rows/s of ``upgrade_embeddings`` on one in-memory shard with ``threads`` torch threads (best of)."""
-    from bict_ray.embed import upgrade_embeddings
+def psi_only_rate(torch, transform, embeddings, threads: int, precision: str = "float32", repeat: int = 3) -> float:
+    """rows/s of ``upgrade_embeddings`` on one in-memory shard with ``threads`` torch threads (best of), psi folded
+    and cast once as the pipeline's tasks do."""
+    from bict_ray.embed import inference_form, upgrade_embeddings
 
     torch.set_num_threads(threads)
-    upgrade_embeddings([transform.module], embeddings)
+    psi = inference_form(transform.module, precision)
+    upgrade_embeddings([psi], embeddings, precision)
     fastest = float("inf")
     for _ in range(repeat):
         started = time.perf_counter()
-        upgrade_embeddings([transform.module], embeddings)
+        upgrade_embeddings([psi], embeddings, precision)
         fastest = min(fastest, time.perf_counter() - started)
     return len(embeddings) / fastest
 
@@ -618,10 +641,16 @@ def print_table(report: dict) -> None:
                       f"{report['identity_rows_per_s_by_concurrency'][key]:,.0f} rows/s (steady "
                       f"{fmt(report['identity_steady_rows_per_s_by_concurrency'][key])}), first shard "
                       f"{fmt(first[f'identity_{c}'], '.1f')} s"))
+    fast = report["bfloat16"]
+    lines.append((f"ours, psi in bfloat16, {fast['concurrency']} task(s)", fast["seconds"],
+                  f"{fast['rows_per_s']:,.0f} rows/s: {fast['speedup_vs_float32']:.2f}x float32, "
+                  f"{fast['fraction_of_identity']:.2f} of identity; rows within {fast['max_abs_diff_vs_float32']:.1e} "
+                  f"of float32's (cosine >= {fast['min_cosine_vs_float32']:.6f})"))
     lines.append(("(c) numpy copy of the row bytes", seconds["memcopy"],
                   f"{report['memcopy_gb_per_s']:.2f} GB/s = {report['memcopy_rows_per_s']:,.0f} rows/s"))
     psi_rates = ", ".join(f"{t} thread(s) {r:,.0f}" for t, r in report["psi_only_rows_per_s_by_threads"].items())
-    lines.append(("psi alone, one shard in memory", None, f"{psi_rates} rows/s"))
+    lines.append(("psi alone, one shard in memory", None,
+                  f"{psi_rates} rows/s; bfloat16, 1 thread {fast['psi_only_rows_per_s_1_thread']:,.0f}"))
     lines.append(("fixed: ray.init / cold / warm tiny pipeline", None,
                   f"{seconds['ray_init']:.1f} s / {seconds['pipeline_cold_tiny']:.1f} s / "
                   f"{seconds['pipeline_fixed']:.1f} s"))

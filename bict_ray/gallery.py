@@ -93,11 +93,11 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
     lineage = [*source.lineage, card["name"]]
     dim = card["spec"]["d_out"]
     started = time.perf_counter()
-    writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card["target"], normalised=True,
-                           extra={"source_version": source.path})
+    extra = {"source_version": source.path, "upgrade_precision": cfg.upgrade_precision}
+    writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card["target"], normalised=True, extra=extra)
     results = _run_pool(_UpgradeShard, cfg, writer, source.num_shards, progress, dict(
         card=card, state=transform.state, source=source, out=out, dim=dim, lineage=lineage,
-        space=card["target"], use_gpu=cfg.use_gpu))
+        space=card["target"], use_gpu=cfg.use_gpu, extra=extra, precision=cfg.upgrade_precision))
     version = writer.commit(num_shards=source.num_shards, records=_records(results))
     if not np.array_equal(_shard_rows(version), _shard_rows(source)):
         raise GalleryError(f"upgrade of {source.path} to {out} changed the row counts of some shards")
@@ -119,11 +119,12 @@ PROGRESS_EVERY_S = 10.0
 class _ShardWorker:
     """Base of the pipeline's per-task workers: open the writer, skip finished shards, write the rest."""
 
-    def __init__(self, out, dim, lineage, space, use_gpu, threads=WORKER_THREADS):
+    def __init__(self, out, dim, lineage, space, use_gpu, extra=None, threads=WORKER_THREADS):
         torch.set_num_threads(threads)
         self.node = ray.get_runtime_context().get_node_id()  # where this task runs, for PipelineStats.nodes
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True)
+        # the driver's writer settings, which the staged shards are checked against
+        self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True, extra=extra)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, skipped, records = [], [], []
@@ -161,9 +162,11 @@ class _ExtractShard(_ShardWorker):
 
 
 class _UpgradeShard(_ShardWorker):
-    def __init__(self, card, state, source: GalleryVersion, **kwargs):
+    def __init__(self, card, state, source: GalleryVersion, precision: str, **kwargs):
         super().__init__(**kwargs)
-        self.psi = inference_form(module_from_state(card, state))  # folded once for all the task's shards
+        # folded (and cast) once for all the task's shards
+        self.psi = inference_form(module_from_state(card, state), precision)
+        self.precision = precision
         self.source = source
 
     def expected_rows(self, index: int) -> int:
@@ -173,7 +176,7 @@ class _UpgradeShard(_ShardWorker):
         ids, labels, embeddings = self.source.read_shard(index)
         # psi's own fixed block size, not gallery.batch_size: a resumed run may change that runtime setting, and
         # a shard's bytes must not depend on it (a matmul's last bit can depend on the batch shape)
-        return ids, labels, upgrade_embeddings([self.psi], embeddings)
+        return ids, labels, upgrade_embeddings([self.psi], embeddings, self.precision)
 
 
 def _process_shards(batch: dict[str, np.ndarray], worker: type[_ShardWorker], kwargs) -> dict[str, np.ndarray]:

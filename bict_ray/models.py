@@ -217,14 +217,21 @@ class FoldedTransform:
         self.spec = spec
         self.layers = layers  # (weight (in, out), bias (out,), relu after)
         self.residual = residual
+        self.dtype = layers[0][0].dtype if layers else torch.float32
+
+    def to(self, dtype: torch.dtype) -> FoldedTransform:
+        """The same transform computing in ``dtype`` (weights cast once); it still takes and returns float32."""
+        layers = [(weight.to(dtype), bias.to(dtype), relu) for weight, bias, relu in self.layers]
+        return FoldedTransform(self.spec, layers, self.residual)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
+        h = x.to(self.dtype)
         for weight, bias, relu in self.layers:
             h = torch.addmm(bias, h, weight)
             if relu:
                 h.relu_()
+        h = h.float()
         return h.add_(x) if self.residual else h
 
 

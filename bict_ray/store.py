@@ -47,6 +47,8 @@ import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Beside the staged shards until the commit: the settings of the run staging them (GalleryWriter._claim_staging).
+STAGING_SETTINGS_NAME = "staging.json"
 UNLABELLED = -1
 """Label value returned (and accepted) for rows whose stored label is null."""
 
@@ -139,6 +141,7 @@ class GalleryWriter:
         else:
             self._staging = self._out
         self._staging.fs.create_dir(self._staging.path, recursive=True)
+        self._claim_staging()
 
     @property
     def staging_path(self) -> str:
@@ -229,6 +232,31 @@ class GalleryWriter:
             self._out.fs.move(self._staging.path, self._out.path)
         return GalleryVersion(self._out, manifest)
 
+    def _settings(self) -> dict:
+        return {"dim": self.dim, "lineage": self.lineage, "space": self.space, "normalised": self.normalised,
+                "extra": self.extra}
+
+    def _claim_staging(self) -> None:
+        """Record this version's settings beside its staged shards, or check them against those of the run that
+        staged them: a resumed run with another transform, lineage or extra (an upgrade's precision, say) would
+        otherwise commit a mixture of both runs' shards."""
+        location = self._staging.child(STAGING_SETTINGS_NAME)
+        try:
+            staged = json.loads(_read_bytes(location))
+        except FileNotFoundError:
+            _write_atomic(self._staging, STAGING_SETTINGS_NAME, json.dumps(self._settings(), sort_keys=True).encode())
+            return
+        except (ValueError, OSError) as err:
+            raise GalleryError(f"cannot read {location.display}: {err}") from None
+        mine = json.loads(json.dumps(self._settings()))  # as JSON gives them back (lists, not tuples)
+        different = sorted(key for key in set(mine) | set(staged) if mine.get(key) != staged.get(key))
+        if different:
+            details = "; ".join(f"{key}: staged {staged.get(key)!r}, now {mine.get(key)!r}" for key in different)
+            raise GalleryError(
+                f"{self._staging.display} holds shards staged by another run ({details}); finish that run with "
+                f"its settings, or remove {self._staging.display} to start again"
+            )
+
     def _refuse_committed(self) -> None:
         info = self._out.fs.get_file_info(self._out.child(MANIFEST_NAME).path)
         if info.type != pafs.FileType.NotFound:
@@ -251,6 +279,8 @@ class GalleryWriter:
             elif (match := _SHARD_RE.match(name)) is not None:
                 indices[int(match.group(1))] = name
                 sizes[name] = info.size
+            elif name == STAGING_SETTINGS_NAME:
+                leftovers.append(info.path)  # the run's settings: not part of the version
             elif name != MANIFEST_NAME:
                 raise GalleryError(f"unexpected file {name!r} in {self._staging.display}")
         if not indices:

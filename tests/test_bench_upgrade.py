@@ -36,6 +36,10 @@ def test_quick_benchmark_prints_its_figures_as_json_last(tmp_path):
     # correctness of every output, checked by the benchmark itself
     for key in ("rows_equal", "ids_equal", "ray_equals_single_process", "identity_equals_input", "psi_moved_rows"):
         assert report[key] is True, key
+    # the bfloat16 run: its own rate, and rows that moved from float32's by bfloat16 rounding only
+    fast = report["bfloat16"]
+    assert fast["rows_per_s"] > 0 and fast["fraction_of_identity"] > 0 and fast["psi_only_rows_per_s_1_thread"] > 0
+    assert 0 < fast["max_abs_diff_vs_float32"] < 0.01 and fast["min_cosine_vs_float32"] > 0.999
     assert report["threads"]["single_process_torch"] >= 1 and report["threads"]["task_torch"] >= 1
     machine = report["machine"]
     assert machine["cpu_count"] >= 1 and len(machine["load_avg_start"]) == 3 and len(machine["load_avg_end"]) == 3

@@ -47,6 +47,7 @@ def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
     ("transform.alpha=0", "not both 0"),
     ("data.kind=npz", "data.root is required"),
     ("train", "must look like section.key=value"),
+    ("gallery.upgrade_precision=float16", "gallery.upgrade_precision must be one of float32, bfloat16, got 'float16'"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):
     overrides = [override]
@@ -71,6 +72,14 @@ def test_run_dir_refuses_another_config_and_keeps_its_own(tmp_path):
     # the cluster shape may change between a run and its resumption
     RunDir.create(tmp_path / "run", load_config(None, ["train.epochs=3", "train.num_workers=2"]))
     assert yaml.safe_load(before)["train"]["num_workers"] == 1
+
+
+def test_gallery_precisions_are_the_ones_upgrades_know():
+    from bict_ray.config import GalleryConfig
+    from bict_ray.embed import PRECISIONS
+
+    assert sorted(GalleryConfig.PRECISIONS) == sorted(PRECISIONS)
+    assert load_config(None, ["gallery.upgrade_precision=bfloat16"]).gallery.upgrade_precision == "bfloat16"
 
 
 def test_defaults_are_valid():

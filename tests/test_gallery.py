@@ -21,7 +21,7 @@ from bict_ray.evaluate import evaluate_gallery
 from bict_ray.gallery import extract_gallery, upgrade_gallery
 from bict_ray.metrics import retrieval_metrics
 from bict_ray.models import EmbeddingNet, UpgradeTransform
-from bict_ray.store import GalleryError, open_gallery, write_gallery
+from bict_ray.store import GalleryError, GalleryWriter, open_gallery, write_gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 8
@@ -117,6 +117,27 @@ def test_upgrade_applies_psi_shard_by_shard_and_extends_the_lineage(upgraded, so
         expected = upgrade_embeddings([artifacts["psi_1_2"].module], source_embeddings)
         np.testing.assert_allclose(embeddings, expected, atol=1e-5)
         assert np.abs(embeddings - source_embeddings).max() > 0.1  # psi really moved the rows
+
+
+def test_bfloat16_upgrade_is_recorded_and_close_to_float32(ray_session, upgraded, source_gallery, artifacts, tmp_path):
+    config = GalleryConfig(rows_per_shard=16, batch_size=64, concurrency=1, cpus_per_task=0.5,
+                           upgrade_precision="bfloat16")
+    version, _ = upgrade_gallery(config, source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"))
+    exact = upgraded[0]
+    assert version.manifest["extra"]["upgrade_precision"] == "bfloat16"
+    assert exact.manifest["extra"]["upgrade_precision"] == "float32"
+    fast_ids, _, fast = version.read_all()
+    exact_ids, _, rows = exact.read_all()
+    np.testing.assert_array_equal(fast_ids, exact_ids)
+    assert 0 < np.abs(fast - rows).max() and (fast * rows).sum(axis=1).min() > 0.999
+    # a float32 upgrade killed after one shard, resumed in bfloat16, would mix the two: refused, the shard kept
+    partial = str(tmp_path / "v3")
+    GalleryWriter(partial, dim=DIM, lineage=["phi_1", "psi_1_2"], space="phi_2",
+                  extra={"source_version": source_gallery.path, "upgrade_precision": "float32"}).write_shard(
+        0, *exact.read_shard(0))
+    with pytest.raises(GalleryError, match="staged by another run .*upgrade_precision.*'float32'.*'bfloat16'"):
+        upgrade_gallery(config, source_gallery, artifacts["psi_1_2"], partial)
+    assert sorted(os.listdir(partial + ".staging")) == ["part-00000.parquet", "staging.json"]
 
 
 def test_upgrade_refuses_a_transform_from_another_space(ray_session, artifacts, source_gallery, tmp_path):

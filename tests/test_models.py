@@ -189,6 +189,35 @@ def test_upgrade_embeddings_normalises_each_step_in_blocks():
     assert upgrade_embeddings([first], x[:0]).shape == (0, 6)
 
 
+def test_bfloat16_upgrade_stays_close_to_float32_and_returns_float32():
+    """gallery.upgrade_precision=bfloat16: psi computes in bfloat16, rows stay float32, L2-normalised, near float32's."""
+    from bict_ray.embed import inference_form, upgrade_embeddings
+
+    torch.manual_seed(0)
+    psi = UpgradeTransform(32, 16, hidden=64, layers=2)
+    _randomise_batchnorm(psi)
+    nn.init.normal_(psi.mlp[-1].weight, std=0.2)
+    x = torch.nn.functional.normalize(torch.randn(300, 32), dim=1).numpy()
+    exact = upgrade_embeddings([psi], x)
+    fast = upgrade_embeddings([psi], x, "bfloat16")
+    assert fast.dtype == np.float32 and fast.shape == exact.shape
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    assert np.abs(fast - exact).max() > 0  # it did compute in bfloat16 ...
+    assert (fast * exact).sum(axis=1).min() > 0.999  # ... within its rounding
+    assert inference_form(psi, "bfloat16").dtype == torch.bfloat16
+    folded = inference_form(psi, "bfloat16")
+    np.testing.assert_array_equal(upgrade_embeddings([folded], x, "bfloat16"), fast)  # cast once, reused as is
+
+
+def test_upgrade_precision_is_checked():
+    from bict_ray.embed import inference_form, upgrade_embeddings
+
+    with pytest.raises(ValueError, match=r"precision must be one of \['bfloat16', 'float32'\], got 'float16'"):
+        upgrade_embeddings([UpgradeTransform(4, 4, hidden=8)], np.eye(4, dtype=np.float32), "float16")
+    with pytest.raises(ValueError, match="precision 'bfloat16' applies to UpgradeTransform only"):
+        inference_form(nn.Linear(4, 4), "bfloat16")
+
+
 def test_upgrade_transform_spec_round_trip(tmp_path):
     torch.manual_seed(0)
     psi = UpgradeTransform(6, 6, hidden=16, layers=2)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bict_ray.store import (
+    STAGING_SETTINGS_NAME,
     UNLABELLED,
     GalleryError,
     GalleryWriter,
@@ -122,6 +123,12 @@ def test_same_data_gives_identical_shard_bytes(tmp_path, committed):
     assert [s["sha256"] for s in again.manifest["shards"]] == [s["sha256"] for s in committed.manifest["shards"]]
 
 
+def forget_staging_settings(out):
+    """As a staging folder left by a version of bict-ray before the settings were recorded: the second writer is
+    then not refused up front, and the commit's own checks of every shard must catch the mix."""
+    os.remove(os.path.join(out + ".staging", STAGING_SETTINGS_NAME))
+
+
 def test_killed_writer_is_resumed_to_the_same_version(tmp_path, committed):
     ids, labels, embeddings = make_gallery()
     out = str(tmp_path / "resumed")
@@ -136,7 +143,9 @@ def test_killed_writer_is_resumed_to_the_same_version(tmp_path, committed):
     assert second.has_shard(0, expected_rows=4) and second.has_shard(1)
     assert not second.has_shard(0, expected_rows=5)
     assert not second.has_shard(2) and not second.has_shard(3)
-    assert not GalleryWriter(out, dim=8, **LINEAGE).has_shard(0)  # a shard of another dim is not finished
+    # a run with other settings may not add its shards to these (nor take them as its own)
+    with pytest.raises(GalleryError, match="staged by another run .*dim: staged 4, now 8"):
+        GalleryWriter(out, dim=8, **LINEAGE)
     second.write_shard(2, ids[8:], labels[8:], embeddings[8:])
     resumed = second.commit(num_shards=3)
 
@@ -144,6 +153,25 @@ def test_killed_writer_is_resumed_to_the_same_version(tmp_path, committed):
     assert sorted(os.listdir(out)) == ["manifest.json"] + [f"part-0000{i}.parquet" for i in range(3)]
     for key in ("lineage", "space", "dim", "normalised", "num_rows", "shards", "extra"):
         assert resumed.manifest[key] == committed.manifest[key]
+
+
+def test_a_resumed_run_with_other_settings_is_refused_and_the_staged_shards_kept(tmp_path):
+    ids, labels, embeddings = make_gallery()
+    out = str(tmp_path / "v2")
+    first = GalleryWriter(out, dim=4, extra={"upgrade_precision": "float32"}, **LINEAGE)
+    first.write_shard(0, ids[:4], labels[:4], embeddings[:4])
+    staged = sorted(os.listdir(first.staging_path))
+    for changed in ({"extra": {"upgrade_precision": "bfloat16"}}, {"lineage": ["phi_1", "psi_9"], "space": "phi_9"}):
+        settings = {"dim": 4, **LINEAGE, "extra": {"upgrade_precision": "float32"}, **changed}
+        with pytest.raises(GalleryError, match="staged by another run"):
+            GalleryWriter(out, **settings)
+    assert sorted(os.listdir(first.staging_path)) == staged
+    # the same settings resume, and the settings file does not outlive the commit
+    again = GalleryWriter(out, dim=4, extra={"upgrade_precision": "float32"}, **LINEAGE)
+    again.write_shard(1, ids[4:], labels[4:], embeddings[4:])
+    version = again.commit(num_shards=2)
+    assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet", "part-00001.parquet"]
+    assert version.manifest["extra"] == {"upgrade_precision": "float32"}
 
 
 def test_write_gallery_rerun_after_kill_skips_finished_shards(tmp_path):
@@ -221,6 +249,7 @@ def test_commit_with_records_on_an_object_store():
 def test_commit_with_records_still_refuses_a_shard_of_another_dim(tmp_path):
     out = str(tmp_path / "v")
     record = GalleryWriter(out, dim=3, **LINEAGE).write_shard(0, [1], None, [[1.0, 0.0, 0.0]])
+    forget_staging_settings(out)
     writer = GalleryWriter(out, dim=4, **LINEAGE)
     with pytest.raises(GalleryError, match=r"shard part-00000.parquet: column 'embedding' .*\(gallery dim 4\)"):
         writer.commit(records=[record])
@@ -399,6 +428,7 @@ def test_missing_or_extra_shard_indices_are_refused_at_commit(tmp_path):
 def test_mixed_dims_across_shards_are_refused_at_commit(tmp_path):
     out = str(tmp_path / "v")
     GalleryWriter(out, dim=3, **LINEAGE).write_shard(0, [1], None, [[1.0, 0.0, 0.0]])
+    forget_staging_settings(out)
     writer = GalleryWriter(out, dim=4, **LINEAGE)
     writer.write_shard(1, [2], None, [[1.0, 0.0, 0.0, 0.0]])
     expected = r"shard part-00000.parquet: column 'embedding' has type .*shape=\[3\].*\(gallery dim 4\)"

@@ -1,4 +1,5 @@
-"""Exact inner-product search (faiss) and the merge of per-shard top-k lists.
+"""Exact inner-product search (sgemm tiles + a compiled top-k, faiss as fallback) and the merge of per-shard
+top-k lists.
 
 Embeddings are (N, D) float32 and L2-normalised, so the inner product is the cosine similarity.
 Every ranking here follows one rule: score descending, ties broken by gallery id ascending (by gallery
@@ -192,8 +193,10 @@ def _search_tie_exact(
 
 
 # The tiled search: a work item is a block of up to SEARCH_QUERY_BLOCK queries against a gallery range, scored
-# SEARCH_GALLERY_TILE rows per sgemm. 1,024 x 2,048 (an 8 MB score tile per thread) ran at 0.88-0.94 of the same
-# sgemms without the top-k on this project's 2-core machine; 256 x 4,096 at 0.85.
+# SEARCH_GALLERY_TILE rows per sgemm (a 16 MB score tile per thread). Medians of five interleaved rounds on this
+# project's 2-core machine (10k x 100k x 256, fraction of the 2048^3 sgemm rate): 2,048 x 2,048 0.86, 4,096 x
+# 2,048 0.84, 2,048 x 4,096 0.84, 1,024 x 2,048 0.79-0.81. The tile width also fixes the sgemm shape that every
+# score comes from (see `_TopKKernel.search_range`): changing it may change scores in their last bit.
 SEARCH_QUERY_BLOCK = 2048
 SEARCH_GALLERY_TILE = 2048
 # Per-query candidate buffers of a work item stay within this many bytes (matters only for a very large k).

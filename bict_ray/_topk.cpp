@@ -130,7 +130,8 @@ extern "C" {
 // Per-query state, owned by the caller (arrays of `rows` and `rows * capacity` entries):
 //   count[r]: entries in the query's buffer; buffer: Entry records, capacity >= k + 1 per query;
 //   threshold_score[r], threshold_key[r]: an entry is admitted iff it ranks before this pair
-//   (-inf and INT64_MAX at the start: everything is admitted until the buffer first fills).
+//   (-inf and INT64_MAX at the start; a fresh query's first tile of 2k or more columns then sets the
+//   threshold from that tile's group maxima, a shorter one admits everything until the buffer first fills).
 // scores: rows x cols, row stride `ld` floats. keys: the tie key of every gallery row, indexed by
 // `index_offset + column`. Returns 0, or -1 on bad sizes.
 int bict_topk_update(const float* scores, int64_t rows, int64_t cols, int64_t ld, const int64_t* keys,

@@ -71,7 +71,7 @@ _MAX_RUN = 16
 Shard = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _DENSE_ID_SPAN(size: int) -> int:
+def _dense_id_span(size: int) -> int:
     """The widest id range that `_ShardIndex` looks up through a table of positions (8 bytes an id of the range):
     16 per item, or 8 MB, whichever is larger; sparser ids are found by binary search."""
     return max(16 * size, 1 << 20)
@@ -344,7 +344,7 @@ class _ShardIndex:
         # one read per id: exact mAP looks up every positive of every query in every shard, and a binary
         # search over the sorted ids cost 30-40 ns each (a quarter of a sharded exact evaluation).
         self._first_id, self._table = 0, None
-        if self.size and int(self._sorted_ids[-1]) - int(self._sorted_ids[0]) < _DENSE_ID_SPAN(self.size):
+        if self.size and int(self._sorted_ids[-1]) - int(self._sorted_ids[0]) < _dense_id_span(self.size):
             self._first_id = int(self._sorted_ids[0])
             self._table = np.full(int(self._sorted_ids[-1]) - self._first_id + 1, -1, dtype=np.int64)
             self._table[ids - self._first_id] = np.arange(self.size)

@@ -465,6 +465,17 @@ def test_checksum_mismatch_names_the_shard(committed):
     assert version.read_shard(0)[0].tolist() == [100, 101, 102, 103]  # the other shards stay readable
 
 
+def test_a_flipped_embedding_byte_is_caught_without_the_sha256_too(committed):
+    """``verify=False`` skips the file's sha256; the pages' own CRCs still catch a flipped value."""
+    shard = committed.shard_paths[1]
+    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(2)  # the embedding column
+    data = bytearray(open(shard, "rb").read())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x01  # inside the last page's values
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(GalleryError, match="shard part-00001.parquet: unreadable Parquet .*(?i:crc|checksum)"):
+        open_gallery(committed.path).read_shard(1, verify=False)
+
+
 def test_corrupt_parquet_without_checksums_names_the_shard(committed):
     open(committed.shard_paths[2], "wb").write(b"PAR1 garbage PAR1")
     with pytest.raises(GalleryError, match="shard part-00002.parquet: unreadable Parquet"):

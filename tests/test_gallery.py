@@ -104,6 +104,7 @@ def test_a_long_pipeline_reports_the_shards_staged(ray_session, artifacts, sourc
     assert counts and counts == sorted(counts) and counts[-1] <= SHARDS
     assert all(line.startswith(str(tmp_path / "v2.staging")) for line in lines)
 
+
 def test_a_shard_pipeline_starts_all_its_slots_at_once(ray_session):
     """Both slots of a 2-slot pipeline start together. Ray Data's object-store budget policy held the second task
     back until it re-read its reserved resources, 1.0 s later, and all tasks being equally long the pipeline's last
@@ -121,7 +122,6 @@ def test_a_shard_pipeline_starts_all_its_slots_at_once(ray_session):
         assert sorted(int(r["id"]) for r in rows) == [0, 1]
         gaps.append(abs(rows[0]["began"] - rows[1]["began"]))
     assert min(gaps[1:]) < 0.6, f"the second task started {gaps} s after the first"
-
 
 
 def test_upgrade_applies_psi_shard_by_shard_and_extends_the_lineage(upgraded, source_gallery, artifacts):

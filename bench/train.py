@@ -1,6 +1,6 @@
 """Training benchmark (issues 3 and 7, item 3): Ray Train against a plain torch loop on the same work.
 
-Both paths run the very same stage code (``bict_ray.train``: model, data loader, optimiser, loss and the epoch
+Both paths run the very same stage code (``bict_ray.distributed.train``: model, data loader, optimiser, loss and the epoch
 loop), on the same images, batch size and torch threads; the only difference is Ray Train around it:
 
 - plain: ``run_in_process`` trains in this process, no Ray Train, no report, no checkpoint;
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bict_ray.config import load_config
-    from bict_ray.data import ImageSet
-    from bict_ray.train import train_embedding_model
+    from bict_ray.core.data import ImageSet
+    from bict_ray.distributed.train import train_embedding_model
 
     load_start = os.getloadavg()
     rng = np.random.default_rng(args.seed)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def plain(config, images, num_classes: int, log) -> dict:
     """The plain torch loop on the same work; per-epoch figures over the epochs after the first."""
-    from bict_ray.train import embedding_loop, run_in_process
+    from bict_ray.distributed.train import embedding_loop, run_in_process
 
     log("plain torch loop ...")
     loop, _ = embedding_loop(config, 1, images, num_classes)

@@ -5,7 +5,7 @@ as version v1 in a temporary folder under ``--workdir``) and one psi artifact (`
 the default hidden size and layers of ``TransformConfig``, seeded random weights, eval mode). Measured in the
 same run, each as rows/s over the whole gallery, wall clock from the call to the committed version:
 
-- ours: ``bict_ray.gallery.upgrade_gallery`` (Ray Data tasks over shard indices), at each ``--concurrency``
+- ours: ``bict_ray.distributed.pipelines.upgrade_gallery`` (Ray Data tasks over shard indices), at each ``--concurrency``
   (default 1 and 2 tasks at once: the scaling 1 -> 2 on this machine), in a Ray job whose workers already
   exist (the cold pipeline below started them), as in a job that upgrades or evaluates more than once;
 - (a) single process: a plain loop in this process, ``GalleryVersion.read_shard`` (pyarrow) -> psi
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bict_ray.config import GalleryConfig
-    from bict_ray.gallery import WORKER_THREADS
+    from bict_ray.distributed.pipelines import WORKER_THREADS
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -320,7 +320,7 @@ def make_gallery(out: str, rows: int, dim: int, rows_per_shard: int, seed: int):
     bounded): shard i from the seed (seed, i), ids 0 .. rows-1 in order, labels 0..9."""
     import numpy as np
 
-    from bict_ray.store import GalleryWriter
+    from bict_ray.storage.gallery import GalleryWriter
 
     writer = GalleryWriter(out, dim=dim, lineage=["phi_1"], space="phi_1", normalised=True)
     num_shards = -(-rows // rows_per_shard)
@@ -340,8 +340,8 @@ def make_transforms(root: str, dim: int, hidden: int, layers: int, seed: int):
     last layer: exactly x + 0), saved and loaded as artifacts the way training writes them."""
     import torch
 
-    from bict_ray.artifacts import load_artifact, save_artifact
-    from bict_ray.models import UpgradeTransform
+    from bict_ray.storage.artifacts import load_artifact, save_artifact
+    from bict_ray.core.models import UpgradeTransform
 
     torch.manual_seed(seed)
     psi = UpgradeTransform(dim, dim, hidden=hidden, layers=layers)
@@ -376,7 +376,7 @@ def configure_ray_data() -> None:
 
 def run_upgrade(cfg, source, transform, out: str, monitor: "Monitor", input_ids=None, samples=()) -> dict:
     """One ``upgrade_gallery`` call, timed and watched; its output checked, then deleted."""
-    from bict_ray.gallery import upgrade_gallery
+    from bict_ray.distributed.pipelines import upgrade_gallery
 
     monitor.begin(out + ".staging", source.num_shards)
     wall, started = time.time(), time.perf_counter()
@@ -392,8 +392,8 @@ def run_single_process(source, transform, out: str, threads: int, monitor: "Moni
     """Baseline (a): read, psi, write each shard in this process, then commit."""
     import torch
 
-    from bict_ray.embed import upgrade_embeddings
-    from bict_ray.store import GalleryWriter
+    from bict_ray.core.embed import upgrade_embeddings
+    from bict_ray.storage.gallery import GalleryWriter
 
     torch.set_num_threads(threads)
     card = transform.card
@@ -497,7 +497,7 @@ def measure_copy(np, total_bytes: int, threads: int, chunk: int = 64 * MB, minim
 def psi_only_rate(torch, transform, embeddings, threads: int, precision: str = "float32", repeat: int = 3) -> float:
     """rows/s of ``upgrade_embeddings`` on one in-memory shard with ``threads`` torch threads (best of), psi folded
     and cast once as the pipeline's tasks do."""
-    from bict_ray.embed import inference_form, upgrade_embeddings
+    from bict_ray.core.embed import inference_form, upgrade_embeddings
 
     torch.set_num_threads(threads)
     psi = inference_form(transform.module, precision)

@@ -16,12 +16,11 @@ from typing import Any
 
 import yaml
 
+from bict_ray import presets
+from bict_ray.errors import ConfigError
+
 
 BASELINES = ("independent_psi",)  # lambda = 0 plus psi: forward-only, FCT-style without side information
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and the problem."""
 
 
 @dataclass
@@ -183,7 +182,7 @@ class GalleryConfig:
     concurrency: int = 1  # Ray Data tasks at once (each one torch thread)
     cpus_per_task: float = 0.5  # fractional: Ray Data's own work needs a share of the CPUs beside the tasks
     use_gpu: bool = False
-    # What psi computes in during an upgrade (bict_ray.embed.PRECISIONS): "bfloat16" runs psi ~2x faster on CPUs
+    # What psi computes in during an upgrade (bict_ray.core.embed.PRECISIONS): "bfloat16" runs psi ~2x faster on CPUs
     # with AVX512-BF16 or AMX (the demo's mAP moved by 0.005 points); the version's manifest records it.
     upgrade_precision: str = "float32"
 
@@ -259,12 +258,10 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    """Read a YAML config, a path or a shipped preset's name (``demo``, ``smoke``; the defaults when ``path`` is None), and apply ``key.sub=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = presets.resolve(path, "config")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -14,9 +14,9 @@ import ray
 import torch
 
 from bict_ray.config import load_config
-from bict_ray.data import load_dataset
-from bict_ray.gallery import extract_gallery
-from bict_ray.train import train_embedding_model, train_upgrade_transform
+from bict_ray.core.data import load_dataset
+from bict_ray.distributed.pipelines import extract_gallery
+from bict_ray.distributed.train import train_embedding_model, train_upgrade_transform
 
 
 def main() -> None:

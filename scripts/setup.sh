@@ -21,7 +21,7 @@ fi
 
 # 2. The virtualenv, reinstalled only when what defines it changes (the compiled top-k included: an editable
 #    install builds it once, so a change to its source needs a reinstall).
-stamp_src=$(cat pyproject.toml setup.py bict_ray/_topk.cpp scripts/setup.sh | sha256sum | cut -c1-16)
+stamp_src=$(cat pyproject.toml setup.py bict_ray/retrieval/_topk.cpp scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.bict-installed-$stamp_src"
 if [ -f "$stamp" ]; then
   exit 0

@@ -28,7 +28,7 @@ def smoke_config():
 
 @pytest.fixture(scope="session")
 def smoke_data(smoke_config):
-    from bict_ray.data import load_dataset
+    from bict_ray.core.data import load_dataset
 
     return load_dataset(smoke_config.data)
 

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from bict_ray.config import Config, ConfigError, load_config, save_config
-from bict_ray.rundir import RunDir
+from bict_ray.storage.rundir import RunDir
 
 
 def test_presets_load_and_match_their_intent():
@@ -76,7 +76,7 @@ def test_run_dir_refuses_another_config_and_keeps_its_own(tmp_path):
 
 def test_gallery_precisions_are_the_ones_upgrades_know():
     from bict_ray.config import GalleryConfig
-    from bict_ray.embed import PRECISIONS
+    from bict_ray.core.embed import PRECISIONS
 
     assert sorted(GalleryConfig.PRECISIONS) == sorted(PRECISIONS)
     assert load_config(None, ["gallery.upgrade_precision=bfloat16"]).gallery.upgrade_precision == "bfloat16"

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from bict_ray.config import DataConfig, ScenarioConfig
-from bict_ray.data import DataError, find_fashion_mnist, load_dataset
-from bict_ray.splits import default_class_subsets, load_or_make_splits, make_splits
+from bict_ray.core.data import DataError, find_fashion_mnist, load_dataset
+from bict_ray.core.splits import default_class_subsets, load_or_make_splits, make_splits
 
 
 def write_idx(path, array):
@@ -55,7 +55,7 @@ def test_truncated_idx_file_is_named(fake_fashion):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
-    import bict_ray.data as data
+    import bict_ray.core.data as data
 
     monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
     monkeypatch.delenv(data.FASHION_MNIST_ENV, raising=False)

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from bict_ray.artifacts import load_artifact, save_artifact
+from bict_ray.storage.artifacts import load_artifact, save_artifact
 from bict_ray.cli import main
 from bict_ray.config import GalleryConfig
-from bict_ray.data import ImageSet
-from bict_ray.embed import embed_images, upgrade_embeddings
-from bict_ray.evaluate import evaluate_gallery
-from bict_ray.gallery import extract_gallery, upgrade_gallery
-from bict_ray.metrics import retrieval_metrics
-from bict_ray.models import EmbeddingNet, UpgradeTransform
-from bict_ray.store import GalleryError, GalleryWriter, open_gallery, write_gallery
+from bict_ray.core.data import ImageSet
+from bict_ray.core.embed import embed_images, upgrade_embeddings
+from bict_ray.distributed.evaluate import evaluate_gallery
+from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
+from bict_ray.retrieval.metrics import retrieval_metrics
+from bict_ray.core.models import EmbeddingNet, UpgradeTransform
+from bict_ray.storage.gallery import GalleryError, GalleryWriter, open_gallery, write_gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 8
@@ -95,9 +95,9 @@ def test_extract_stores_the_models_embeddings_with_the_images_ids(ray_session, a
 
 
 def test_a_long_pipeline_reports_the_shards_staged(ray_session, artifacts, source_gallery, tmp_path, monkeypatch):
-    import bict_ray.gallery
+    import bict_ray.distributed.pipelines
 
-    monkeypatch.setattr(bict_ray.gallery, "PROGRESS_EVERY_S", 0.05)
+    monkeypatch.setattr(bict_ray.distributed.pipelines, "PROGRESS_EVERY_S", 0.05)
     lines = []
     upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"), progress=lines.append)
     counts = [int(re.search(r"(\d+)/120 shards staged after \d+ s$", line).group(1)) for line in lines]
@@ -109,7 +109,7 @@ def test_a_shard_pipeline_starts_all_its_slots_at_once(ray_session):
     """Both slots of a 2-slot pipeline start together. Ray Data's object-store budget policy held the second task
     back until it re-read its reserved resources, 1.0 s later, and all tasks being equally long the pipeline's last
     task then ran alone for that second: a core idle for a sixth of a 1M-row upgrade."""
-    from bict_ray.gallery import map_shard_tasks
+    from bict_ray.distributed.pipelines import map_shard_tasks
 
     def started(batch):
         began = time.time()

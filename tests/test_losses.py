@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bict_ray.losses import (BCTLoss, CompatibleTrainingLoss, ContrastiveLoss, L2Loss, RACTLoss, build_compat_loss,
+from bict_ray.core.losses import (BCTLoss, CompatibleTrainingLoss, ContrastiveLoss, L2Loss, RACTLoss, build_compat_loss,
                              check_finite, synthesise_old_classifier, transform_loss)
 
 E = math.e

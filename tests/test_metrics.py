@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from bict_ray import metrics
-from bict_ray.metrics import (
+from bict_ray.retrieval import metrics
+from bict_ray.retrieval.metrics import (
     QueryPositives,
     merge_positives,
     merge_shard_topk,

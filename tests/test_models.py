@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bict_ray.models import (CosineClassifier, EmbeddingNet, LinearClassifier, UpgradeTransform, build_backbone,
+from bict_ray.core.models import (CosineClassifier, EmbeddingNet, LinearClassifier, UpgradeTransform, build_backbone,
                              classifier_logits)
 
 
@@ -170,7 +170,7 @@ def test_folded_transform_is_the_eval_transform(d_out, layers):
 
 def test_upgrade_embeddings_normalises_each_step_in_blocks():
     """Rows beyond one block come out as psi gives them, each step L2-normalised, the input untouched."""
-    from bict_ray.embed import UPGRADE_BLOCK_ROWS, upgrade_embeddings
+    from bict_ray.core.embed import UPGRADE_BLOCK_ROWS, upgrade_embeddings
 
     torch.manual_seed(0)
     first, second = UpgradeTransform(6, 6, hidden=16), UpgradeTransform(6, 5, hidden=16)
@@ -191,7 +191,7 @@ def test_upgrade_embeddings_normalises_each_step_in_blocks():
 
 def test_bfloat16_upgrade_stays_close_to_float32_and_returns_float32():
     """gallery.upgrade_precision=bfloat16: psi computes in bfloat16, rows stay float32, L2-normalised, near float32's."""
-    from bict_ray.embed import inference_form, upgrade_embeddings
+    from bict_ray.core.embed import inference_form, upgrade_embeddings
 
     torch.manual_seed(0)
     psi = UpgradeTransform(32, 16, hidden=64, layers=2)
@@ -210,7 +210,7 @@ def test_bfloat16_upgrade_stays_close_to_float32_and_returns_float32():
 
 
 def test_upgrade_precision_is_checked():
-    from bict_ray.embed import inference_form, upgrade_embeddings
+    from bict_ray.core.embed import inference_form, upgrade_embeddings
 
     with pytest.raises(ValueError, match=r"precision must be one of \['bfloat16', 'float32'\], got 'float16'"):
         upgrade_embeddings([UpgradeTransform(4, 4, hidden=8)], np.eye(4, dtype=np.float32), "float16")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bict_ray.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 
 
 def embedded(seed, n=40, d=8, classes=4):

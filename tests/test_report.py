@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from bict_ray.cli import report as report_cli
-from bict_ray.report import load_results, markdown_step_table, step_table, write_report
+from bict_ray.pipeline.report import load_results, markdown_step_table, step_table, write_report
 
 
 def scores(mAP, r1=None):

@@ -1,6 +1,6 @@
 """Exact search and top-k merging: against numpy brute force, with ties, and refusing bad input.
 
-Every test of `exact_search` runs twice: on the compiled top-k (`bict_ray/_topk.cpp`, what an install
+Every test of `exact_search` runs twice: on the compiled top-k (`bict_ray/retrieval/_topk.cpp`, what an install
 builds) and on the faiss fallback (what runs where it could not be built)."""
 
 import itertools
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-from bict_ray import search
-from bict_ray.search import exact_search, merge_topk
+from bict_ray.retrieval import search
+from bict_ray.retrieval.search import exact_search, merge_topk
 
 
 @pytest.fixture(autouse=True, params=["compiled", "faiss"])
@@ -160,7 +160,7 @@ def test_the_compiled_top_k_is_built_and_agrees_with_faiss(search_kernel):
     # An install that silently failed to build it would run the slower fallback everywhere.
     if search_kernel == "faiss":
         pytest.skip("compares the compiled top-k against this fallback")
-    assert search._topk_kernel() is not None, "bict_ray/_topk.cpp was not built: reinstall with a C++ compiler"
+    assert search._topk_kernel() is not None, "bict_ray/retrieval/_topk.cpp was not built: reinstall with a C++ compiler"
     rng = np.random.default_rng(6)
     query, gallery = unit_rows(rng, 300, 64), unit_rows(rng, 9000, 64)
     scores, indices = exact_search(query, gallery, 40)

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from bict_ray.config import ConfigError, load_config
-from bict_ray.report import write_report
-from bict_ray.sequence import run_sequence
-from bict_ray.store import open_gallery
+from bict_ray.pipeline.report import write_report
+from bict_ray.pipeline.sequence import run_sequence
+from bict_ray.storage.gallery import open_gallery
 
 TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
 
@@ -87,7 +87,7 @@ def test_report_renders_with_plots(smoke_run):
 
 
 def test_two_trial_lambda_search(ray_session, smoke_config, tmp_path):
-    from bict_ray.tune import load_space, run_search
+    from bict_ray.pipeline.tune import load_space, run_search
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text("name: t\nparams:\n  compat.lam: {grid: [0.0, 1.0]}\nmax_concurrent_trials: 2\n")
@@ -103,7 +103,7 @@ def test_two_trial_lambda_search(ray_session, smoke_config, tmp_path):
 
 
 def test_bad_search_space_is_named(smoke_config, tmp_path):
-    from bict_ray.tune import load_space
+    from bict_ray.pipeline.tune import load_space
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text("params:\n  compat.lamda: {grid: [0.0, 1.0]}\n")

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from bict_ray.store import (
+from bict_ray.storage.gallery import (
     STAGING_SETTINGS_NAME,
     UNLABELLED,
     GalleryError,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bict_ray.config import load_config
-from bict_ray.train import CHECKPOINT_FILE, train_embedding_model
+from bict_ray.distributed.train import CHECKPOINT_FILE, train_embedding_model
 from conftest import train_subset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

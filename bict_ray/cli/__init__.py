@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from bict_ray.config import ConfigError
+from bict_ray.errors import project_error
 
 # module name -> the subcommands it registers; imported lazily so `bict-ray env` does not import Ray
 COMMAND_MODULES = ("env", "splits", "train", "sequence", "tune", "gallery", "report", "demo")
@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
-        if os.environ.get("BICT_DEBUG"):
+    except Exception as err:
+        # a problem bict-ray named (here or inside a Ray task) ends with that one line; a bug keeps its traceback
+        known = project_error(err)
+        if known is None or os.environ.get("BICT_DEBUG"):
             raise
-        # bad input ends with one line naming the problem, not a traceback
-        print(f"bict-ray {args.command}: error: {err}", file=sys.stderr)
+        print(f"bict-ray {args.command}: error: {known}", file=sys.stderr)
         return 2
 
 

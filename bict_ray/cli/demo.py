@@ -16,9 +16,8 @@ from pathlib import Path
 
 from bict_ray.cli.common import add_config_args
 
-PROJECT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = PROJECT / "configs" / "demo.yaml"
-DEMO_SPACE = PROJECT / "tune_spaces" / "demo_lambda.yaml"
+DEMO_CONFIG = "demo"  # shipped presets (bict_ray/presets): the demo runs from an installed package too
+DEMO_SPACE = "demo_lambda"
 # the search runs whole sequences per trial: a slice of the data keeps it inside the demo's budget
 SEARCH_OVERRIDES = ["data.limit_train=12000", "data.limit_test=3000", "train.epochs=2", "train.cpus_per_worker=1",
                     "eval.matrix=false", "eval.partial_refresh=[]"]
@@ -33,9 +32,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from bict_ray.config import load_config
-    from bict_ray.report import step_table, write_report
-    from bict_ray.sequence import run_sequence
-    from bict_ray.tune import load_space, run_search
+    from bict_ray.pipeline.report import step_table, write_report
+    from bict_ray.pipeline.sequence import run_sequence
+    from bict_ray.pipeline.tune import load_space, run_search
 
     started = time.perf_counter()
     config = load_config(args.config or DEMO_CONFIG, args.overrides)

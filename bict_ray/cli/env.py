@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 
-from bict_ray.data import find_fashion_mnist
+from bict_ray.core.data import find_fashion_mnist
 
 
 def register(subparsers) -> None:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bict_ray.cli.common import add_config_args, config_from_args
+from bict_ray.errors import InputError
 
 
 def register(subparsers) -> None:
@@ -39,10 +40,10 @@ def register(subparsers) -> None:
 
 
 def run_extract(args) -> int:
-    from bict_ray.artifacts import load_artifact
-    from bict_ray.cluster import ensure_ray
-    from bict_ray.data import load_dataset
-    from bict_ray.gallery import extract_gallery
+    from bict_ray.storage.artifacts import load_artifact
+    from bict_ray.distributed.cluster import ensure_ray
+    from bict_ray.core.data import load_dataset
+    from bict_ray.distributed.pipelines import extract_gallery
 
     config = config_from_args(args)
     ensure_ray(config.ray)
@@ -54,9 +55,9 @@ def run_extract(args) -> int:
 
 
 def run_upgrade(args) -> int:
-    from bict_ray.artifacts import load_artifact
-    from bict_ray.cluster import ensure_ray
-    from bict_ray.gallery import upgrade_gallery
+    from bict_ray.storage.artifacts import load_artifact
+    from bict_ray.distributed.cluster import ensure_ray
+    from bict_ray.distributed.pipelines import upgrade_gallery
 
     config = config_from_args(args)
     ensure_ray(config.ray)
@@ -68,19 +69,19 @@ def run_upgrade(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from bict_ray.artifacts import load_artifact
-    from bict_ray.cluster import ensure_ray
-    from bict_ray.data import load_dataset
-    from bict_ray.embed import embed_images
-    from bict_ray.evaluate import evaluate_gallery
-    from bict_ray.store import open_gallery
+    from bict_ray.storage.artifacts import load_artifact
+    from bict_ray.distributed.cluster import ensure_ray
+    from bict_ray.core.data import load_dataset
+    from bict_ray.core.embed import embed_images
+    from bict_ray.distributed.evaluate import evaluate_gallery
+    from bict_ray.storage.gallery import open_gallery
 
     config = config_from_args(args)
     ensure_ray(config.ray)
     gallery = open_gallery(args.gallery)
     model = load_artifact(args.model)
     if model.card.get("kind") != "embedding":
-        raise ValueError(f"{args.model} is not an embedding model (kind={model.card.get('kind')!r})")
+        raise InputError(f"{args.model} is not an embedding model (kind={model.card.get('kind')!r})")
     test = load_dataset(config.data).test
     query = embed_images(model.module, test.images, config.gallery.batch_size)
     metrics = evaluate_gallery(query, test.labels, test.ids, gallery, ks=config.eval.ks, map_at=config.eval.map_at,

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     # imported here, not at the top: matplotlib and pandas would slow down every other subcommand
-    from bict_ray.report import load_results, step_table, write_report
+    from bict_ray.pipeline.report import load_results, step_table, write_report
 
     path = write_report(args.run_dir)
     print(step_table(load_results(args.run_dir)))

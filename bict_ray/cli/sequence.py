@@ -13,7 +13,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bict_ray.sequence import run_sequence
+    from bict_ray.pipeline.sequence import run_sequence
 
     config = config_from_args(args)
     out = args.out or f"runs/{config.name}"
@@ -25,6 +25,6 @@ def run(args) -> int:
 
 def step_summary(results: dict) -> str:
     """The per-step table, from the report module when it is there."""
-    from bict_ray.report import step_table
+    from bict_ray.pipeline.report import step_table
 
     return step_table(results)

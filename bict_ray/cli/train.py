@@ -8,6 +8,7 @@ done is skipped. ``bict-ray sequence`` runs them all (plus galleries and evaluat
 from __future__ import annotations
 
 from bict_ray.cli.common import add_config_args, config_from_args
+from bict_ray.errors import InputError
 
 
 def register(subparsers) -> None:
@@ -19,16 +20,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bict_ray.cluster import ensure_ray
-    from bict_ray.data import load_dataset
-    from bict_ray.rundir import RunDir
-    from bict_ray.sequence import SequenceRunner
+    from bict_ray.distributed.cluster import ensure_ray
+    from bict_ray.core.data import load_dataset
+    from bict_ray.storage.rundir import RunDir
+    from bict_ray.pipeline.sequence import SequenceRunner
 
     config = config_from_args(args)
     steps = config.scenario.steps
     t = 1 if args.stage == "old" else args.step
     if not 1 <= t <= steps or (args.stage != "old" and t < 2):
-        raise ValueError(f"--step must be in 2..{steps} for stage {args.stage}, got {args.step}")
+        raise InputError(f"--step must be in 2..{steps} for stage {args.stage}, got {args.step}")
     ensure_ray(config.ray)
     run_dir = RunDir.create(args.out or f"runs/{config.name}", config)
     runner = SequenceRunner(config, run_dir, load_dataset(config.data), print)

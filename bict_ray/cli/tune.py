@@ -14,7 +14,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bict_ray.tune import load_space, run_search
+    from bict_ray.pipeline.tune import load_space, run_search
 
     config = config_from_args(args)
     space = load_space(args.space, config)

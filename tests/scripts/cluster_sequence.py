@@ -68,7 +68,7 @@ def start_cluster(attempts: int = 3) -> Cluster:
 
 def run_smoke_sequence(cluster: Cluster, out: str) -> dict:
     from bict_ray.config import load_config
-    from bict_ray.sequence import run_sequence
+    from bict_ray.pipeline.sequence import run_sequence
 
     config = load_config("configs/smoke.yaml", [
         "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=1", "transform.epochs=1",
@@ -78,12 +78,12 @@ def run_smoke_sequence(cluster: Cluster, out: str) -> dict:
 
 
 def run_node_loss(cluster: Cluster, out: str) -> dict:
-    from bict_ray.artifacts import load_artifact, save_artifact
-    from bict_ray import gallery
+    from bict_ray.storage.artifacts import load_artifact, save_artifact
+    from bict_ray.distributed import pipelines as gallery
     from bict_ray.config import GalleryConfig
-    from bict_ray.gallery import upgrade_gallery
-    from bict_ray.models import UpgradeTransform
-    from bict_ray.store import write_gallery
+    from bict_ray.distributed.pipelines import upgrade_gallery
+    from bict_ray.core.models import UpgradeTransform
+    from bict_ray.storage.gallery import write_gallery
 
     rng = np.random.default_rng(0)
     n = SHARDS * ROWS_PER_SHARD

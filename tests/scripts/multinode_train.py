@@ -11,8 +11,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from bict_ray.config import load_config
-from bict_ray.data import load_dataset
-from bict_ray.train import train_embedding_model
+from bict_ray.core.data import load_dataset
+from bict_ray.distributed.train import train_embedding_model
 
 
 def main(out: str) -> None:

@@ -19,14 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bict_ray.models import EmbeddingNet, UpgradeTransform
+from bict_ray.core.models import EmbeddingNet, UpgradeTransform
+from bict_ray.errors import AlreadyExistsError, ArtifactError
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
-
-
-class ArtifactError(ValueError):
-    """A model or transform folder that is missing, corrupt or does not fit; the message names the file."""
 
 
 @dataclass
@@ -46,7 +43,7 @@ def save_artifact(path: str | Path, module: nn.Module, card: dict[str, Any]) -> 
     """Write ``module``'s weights and ``card`` (plus spec, sha256, created) to ``path``; refuse to overwrite."""
     path = Path(path)
     if (path / CARD).exists():
-        raise FileExistsError(f"{path} already holds a trained artifact; it is never overwritten")
+        raise AlreadyExistsError(f"{path} already holds a trained artifact; it is never overwritten")
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     payload = buffer.getvalue()

@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from bict_ray.errors import InputError
+
 TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
 REPORT_METRICS = ("mAP", "R@1")  # every test must carry these; the report shows both
 
@@ -45,11 +47,11 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     """RUN_DIR/results.json, checked against the schema; ValueError naming the file and key when it does not fit."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
-        raise ValueError(f"{path}: not found (the pipeline writes it after its evaluation stage)")
+        raise InputError(f"{path}: not found (the pipeline writes it after its evaluation stage)")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
     _check_results(results, str(path))
     return results
 
@@ -237,7 +239,7 @@ def _tune_section(tune_dir: Path, plots: Path) -> str | None:
         try:
             best = json.loads(best_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{best_path}: not valid JSON ({err})") from None
+            raise InputError(f"{best_path}: not valid JSON ({err})") from None
         parts += ["### Best config", "```json\n" + json.dumps(best, indent=2, sort_keys=True) + "\n```"]
     if trials_path.is_file():
         trials = _read_trials(trials_path)
@@ -365,7 +367,7 @@ def _step_rows(results: dict[str, Any], metric: str) -> list[tuple[int, list[flo
 
 def _check_results(results: Any, source: str) -> None:
     if not isinstance(results, dict):
-        raise ValueError(f"{source}: the top level must be a JSON object, got {type(results).__name__}")
+        raise InputError(f"{source}: the top level must be a JSON object, got {type(results).__name__}")
     run = _field(results, "run", "", source, dict)
     _field(run, "name", "run", source, str)
     _check_steps(_field(results, "steps", "", source, list), "steps", source)
@@ -383,18 +385,18 @@ def _check_results(results: Any, source: str) -> None:
         _check_steps(_field(baseline, "steps", where, source, list), f"{where}.steps", source)
     for stage, seconds in _optional(results, "timings", dict, source).items():
         if _number(seconds, f"timings.{stage}", source) < 0:
-            raise ValueError(f"{source}: 'timings.{stage}' must be seconds >= 0, got {seconds!r}")
+            raise InputError(f"{source}: 'timings.{stage}' must be seconds >= 0, got {seconds!r}")
 
 
 def _check_steps(steps: list, where: str, source: str) -> None:
     if not steps:
-        raise ValueError(f"{source}: '{where}' is empty: there is no upgrade step to report")
+        raise InputError(f"{source}: '{where}' is empty: there is no upgrade step to report")
     seen = set()
     for index, entry in enumerate(steps):
         at = f"{where}[{index}]"
         step = _step_number(_field(_mapping(entry, at, source), "step", at, source), f"{at}.step", source)
         if step in seen:
-            raise ValueError(f"{source}: '{at}.step': step {step} appears twice")
+            raise InputError(f"{source}: '{at}.step': step {step} appears twice")
         seen.add(step)
         tests = _field(entry, "tests", at, source, dict)
         for test in TESTS:
@@ -409,7 +411,7 @@ def _check_matrix(matrix: dict, source: str) -> None:
     for metric in ("mAP", *(m for m in REPORT_METRICS[1:] if m in matrix)):
         grid = _field(matrix, metric, "matrix", source, list)
         if len(grid) != len(queries) or any(not isinstance(row, list) or len(row) != len(galleries) for row in grid):
-            raise ValueError(f"{source}: 'matrix.{metric}' must be {len(queries)} rows (queries) of "
+            raise InputError(f"{source}: 'matrix.{metric}' must be {len(queries)} rows (queries) of "
                              f"{len(galleries)} values (galleries)")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
@@ -431,14 +433,14 @@ def _read_trials(path: Path):
     try:
         trials = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable CSV table ({err})") from None
+        raise InputError(f"{path}: not a readable CSV table ({err})") from None
     if "lam" not in trials.columns or not any(column in trials.columns for column in _TRIAL_METRICS):
-        raise ValueError(f"{path}: needs a 'lam' column and at least one of {', '.join(_TRIAL_METRICS)}; "
+        raise InputError(f"{path}: needs a 'lam' column and at least one of {', '.join(_TRIAL_METRICS)}; "
                          f"found columns {', '.join(map(str, trials.columns))}")
     numeric = ["lam", *(c for c in (*_TRIAL_METRICS, "last_forward_mAP") if c in trials.columns)]
     for column in numeric:
         if not pd.api.types.is_numeric_dtype(trials[column]):
-            raise ValueError(f"{path}: column '{column}' must be numeric")
+            raise InputError(f"{path}: column '{column}' must be numeric")
     return trials.sort_values(["lam", *(["compat_loss"] if "compat_loss" in trials.columns else [])])
 
 
@@ -454,10 +456,10 @@ def _field(mapping: dict, key: str, where: str, source: str, kind: type | None =
     """mapping[key], or a ValueError naming the file and the dotted key."""
     name = f"{where}.{key}" if where else key
     if key not in mapping:
-        raise ValueError(f"{source}: missing key '{name}'")
+        raise InputError(f"{source}: missing key '{name}'")
     value = mapping[key]
     if kind is not None and not isinstance(value, kind):
-        raise ValueError(f"{source}: '{name}' must be a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
+        raise InputError(f"{source}: '{name}' must be a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
                          f"got {type(value).__name__}")
     return value
 
@@ -469,25 +471,25 @@ def _optional(mapping: dict, key: str, kind: type, source: str) -> Any:
 
 def _mapping(value: Any, where: str, source: str) -> dict:
     if not isinstance(value, dict):
-        raise ValueError(f"{source}: '{where}' must be a JSON object, got {type(value).__name__}")
+        raise InputError(f"{source}: '{where}' must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def _number(value: Any, where: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{source}: '{where}' must be a finite number, got {value!r}")
+        raise InputError(f"{source}: '{where}' must be a finite number, got {value!r}")
     return float(value)
 
 
 def _score(value: Any, where: str, source: str) -> float:
     if not 0.0 <= _number(value, where, source) <= 1.0:
-        raise ValueError(f"{source}: '{where}' must be a fraction in [0, 1], got {value!r}")
+        raise InputError(f"{source}: '{where}' must be a fraction in [0, 1], got {value!r}")
     return float(value)
 
 
 def _step_number(value: Any, where: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{source}: '{where}' must be an integer >= 2 (step t upgrades phi_(t-1) to phi_t), "
+        raise InputError(f"{source}: '{where}' must be an integer >= 2 (step t upgrades phi_(t-1) to phi_t), "
                          f"got {value!r}")
     return value
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bict_ray.models import FoldedTransform, UpgradeTransform
+from bict_ray.core.models import FoldedTransform, UpgradeTransform
+from bict_ray.errors import InputError
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ def inference_form(psi: nn.Module | FoldedTransform, precision: str = "float32")
         psi.eval()
         if not isinstance(psi, UpgradeTransform):
             if dtype != torch.float32:
-                raise ValueError(f"precision {precision!r} applies to UpgradeTransform only, got {type(psi).__name__}")
+                raise InputError(f"precision {precision!r} applies to UpgradeTransform only, got {type(psi).__name__}")
             return psi
         psi = psi.folded()
     return psi if psi.dtype == dtype else psi.to(dtype)
@@ -101,5 +102,5 @@ def upgrade_embeddings(transforms: Sequence[nn.Module | FoldedTransform],
 
 def _precision(name: str) -> torch.dtype:
     if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {name!r}")
+        raise InputError(f"precision must be one of {sorted(PRECISIONS)}, got {name!r}")
     return PRECISIONS[name]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bict_ray.search import (
+from bict_ray.retrieval.search import (
     check_embeddings,
     check_ids,
     check_integer_vector,
@@ -50,6 +50,7 @@ from bict_ray.search import (
     query_blocks,
     rows_per_block,
 )
+from bict_ray.errors import InputError
 
 # Best rank of a query none of whose positives is within reach (beyond the top-k list).
 NO_HIT = np.iinfo(np.int64).max
@@ -133,7 +134,7 @@ def retrieval_metrics(
     ks, map_at = _check_cutoffs(ks, map_at)
     query_labels, query_ids = _check_queries(query, query_labels, query_ids)
     if query_ids is not None and gallery_ids is None:
-        raise ValueError("query_ids need gallery_ids: self-exclusion compares the two")
+        raise InputError("query_ids need gallery_ids: self-exclusion compares the two")
     if gallery_ids is None:
         gallery_ids = np.arange(len(gallery), dtype=np.int64)
     shard = _ShardIndex.checked(query.shape[1], gallery, gallery_labels, gallery_ids, "gallery")
@@ -172,14 +173,14 @@ def sharded_retrieval_metrics(
             part = _in_shard(i, shard_topk, query, query_labels, emb, labels, ids, depth, query_ids)
             merged = part if merged is None else merge_shard_topk([merged, part], depth)
         if merged is None:
-            raise ValueError("shards() yielded no shard")
+            raise InputError("shards() yielded no shard")
         return metrics_from_topk(merged, query_labels, ks, map_at)
     parts = [
         _in_shard(i, shard_positives, query, query_labels, emb, labels, ids, query_ids)
         for i, (emb, labels, ids) in enumerate(shards())
     ]
     if not parts:
-        raise ValueError("shards() yielded no shard")
+        raise InputError("shards() yielded no shard")
     positives = merge_positives(parts)
     above = np.zeros(len(positives.ids), dtype=np.int64)
     for i, (emb, _, ids) in enumerate(shards()):
@@ -211,7 +212,7 @@ def shard_topk(
 def merge_shard_topk(parts: Sequence[ShardTopK], k: int) -> ShardTopK:
     """Merge per-shard `ShardTopK` results (same queries) into the top-k over all their shards."""
     if not parts:
-        raise ValueError("merge_shard_topk needs at least one part")
+        raise InputError("merge_shard_topk needs at least one part")
     scores, ids, order = merge_order([p.scores for p in parts], [p.ids for p in parts], k)
     labels = np.concatenate([p.labels for p in parts], axis=1)
     return ShardTopK(
@@ -229,11 +230,11 @@ def metrics_from_topk(
     """mAP@map_at and R@k from merged top-k lists (see module doc for the result)."""
     ks, map_at = _check_cutoffs(ks, map_at)
     if map_at is None:
-        raise ValueError(
+        raise InputError(
             "exact mAP needs every positive's rank: use shard_positives/shard_rank_counts, or set map_at"
         )
     if topk.depth < _depth(ks, map_at):
-        raise ValueError(
+        raise InputError(
             f"top-k lists of depth {topk.depth} cannot give R@{max(ks, default=1)} and mAP@{map_at}"
         )
     query_labels = check_integer_vector("query_labels", query_labels, len(topk.scores))
@@ -267,10 +268,10 @@ def shard_positives(
 def merge_positives(parts: Sequence[QueryPositives]) -> QueryPositives:
     """Concatenate per-shard positives query by query (the order within a query does not matter)."""
     if not parts:
-        raise ValueError("merge_positives needs at least one part")
+        raise InputError("merge_positives needs at least one part")
     num_queries = parts[0].num_queries
     if any(p.num_queries != num_queries for p in parts):
-        raise ValueError(f"positives cover different query counts: {[p.num_queries for p in parts]}")
+        raise InputError(f"positives cover different query counts: {[p.num_queries for p in parts]}")
     counts = np.stack([np.diff(p.offsets) for p in parts])
     offsets = _offsets(counts.sum(axis=0))
     earlier = np.cumsum(counts, axis=0) - counts
@@ -297,7 +298,7 @@ def shard_rank_counts(
     over shards, plus one, it is the positive's rank in the whole gallery."""
     check_embeddings("query", query)
     if positives.num_queries != len(query):
-        raise ValueError(f"positives cover {positives.num_queries} queries, query has {len(query)}")
+        raise InputError(f"positives cover {positives.num_queries} queries, query has {len(query)}")
     if query_ids is not None:
         query_ids = check_integer_vector("query_ids", query_ids, len(query))
     shard = _ShardIndex.checked(query.shape[1], shard_emb, None, shard_ids, "shard")
@@ -353,7 +354,7 @@ class _ShardIndex:
     def checked(cls, dim: int, emb, labels, ids, name: str) -> _ShardIndex:
         check_embeddings(name, emb)
         if emb.shape[1] != dim:
-            raise ValueError(f"{name} dim {emb.shape[1]} does not match query dim {dim}")
+            raise InputError(f"{name} dim {emb.shape[1]} does not match query dim {dim}")
         if labels is not None:
             labels = check_integer_vector(f"{name} labels", labels, len(emb))
         return cls(emb, labels, check_ids(f"{name} ids", ids, len(emb)))
@@ -548,7 +549,7 @@ def _sort_order(scores, own_cols, exact: bool, tie_order=None) -> tuple[np.ndarr
     lowest = scores.min(axis=1)
     scores[own] = own_scores
     if np.isnan(highest).any() or np.isnan(own_scores).any():
-        raise ValueError("scores overflow float32 (NaN): embeddings must be L2-normalised")
+        raise InputError("scores overflow float32 (NaN): embeddings must be L2-normalised")
     if not exact:
         keys = _score_buckets(scores, highest, lowest, own)
         keys[own] = np.iinfo(np.uint16).max
@@ -710,7 +711,7 @@ def _summarise(ap, best_rank, num_positives, ks) -> dict:
     evaluated = num_positives > 0
     num_evaluated = int(evaluated.sum())
     if num_evaluated == 0:
-        raise ValueError(f"none of the {len(num_positives)} queries has a positive in the gallery")
+        raise InputError(f"none of the {len(num_positives)} queries has a positive in the gallery")
     result = {"mAP": float(ap[evaluated].mean())}
     for k in ks:
         result[f"R@{k}"] = float((best_rank[evaluated] <= k).mean())
@@ -735,7 +736,7 @@ def _check_cutoffs(ks, map_at) -> tuple[tuple[int, ...], int | None]:
 def _check_queries(query, query_labels, query_ids):
     check_embeddings("query", query)
     if len(query) == 0:
-        raise ValueError("query is empty")
+        raise InputError("query is empty")
     query_labels = check_integer_vector("query_labels", query_labels, len(query))
     if query_ids is not None:
         query_ids = check_integer_vector("query_ids", query_ids, len(query))
@@ -746,4 +747,4 @@ def _in_shard(index: int, fn, *args):
     try:
         return fn(*args)
     except ValueError as err:
-        raise ValueError(f"shard {index}: {err}") from err
+        raise InputError(f"shard {index}: {err}") from err

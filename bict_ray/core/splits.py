@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bict_ray.config import ScenarioConfig
-from bict_ray.data import DataError, ImageSet
+from bict_ray.core.data import DataError, ImageSet
 
 SPLITS_DIR = "splits"
 

@@ -2,7 +2,7 @@
 
 Gallery shard *indices* are mapped through Ray Data tasks (a run of shards each, ``gallery.map_shard_tasks``); a
 task reads its shards one at a time (``GalleryVersion.read_shard``, checksum verified) and returns for each the
-small per-shard result of ``bict_ray.metrics`` (top-k lists, positives or rank counts), which the driver combines.
+small per-shard result of ``bict_ray.retrieval.metrics`` (top-k lists, positives or rank counts), which the driver combines.
 Rows never pass through the object store; the queries do, once (``ray.put``).
 The result equals ``retrieval_metrics`` on the whole gallery in memory:
 
@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import ray
 
-from bict_ray.gallery import map_shard_tasks
-from bict_ray.metrics import (
+from bict_ray.distributed.pipelines import map_shard_tasks
+from bict_ray.retrieval.metrics import (
     merge_positives,
     merge_shard_topk,
     metrics_from_ranks,
@@ -29,8 +29,9 @@ from bict_ray.metrics import (
     shard_rank_counts,
     shard_topk,
 )
-from bict_ray.search import check_embeddings, check_integer_vector, check_positive_int
-from bict_ray.store import GalleryVersion, open_gallery
+from bict_ray.retrieval.search import check_embeddings, check_integer_vector, check_positive_int
+from bict_ray.storage.gallery import GalleryVersion, open_gallery
+from bict_ray.errors import InputError
 
 
 def evaluate_gallery(
@@ -60,7 +61,7 @@ def evaluate_gallery(
         map_at = check_positive_int("map_at", map_at)
     check_positive_int("concurrency", concurrency)
     if cpus_per_task <= 0:
-        raise ValueError(f"cpus_per_task must be > 0, got {cpus_per_task}")
+        raise InputError(f"cpus_per_task must be > 0, got {cpus_per_task}")
     queries = ray.put((query, query_labels, query_ids))
 
     def run(pass_fn, **kwargs) -> Iterator:
@@ -120,9 +121,9 @@ def _rank_pass(query, labels, ids, shard, *, positives):
 def _check_queries(query, query_labels, query_ids, version: GalleryVersion):
     check_embeddings("query", query)
     if len(query) == 0:
-        raise ValueError("query is empty")
+        raise InputError("query is empty")
     if query.shape[1] != version.dim:
-        raise ValueError(f"query dim {query.shape[1]} does not match gallery {version.path} dim {version.dim} "
+        raise InputError(f"query dim {query.shape[1]} does not match gallery {version.path} dim {version.dim} "
                          f"(space {version.space})")
     query_labels = check_integer_vector("query_labels", query_labels, len(query))
     if query_ids is not None:

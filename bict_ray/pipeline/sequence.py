@@ -21,17 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bict_ray.artifacts import ArtifactError, load_artifact
-from bict_ray.cluster import ensure_ray
+from bict_ray.storage.artifacts import ArtifactError, load_artifact
+from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.config import Config
-from bict_ray.data import Dataset, load_dataset
-from bict_ray.embed import embed_images
-from bict_ray.gallery import extract_gallery, upgrade_gallery
-from bict_ray.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
-from bict_ray.rundir import RunDir
-from bict_ray.splits import load_or_make_splits
-from bict_ray.store import is_committed, open_gallery
-from bict_ray.train import train_embedding_model, train_upgrade_transform
+from bict_ray.core.data import Dataset, load_dataset
+from bict_ray.core.embed import embed_images
+from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
+from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.storage.rundir import RunDir
+from bict_ray.core.splits import load_or_make_splits
+from bict_ray.storage.gallery import is_committed, open_gallery
+from bict_ray.distributed.train import train_embedding_model, train_upgrade_transform
+from bict_ray.errors import NotFoundError
 
 
 def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, dataset: Dataset | None = None) -> dict:
@@ -209,7 +210,7 @@ def _run_baseline(name: str, config: Config, run_dir: RunDir, dataset: Dataset, 
 
 
 def _missing(folder: Path, name: str):
-    raise FileNotFoundError(f"{name} is not trained yet ({folder} has no model.json): run its stage first")
+    raise NotFoundError(f"{name} is not trained yet ({folder} has no model.json): run its stage first")
 
 
 def _load_if_done(folder: Path):

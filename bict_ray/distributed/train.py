@@ -25,21 +25,18 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from bict_ray.artifacts import Artifact, load_artifact, module_from_state, save_artifact
+from bict_ray.storage.artifacts import Artifact, load_artifact, module_from_state, save_artifact
 from bict_ray.config import Config
-from bict_ray.data import ImageSet
-from bict_ray.embed import embed_images, model_features, preprocess, upgrade_embeddings
-from bict_ray.losses import (CompatibleTrainingLoss, build_compat_loss, check_finite, synthesise_old_classifier,
+from bict_ray.core.data import ImageSet
+from bict_ray.core.embed import embed_images, model_features, preprocess, upgrade_embeddings
+from bict_ray.core.losses import (CompatibleTrainingLoss, build_compat_loss, check_finite, synthesise_old_classifier,
                              transform_loss)
-from bict_ray.models import EmbeddingNet, UpgradeTransform
+from bict_ray.core.models import EmbeddingNet, UpgradeTransform
+from bict_ray.errors import AlreadyExistsError, TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # per unseen class, how many images the pseudo old classifier averages (enough for a stable mean direction)
 SYNTHESIS_SAMPLES_PER_CLASS = 2000
-
-
-class TrainingError(RuntimeError):
-    """A training run that failed; the message names the stage, the model and the cause."""
 
 
 def train_embedding_model(config: Config, out_dir: str | Path, version: int, train_set: ImageSet,
@@ -342,7 +339,7 @@ def _unwrap(model):
 def _fit(config: Config, out_dir: Path, loop: dict[str, Any], run_name: str | None):
     """Run the TorchTrainer; return (history, final state_dict, worker placement) or raise TrainingError."""
     if (out_dir / "model.json").exists():
-        raise FileExistsError(f"{out_dir} already holds a trained {loop['name']}; it is never overwritten")
+        raise AlreadyExistsError(f"{out_dir} already holds a trained {loop['name']}; it is never overwritten")
     train_cfg = config.train
     storage = train_cfg.storage_path or str((out_dir.parent.parent / "ray_results").resolve())
     name = run_name or f"{config.name}-{loop['name']}"

@@ -45,6 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bict_ray.errors import GalleryError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Beside the staged shards until the commit: the settings of the run staging them (GalleryWriter._claim_staging).
@@ -74,10 +76,6 @@ _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RECORD_KEYS = ("file", "rows", "sha256", "min_id", "max_id", "bytes")
 """The keys of a shard's manifest record, in manifest order (manifests older than ``bytes`` lack it)."""
-
-
-class GalleryError(ValueError):
-    """A gallery version (or the data written into one) is missing, malformed or inconsistent."""
 
 
 def gallery_schema(dim: int) -> pa.Schema:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bict_ray.models import CLASSIFIERS, classifier_logits
+from bict_ray.core.models import CLASSIFIERS, classifier_logits
+from bict_ray.errors import InputError
 
 
 def synthesise_old_classifier(old_weight: torch.Tensor, seen: torch.Tensor, old_embeddings: torch.Tensor,
@@ -40,19 +41,19 @@ def synthesise_old_classifier(old_weight: torch.Tensor, seen: torch.Tensor, old_
     towards them without bound; synthesised rows are therefore scaled to the mean norm of the seen rows.
     """
     if classifier not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
+        raise InputError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
     if old_weight.dim() != 2:
-        raise ValueError(f"old_weight must be (C, D), got shape {tuple(old_weight.shape)}")
+        raise InputError(f"old_weight must be (C, D), got shape {tuple(old_weight.shape)}")
     num_classes, dim = old_weight.shape
     if seen.shape != (num_classes,) or seen.dtype != torch.bool:
-        raise ValueError(f"seen must be a ({num_classes},) bool tensor, got {seen.dtype} {tuple(seen.shape)}")
+        raise InputError(f"seen must be a ({num_classes},) bool tensor, got {seen.dtype} {tuple(seen.shape)}")
     if old_embeddings.dim() != 2 or old_embeddings.shape[1] != dim:
-        raise ValueError(f"old_embeddings must be (N, {dim}) to match old_weight, got {tuple(old_embeddings.shape)}")
+        raise InputError(f"old_embeddings must be (N, {dim}) to match old_weight, got {tuple(old_embeddings.shape)}")
     if labels.shape != (old_embeddings.shape[0],):
-        raise ValueError(f"labels must be ({old_embeddings.shape[0]},), got {tuple(labels.shape)}")
+        raise InputError(f"labels must be ({old_embeddings.shape[0]},), got {tuple(labels.shape)}")
     _check_label_range(labels, num_classes, "synthesise_old_classifier")
     if classifier == "linear" and not seen.any():
-        raise ValueError("cannot synthesise linear classifier rows: the old model saw no class to take a norm from")
+        raise InputError("cannot synthesise linear classifier rows: the old model saw no class to take a norm from")
 
     with torch.no_grad():
         weight = old_weight.detach().clone()
@@ -81,13 +82,13 @@ class BCTLoss(nn.Module):
                  valid_mask: torch.Tensor | None = None):
         super().__init__()
         if classifier not in CLASSIFIERS:
-            raise ValueError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
+            raise InputError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
         if old_weight.dim() != 2:
-            raise ValueError(f"old_weight must be (C, D), got shape {tuple(old_weight.shape)}")
+            raise InputError(f"old_weight must be (C, D), got shape {tuple(old_weight.shape)}")
         if valid_mask is None:
             valid_mask = torch.ones(old_weight.shape[0], dtype=torch.bool)
         if valid_mask.shape != (old_weight.shape[0],) or valid_mask.dtype != torch.bool:
-            raise ValueError(f"valid_mask must be a ({old_weight.shape[0]},) bool tensor, "
+            raise InputError(f"valid_mask must be a ({old_weight.shape[0]},) bool tensor, "
                              f"got {valid_mask.dtype} {tuple(valid_mask.shape)}")
         self.classifier = classifier
         self.scale = float(scale)
@@ -135,14 +136,14 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = 0.1):
         super().__init__()
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InputError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None) -> torch.Tensor:
         new, old = _normalised_pair(self.name, embeddings, ref_emb)
         if labels.shape != (new.shape[0],):
-            raise ValueError(f"{self.name}: labels must be ({new.shape[0]},), got {tuple(labels.shape)}")
+            raise InputError(f"{self.name}: labels must be ({new.shape[0]},), got {tuple(labels.shape)}")
         other_class = labels[:, None] != labels[None, :]
         # the positive o_i sits on the diagonal, which other_class excludes; put it back
         old_candidates = other_class | torch.eye(len(labels), dtype=torch.bool, device=labels.device)
@@ -170,11 +171,11 @@ def build_compat_loss(kind: str, **kwargs) -> nn.Module:
     """A compat loss by name: ``bct`` (kwargs old_weight, classifier, scale, valid_mask), ``l2`` (none),
     ``contrastive`` / ``ract`` (temperature)."""
     if kind not in COMPAT_LOSSES:
-        raise ValueError(f"unknown compat loss {kind!r}; valid kinds: {', '.join(COMPAT_LOSSES)}")
+        raise InputError(f"unknown compat loss {kind!r}; valid kinds: {', '.join(COMPAT_LOSSES)}")
     try:
         return COMPAT_LOSSES[kind](**kwargs)
     except TypeError as exc:
-        raise ValueError(f"invalid options {sorted(kwargs)} for compat loss {kind!r}: {exc}") from exc
+        raise InputError(f"invalid options {sorted(kwargs)} for compat loss {kind!r}: {exc}") from exc
 
 
 class CompatibleTrainingLoss(nn.Module):
@@ -187,9 +188,9 @@ class CompatibleTrainingLoss(nn.Module):
     def __init__(self, lam: float, compat: nn.Module | None):
         super().__init__()
         if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+            raise InputError(f"lam must be >= 0, got {lam}")
         if lam > 0 and compat is None:
-            raise ValueError(f"lam = {lam} > 0 needs a compat loss, got None")
+            raise InputError(f"lam = {lam} > 0 needs a compat loss, got None")
         self.lam = float(lam)
         self.compat = compat
 
@@ -218,9 +219,9 @@ def transform_loss(psi_out: torch.Tensor, target_new_feat: torch.Tensor, labels:
     A term with weight 0 is skipped and reported as 0. Returns ``{"total", "ce", "cos"}``.
     """
     if alpha < 0 or beta < 0 or (alpha == 0 and beta == 0):
-        raise ValueError(f"alpha and beta must be >= 0 and not both 0, got alpha={alpha}, beta={beta}")
+        raise InputError(f"alpha and beta must be >= 0 and not both 0, got alpha={alpha}, beta={beta}")
     if target_new_feat.shape != psi_out.shape:
-        raise ValueError(f"transform: psi output {tuple(psi_out.shape)} and new-model target "
+        raise InputError(f"transform: psi output {tuple(psi_out.shape)} and new-model target "
                          f"{tuple(target_new_feat.shape)} differ in shape")
     ce = cos = psi_out.new_zeros(())
     if alpha > 0:
@@ -242,23 +243,23 @@ def check_finite(loss_value: torch.Tensor | float, where: str) -> None:
 def _normalised_pair(name: str, embeddings: torch.Tensor,
                      ref_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if ref_emb is None:
-        raise ValueError(f"{name}: needs ref_emb, the old model's features of the same samples")
+        raise InputError(f"{name}: needs ref_emb, the old model's features of the same samples")
     _check_dims(name, "old features", embeddings, ref_emb.shape[-1])
     if ref_emb.shape != embeddings.shape:
-        raise ValueError(f"{name}: new features {tuple(embeddings.shape)} and old features "
+        raise InputError(f"{name}: new features {tuple(embeddings.shape)} and old features "
                          f"{tuple(ref_emb.shape)} differ in shape")
     return F.normalize(embeddings, dim=1), F.normalize(ref_emb.detach().to(embeddings.dtype), dim=1)
 
 
 def _check_dims(name: str, other: str, embeddings: torch.Tensor, other_dim: int) -> None:
     if embeddings.dim() != 2:
-        raise ValueError(f"{name}: new features must be (N, D), got shape {tuple(embeddings.shape)}")
+        raise InputError(f"{name}: new features must be (N, D), got shape {tuple(embeddings.shape)}")
     if embeddings.shape[1] != other_dim:
-        raise ValueError(f"{name}: new feature dim {embeddings.shape[1]} does not match {other} dim {other_dim}; "
+        raise InputError(f"{name}: new feature dim {embeddings.shape[1]} does not match {other} dim {other_dim}; "
                          f"compatible training needs equal embedding dims")
 
 
 def _check_label_range(labels: torch.Tensor, num_classes: int, name: str) -> None:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{name}: labels must be in [0, {num_classes}), got range "
+        raise InputError(f"{name}: labels must be in [0, {num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")

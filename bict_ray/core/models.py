@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bict_ray.errors import InputError
+
 BACKBONES = ("small_cnn", "resnet18", "resnet50")
 CLASSIFIERS = ("cosine", "linear")
 
@@ -41,11 +43,11 @@ def build_backbone(name: str, in_channels: int, image_size: int,
     does not match raises ValueError naming the file.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+        raise InputError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise InputError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 4:
-        raise ValueError(f"image_size must be >= 4 pixels, got {image_size}")
+        raise InputError(f"image_size must be >= 4 pixels, got {image_size}")
     if name == "small_cnn":
         backbone, feature_dim = _small_cnn(in_channels), 128
     else:
@@ -63,15 +65,15 @@ def classifier_logits(kind: str, weight: torch.Tensor, features: torch.Tensor, s
     Functional so that a loss can apply a frozen old weight matrix to new features.
     """
     if weight.dim() != 2 or features.dim() != 2:
-        raise ValueError(f"classifier weight must be (C, D) and features (N, D), got shapes "
+        raise InputError(f"classifier weight must be (C, D) and features (N, D), got shapes "
                          f"{tuple(weight.shape)} and {tuple(features.shape)}")
     if weight.shape[1] != features.shape[1]:
-        raise ValueError(f"feature dim {features.shape[1]} does not match classifier dim {weight.shape[1]}")
+        raise InputError(f"feature dim {features.shape[1]} does not match classifier dim {weight.shape[1]}")
     if kind == "cosine":
         return scale * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
     if kind == "linear":
         return features @ weight.T
-    raise ValueError(f"unknown classifier {kind!r}; valid kinds: {', '.join(CLASSIFIERS)}")
+    raise InputError(f"unknown classifier {kind!r}; valid kinds: {', '.join(CLASSIFIERS)}")
 
 
 class CosineClassifier(nn.Module):
@@ -82,7 +84,7 @@ class CosineClassifier(nn.Module):
     def __init__(self, dim: int, num_classes: int, scale: float = 16.0):
         super().__init__()
         if scale <= 0:
-            raise ValueError(f"cosine classifier scale must be > 0, got {scale}")
+            raise InputError(f"cosine classifier scale must be > 0, got {scale}")
         self.scale = float(scale)
         self.weight = _classifier_weight(dim, num_classes)
 
@@ -118,11 +120,11 @@ class EmbeddingNet(nn.Module):
                  scale: float = 16.0, backbone_weights: str | os.PathLike | None = None):
         super().__init__()
         if embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+            raise InputError(f"embedding_dim must be >= 1, got {embedding_dim}")
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise InputError(f"num_classes must be >= 1, got {num_classes}")
         if classifier not in CLASSIFIERS:
-            raise ValueError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
+            raise InputError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
         self.spec = {"backbone": backbone, "in_channels": int(in_channels), "image_size": int(image_size),
                      "embedding_dim": int(embedding_dim), "num_classes": int(num_classes),
                      "classifier": classifier, "scale": float(scale)}
@@ -164,7 +166,7 @@ class UpgradeTransform(nn.Module):
         super().__init__()
         for key, value in (("d_in", d_in), ("d_out", d_out), ("hidden", hidden), ("layers", layers)):
             if value < 1:
-                raise ValueError(f"UpgradeTransform {key} must be >= 1, got {value}")
+                raise InputError(f"UpgradeTransform {key} must be >= 1, got {value}")
         self.spec = {"d_in": int(d_in), "d_out": int(d_out), "hidden": int(hidden), "layers": int(layers)}
         blocks: list[nn.Module] = []
         width = d_in
@@ -186,7 +188,7 @@ class UpgradeTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.spec["d_in"]:
-            raise ValueError(f"UpgradeTransform expects (N, {self.spec['d_in']}) input, got {tuple(x.shape)}")
+            raise InputError(f"UpgradeTransform expects (N, {self.spec['d_in']}) input, got {tuple(x.shape)}")
         return x + self.mlp(x) if self.residual else self.mlp(x)
 
     @torch.no_grad()
@@ -262,24 +264,24 @@ def _resnet(name: str, in_channels: int, image_size: int) -> tuple[nn.Module, in
 
 def _load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:
     if not os.path.isfile(path):
-        raise ValueError(f"backbone weights file {os.fspath(path)!r} not found")
+        raise InputError(f"backbone weights file {os.fspath(path)!r} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
-        raise ValueError(f"backbone weights file {os.fspath(path)!r} is not a readable state_dict: {exc}") from exc
+        raise InputError(f"backbone weights file {os.fspath(path)!r} is not a readable state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights file {os.fspath(path)!r} does not hold a state_dict of tensors")
+        raise InputError(f"backbone weights file {os.fspath(path)!r} does not hold a state_dict of tensors")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         backbone.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"backbone weights file {os.fspath(path)!r} does not match backbone {name!r}: "
+        raise InputError(f"backbone weights file {os.fspath(path)!r} does not match backbone {name!r}: "
                          f"{exc}") from exc
 
 
 def _classifier_weight(dim: int, num_classes: int) -> nn.Parameter:
     if dim < 1 or num_classes < 1:
-        raise ValueError(f"classifier needs dim >= 1 and num_classes >= 1, got {dim} and {num_classes}")
+        raise InputError(f"classifier needs dim >= 1 and num_classes >= 1, got {dim} and {num_classes}")
     weight = torch.empty(num_classes, dim)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default
     return nn.Parameter(weight)
@@ -288,4 +290,4 @@ def _classifier_weight(dim: int, num_classes: int) -> nn.Parameter:
 def _check_spec_keys(what: str, spec: dict[str, Any], valid: tuple[str, ...]) -> None:
     unknown = sorted(set(spec) - set(valid))
     if unknown:
-        raise ValueError(f"{what} spec has unknown keys {unknown}; valid keys: {', '.join(valid)}")
+        raise InputError(f"{what} spec has unknown keys {unknown}; valid keys: {', '.join(valid)}")

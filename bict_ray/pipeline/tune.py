@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from bict_ray import presets
 from bict_ray.config import Config, ConfigError, apply_override, from_dict
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -50,10 +51,8 @@ class SearchSpace:
 
 
 def load_space(path: str | Path, base: Config) -> SearchSpace:
-    """Read and check a search-space YAML against the config it will override."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space not found: {path}")
+    """Read and check a search-space YAML (a path or a shipped preset's name) against the config it will override."""
+    path = presets.resolve(path, "space")
     raw = yaml.safe_load(path.read_text()) or {}
     allowed = {"params", "metric", "mode", "num_samples", "max_concurrent_trials", "scheduler", "name"}
     unknown = sorted(set(raw) - allowed)
@@ -87,7 +86,7 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
     import ray
     from ray import tune
 
-    from bict_ray.cluster import ensure_ray
+    from bict_ray.distributed.cluster import ensure_ray
 
     ensure_ray(config.ray)
     tune_dir = Path(out).resolve() / "tune"
@@ -121,7 +120,7 @@ def _trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> Non
     """One Tune trial: a whole sequence, reporting after every upgrade step."""
     from ray import tune
 
-    from bict_ray.sequence import run_sequence
+    from bict_ray.pipeline.sequence import run_sequence
 
     config = _trial_config(from_dict(Config, copy.deepcopy(base)), params)
     trial_dir = Path(trials_dir) / tune.get_context().get_trial_id()
@@ -157,7 +156,7 @@ def _trial_config(base: Config, params: dict[str, Any]) -> Config:
 def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
     import pandas as pd
 
-    from bict_ray.report import plot_lambda_search
+    from bict_ray.pipeline.report import plot_lambda_search
 
     rows = []
     for result in grid:

@@ -26,11 +26,11 @@ import numpy as np
 import ray
 import torch
 
-from bict_ray.artifacts import Artifact, module_from_state
+from bict_ray.storage.artifacts import Artifact, module_from_state
 from bict_ray.config import GalleryConfig
-from bict_ray.data import ImageSet
-from bict_ray.embed import embed_images, inference_form, upgrade_embeddings
-from bict_ray.store import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
+from bict_ray.core.data import ImageSet
+from bict_ray.core.embed import embed_images, inference_form, upgrade_embeddings
+from bict_ray.storage.gallery import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
 
 
 @dataclass

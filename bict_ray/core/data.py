@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bict_ray.config import DataConfig
+from bict_ray.errors import DataError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_ENV = "BICT_FASHION_MNIST_ROOT"
@@ -22,10 +23,6 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_USER_IMAGE_SIZE = 32
-
-
-class DataError(ValueError):
-    """The data cannot be loaded; the message names the file or folder and says what to do."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bict_ray.metrics import retrieval_metrics
+from bict_ray.retrieval.metrics import retrieval_metrics
 
 
 @dataclass

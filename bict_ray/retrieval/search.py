@@ -8,8 +8,9 @@ items tied at the k-th place; `exact_search` repairs both, so that per-shard top
 `merge_topk` equal the top-k over the whole gallery.
 
 How: each worker thread takes a block of queries, scores it against the gallery a tile at a time with one
-single-threaded sgemm (numpy's BLAS), and hands each score tile to a compiled streaming top-k
-(`bict_ray/_topk.cpp`, built by pip install, loaded with ctypes). That top-k compares 16 scores per vector
+single-threaded sgemm (torch's, MKL on x86-64: numpy's OpenBLAS, run with its Haswell kernels as some machines
+pin it, gives a pair last-bit different scores in different rows of a block, where MKL's do not), and hands each score tile to a compiled streaming top-k
+(`bict_ray/retrieval/_topk.cpp`, built by pip install, loaded with ctypes). That top-k compares 16 scores per vector
 instruction against the query's current k-th best and touches only the few that pass, so the search runs
 near the sgemm's own rate; faiss's `knn` (the kernel behind `IndexFlatIP`) passes every score through a
 scalar heap and reached 0.70 of it here. Where the library was not built, `exact_search` falls back to
@@ -32,6 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
+import torch
+
+from bict_ray.errors import InputError
 
 
 def exact_search(
@@ -56,7 +60,7 @@ def exact_search(
     check_embeddings("query", query)
     check_embeddings("gallery", gallery)
     if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"query dim {query.shape[1]} does not match gallery dim {gallery.shape[1]}"
         )
     check_positive_int("k", k)
@@ -84,7 +88,7 @@ def merge_topk(
     descending and id ascending: the same lists as one search over the union of the shards.
     """
     if not parts:
-        raise ValueError("merge_topk needs at least one part")
+        raise InputError("merge_topk needs at least one part")
     scores, ids, order = merge_order([s for s, _ in parts], [i for _, i in parts], k)
     return (
         np.take_along_axis(scores, order, axis=1),
@@ -112,7 +116,7 @@ def merge_order(
     num_queries = scores_parts[0].shape[0]
     for i, (s, ids) in enumerate(zip(scores_parts, ids_parts, strict=True)):
         if s.ndim != 2 or s.shape[0] != num_queries or s.shape != ids.shape:
-            raise ValueError(
+            raise InputError(
                 f"part {i}: scores {s.shape} and ids {ids.shape} must both be ({num_queries}, k_i)"
             )
     scores = np.concatenate(scores_parts, axis=1)
@@ -124,27 +128,27 @@ def merge_order(
 def check_positive_int(name: str, value) -> int:
     """Refuse anything but an integer >= 1 (bools included), naming `name`; returns it as int."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def check_embeddings(name: str, x: np.ndarray) -> None:
     """Refuse anything but a finite (N, D) float32 array (D >= 1), naming `name` in the error."""
     if not isinstance(x, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+        raise InputError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.dtype != np.float32:
-        raise ValueError(f"{name} must be float32, got {x.dtype}")
+        raise InputError(f"{name} must be float32, got {x.dtype}")
     if x.ndim != 2 or x.shape[1] < 1:
-        raise ValueError(f"{name} must have shape (N, D) with D >= 1, got {x.shape}")
+        raise InputError(f"{name} must have shape (N, D) with D >= 1, got {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InputError(f"{name} contains NaN or infinite values")
 
 
 def check_ids(name: str, ids: np.ndarray, length: int) -> np.ndarray:
     """Validate unique integer ids of the given length; returns them as an int64 array."""
     ids = check_integer_vector(name, ids, length)
     if len(np.unique(ids)) != len(ids):
-        raise ValueError(f"{name} must be unique")
+        raise InputError(f"{name} must be unique")
     return ids
 
 
@@ -152,9 +156,9 @@ def check_integer_vector(name: str, values: np.ndarray, length: int) -> np.ndarr
     """Validate a (length,) integer array; returns it as int64."""
     values = np.asarray(values)
     if values.ndim != 1 or len(values) != length:
-        raise ValueError(f"{name} must have shape ({length},), got {values.shape}")
+        raise InputError(f"{name} must have shape ({length},), got {values.shape}")
     if values.size and not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"{name} must be integers, got {values.dtype}")
+        raise InputError(f"{name} must be integers, got {values.dtype}")
     return values.astype(np.int64, copy=False)
 
 
@@ -199,6 +203,9 @@ def _search_tie_exact(
 # score comes from (see `_TopKKernel.search_range`): changing it may change scores in their last bit.
 SEARCH_QUERY_BLOCK = 2048
 SEARCH_GALLERY_TILE = 2048
+# Query rows of every sgemm are padded to a multiple of this: the widest micro-kernel block of the x86-64 BLAS
+# builds (OpenBLAS's Haswell and SkylakeX sgemm kernels work on 16 x 4 and 4-row tails).
+QUERY_ROW_MULTIPLE = 16
 # Per-query candidate buffers of a work item stay within this many bytes (matters only for a very large k).
 _BUFFER_BYTES = 64 << 20
 # Below this many query-gallery pairs a search runs in the calling thread: threads would cost more than they save.
@@ -206,7 +213,7 @@ _INLINE_PAIRS = 1 << 22
 
 
 class _TopKKernel:
-    """The compiled streaming top-k (`bict_ray/_topk.cpp`) behind a small Python face."""
+    """The compiled streaming top-k (`bict_ray/retrieval/_topk.cpp`) behind a small Python face."""
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
@@ -231,11 +238,14 @@ class _TopKKernel:
         threshold_key = np.full(rows, np.iinfo(np.int64).max, dtype=np.int64)
         state = (count.ctypes.data, entries.ctypes.data, threshold_score.ctypes.data, threshold_key.ctypes.data)
         # Every sgemm has the same shape class, so that a pair gets the same score in any tile, range or shard:
-        # numpy's BLAS scores a lone query row by gemv and narrow tiles by small-matrix kernels, whose sums can
-        # differ in the last bit. So a lone query gets a zero row beside it, and a short last tile zero rows.
-        if rows == 1:
-            query = np.concatenate([query, np.zeros_like(query)])
+        # numpy's BLAS scores a lone query row by gemv, narrow tiles by small-matrix kernels, and the rows past the
+        # last full block of its micro-kernel by tail code, whose sums can differ in the last bit. So a query block
+        # gets zero rows up to a multiple of QUERY_ROW_MULTIPLE, and a short last tile zero rows.
+        if rows % QUERY_ROW_MULTIPLE:
+            query = np.concatenate([query, np.zeros((QUERY_ROW_MULTIPLE - rows % QUERY_ROW_MULTIPLE, query.shape[1]),
+                                                    np.float32)])
         tile = _reused(scratch, "tile", len(query) * SEARCH_GALLERY_TILE, np.float32).reshape(len(query), -1)
+        query_t, tile_t = torch.from_numpy(query), torch.from_numpy(tile)
         padded = None
         for first in range(start, stop, SEARCH_GALLERY_TILE):
             last = min(first + SEARCH_GALLERY_TILE, stop)
@@ -245,7 +255,7 @@ class _TopKKernel:
                 padded[: last - first] = block
                 padded[last - first :] = 0
                 block = padded
-            np.matmul(query, block.T, out=tile)
+            torch.mm(query_t, torch.from_numpy(block).T, out=tile_t)
             self._check(self.lib.bict_topk_update(
                 tile.ctypes.data, rows, last - first, SEARCH_GALLERY_TILE, tie_key.ctypes.data, first, k, capacity,
                 *state,
@@ -258,7 +268,7 @@ class _TopKKernel:
     @staticmethod
     def _check(code: int) -> None:
         if code != 0:
-            raise RuntimeError(f"bict_ray._topk refused its arguments (code {code}): a bug in bict_ray.search")
+            raise RuntimeError(f"bict_ray.retrieval._topk refused its arguments (code {code}): a bug in bict_ray.retrieval.search")
 
 
 def _reused(scratch: threading.local, name: str, size: int, dtype) -> np.ndarray:
@@ -278,11 +288,11 @@ def _topk_kernel() -> _TopKKernel | None:
     """The compiled top-k, or None where the install could not build it."""
     with _kernel_lock:
         if not _kernel:
-            spec = importlib.util.find_spec("bict_ray._topk")
+            spec = importlib.util.find_spec("bict_ray.retrieval._topk")
             _kernel.append(_TopKKernel(spec.origin) if spec is not None and spec.origin else None)
             if _kernel[0] is None:
                 logging.getLogger(__name__).warning(
-                    "bict_ray._topk is not built (no C++ compiler at install?): exact_search uses faiss's top-k, "
+                    "bict_ray.retrieval._topk is not built (no C++ compiler at install?): exact_search uses faiss's top-k, "
                     "about 20%% slower; reinstall the package with g++ available to build it"
                 )
         return _kernel[0]
@@ -344,7 +354,8 @@ def _search_tiled(kernel: _TopKKernel, query, gallery, k: int, tie_key, threads:
 
 
 class _SingleThreadedBlas:
-    """numpy's BLAS at one thread while any search runs (threadpoolctl), as it was once the last one ends.
+    """numpy's BLAS (threadpoolctl) and torch's at one thread while any search runs, as they were once the last one
+    ends.
     Counted, so that searches overlapping in several threads restore the setting once, and correctly."""
 
     def __init__(self):
@@ -352,6 +363,7 @@ class _SingleThreadedBlas:
         self._active = 0
         self._limit = None
         self._controller = None  # found once: scanning the loaded libraries costs about a millisecond
+        self._torch_threads = 1
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -362,6 +374,8 @@ class _SingleThreadedBlas:
 
                     self._controller = ThreadpoolController()
                 self._limit = self._controller.limit(limits=1, user_api="blas")
+                self._torch_threads = torch.get_num_threads()
+                torch.set_num_threads(1)
             self._active += 1
         try:
             yield
@@ -371,6 +385,7 @@ class _SingleThreadedBlas:
                 if self._active == 0:
                     self._limit.restore_original_limits()
                     self._limit = None
+                    torch.set_num_threads(self._torch_threads)
 
 
 _single_threaded_blas = _SingleThreadedBlas()

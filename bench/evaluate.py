@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     import faiss
     import numpy as np
 
-    from bict_ray.retrieval.metrics import retrieval_metrics, sharded_retrieval_metrics
     from bict_ray.retrieval import search
+    from bict_ray.retrieval.metrics import retrieval_metrics, sharded_retrieval_metrics
     from bict_ray.retrieval.search import exact_search
 
     faiss.omp_set_num_threads(args.threads)

@@ -340,8 +340,8 @@ def make_transforms(root: str, dim: int, hidden: int, layers: int, seed: int):
     last layer: exactly x + 0), saved and loaded as artifacts the way training writes them."""
     import torch
 
-    from bict_ray.storage.artifacts import load_artifact, save_artifact
     from bict_ray.core.models import UpgradeTransform
+    from bict_ray.storage.artifacts import load_artifact, save_artifact
 
     torch.manual_seed(seed)
     psi = UpgradeTransform(dim, dim, hidden=hidden, layers=layers)

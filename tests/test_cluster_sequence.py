@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from bict_ray.storage.artifacts import load_artifact
 from bict_ray.core.embed import upgrade_embeddings
+from bict_ray.storage.artifacts import load_artifact
 from bict_ray.storage.gallery import open_gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from bict_ray.storage.artifacts import load_artifact, save_artifact
 from bict_ray.cli import main
 from bict_ray.config import GalleryConfig
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, upgrade_embeddings
+from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.distributed.evaluate import evaluate_gallery
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.retrieval.metrics import retrieval_metrics
-from bict_ray.core.models import EmbeddingNet, UpgradeTransform
+from bict_ray.storage.artifacts import load_artifact, save_artifact
 from bict_ray.storage.gallery import GalleryError, GalleryWriter, open_gallery, write_gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_a_shard_pipeline_starts_all_its_slots_at_once(ray_session):
     """Both slots of a 2-slot pipeline start together. Ray Data's object-store budget policy held the second task
     back until it re-read its reserved resources, 1.0 s later, and all tasks being equally long the pipeline's last
     task then ran alone for that second: a core idle for a sixth of a 1M-row upgrade."""
-    from bict_ray.distributed.pipelines import map_shard_tasks
+    from bict_ray.distributed.shards import map_shard_tasks
 
     def started(batch):
         began = time.time()

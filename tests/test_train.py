@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bict_ray.storage.artifacts import ArtifactError, load_artifact
 from bict_ray.config import load_config
 from bict_ray.distributed.train import TrainingError, train_embedding_model, train_upgrade_transform
+from bict_ray.storage.artifacts import ArtifactError, load_artifact
 from conftest import train_subset
 
 OLD_CLASSES = [0, 1, 2, 3, 4]

@@ -40,10 +40,10 @@ def register(subparsers) -> None:
 
 
 def run_extract(args) -> int:
-    from bict_ray.storage.artifacts import load_artifact
-    from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.core.data import load_dataset
+    from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.distributed.pipelines import extract_gallery
+    from bict_ray.storage.artifacts import load_artifact
 
     config = config_from_args(args)
     ensure_ray(config.ray)
@@ -55,9 +55,9 @@ def run_extract(args) -> int:
 
 
 def run_upgrade(args) -> int:
-    from bict_ray.storage.artifacts import load_artifact
     from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.distributed.pipelines import upgrade_gallery
+    from bict_ray.storage.artifacts import load_artifact
 
     config = config_from_args(args)
     ensure_ray(config.ray)
@@ -69,11 +69,11 @@ def run_upgrade(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from bict_ray.storage.artifacts import load_artifact
-    from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.core.data import load_dataset
     from bict_ray.core.embed import embed_images
+    from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.distributed.evaluate import evaluate_gallery
+    from bict_ray.storage.artifacts import load_artifact
     from bict_ray.storage.gallery import open_gallery
 
     config = config_from_args(args)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from bict_ray.cli.common import add_config_args, config_from_args
 from bict_ray.core.data import load_dataset
-from bict_ray.storage.rundir import RunDir
 from bict_ray.core.splits import load_or_make_splits
+from bict_ray.storage.rundir import RunDir
 
 
 def register(subparsers) -> None:

@@ -20,10 +20,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.core.data import load_dataset
-    from bict_ray.storage.rundir import RunDir
+    from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.pipeline.sequence import SequenceRunner
+    from bict_ray.storage.rundir import RunDir
 
     config = config_from_args(args)
     steps = config.scenario.steps

@@ -1,6 +1,6 @@
 """Retrieval evaluation against a committed gallery version, its shards searched in parallel on Ray Data.
 
-Gallery shard *indices* are mapped through Ray Data tasks (a run of shards each, ``gallery.map_shard_tasks``); a
+Gallery shard *indices* are mapped through Ray Data tasks (a run of shards each, ``bict_ray.distributed.shards``); a
 task reads its shards one at a time (``GalleryVersion.read_shard``, checksum verified) and returns for each the
 small per-shard result of ``bict_ray.retrieval.metrics`` (top-k lists, positives or rank counts), which the driver combines.
 Rows never pass through the object store; the queries do, once (``ray.put``).
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import ray
 
-from bict_ray.distributed.pipelines import map_shard_tasks
+from bict_ray.distributed.shards import map_shard_tasks, project_errors
 from bict_ray.retrieval.metrics import (
     merge_positives,
     merge_shard_topk,
@@ -29,9 +29,9 @@ from bict_ray.retrieval.metrics import (
     shard_rank_counts,
     shard_topk,
 )
+from bict_ray.errors import InputError
 from bict_ray.retrieval.search import check_embeddings, check_integer_vector, check_positive_int
 from bict_ray.storage.gallery import GalleryVersion, open_gallery
-from bict_ray.errors import InputError
 
 
 def evaluate_gallery(
@@ -86,9 +86,10 @@ def _map_shards(version: GalleryVersion, queries, pass_fn: Callable, kwargs: dic
     num_shards = version.num_shards
     dataset = map_shard_tasks(version.num_shards, concurrency, _shard_pass,
                               dict(version=version, queries=queries, pass_fn=pass_fn, **kwargs), num_cpus=cpus_per_task)
-    for row in dataset.iter_rows():
-        # per-shard results are numpy-holding dataclasses: they travel as one pickled value each
-        yield pickle.loads(row["result"])
+    with project_errors():
+        for row in dataset.iter_rows():
+            # per-shard results are numpy-holding dataclasses: they travel as one pickled value each
+            yield pickle.loads(row["result"])
 
 
 def _shard_pass(batch: dict[str, np.ndarray], *, version: GalleryVersion, queries, pass_fn: Callable,

@@ -25,10 +25,10 @@ import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from bict_ray.storage.artifacts import Artifact, load_artifact, module_from_state, save_artifact
 from bict_ray.config import Config
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, model_features, preprocess, upgrade_embeddings
+from bict_ray.storage.artifacts import Artifact, load_artifact, module_from_state, save_artifact
 from bict_ray.core.losses import (CompatibleTrainingLoss, build_compat_loss, check_finite, synthesise_old_classifier,
                              transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform

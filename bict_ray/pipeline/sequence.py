@@ -21,18 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bict_ray.storage.artifacts import ArtifactError, load_artifact
-from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.config import Config
 from bict_ray.core.data import Dataset, load_dataset
 from bict_ray.core.embed import embed_images
-from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
-from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
-from bict_ray.storage.rundir import RunDir
 from bict_ray.core.splits import load_or_make_splits
-from bict_ray.storage.gallery import is_committed, open_gallery
+from bict_ray.distributed.cluster import ensure_ray
+from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.distributed.train import train_embedding_model, train_upgrade_transform
 from bict_ray.errors import NotFoundError
+from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.storage.artifacts import ArtifactError, load_artifact
+from bict_ray.storage.gallery import is_committed, open_gallery
+from bict_ray.storage.rundir import RunDir
 
 
 def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, dataset: Dataset | None = None) -> dict:

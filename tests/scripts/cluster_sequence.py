@@ -78,11 +78,11 @@ def run_smoke_sequence(cluster: Cluster, out: str) -> dict:
 
 
 def run_node_loss(cluster: Cluster, out: str) -> dict:
-    from bict_ray.storage.artifacts import load_artifact, save_artifact
-    from bict_ray.distributed import pipelines as gallery
     from bict_ray.config import GalleryConfig
-    from bict_ray.distributed.pipelines import upgrade_gallery
     from bict_ray.core.models import UpgradeTransform
+    from bict_ray.distributed import shards
+    from bict_ray.distributed.pipelines import upgrade_gallery
+    from bict_ray.storage.artifacts import load_artifact, save_artifact
     from bict_ray.storage.gallery import write_gallery
 
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
     config = GalleryConfig(rows_per_shard=ROWS_PER_SHARD, concurrency=2, cpus_per_task=GALLERY_CPUS)
     # one shard a task: a task reports its shards when it ends, so the victim's work shows in the stats only if
     # some of its tasks ended before the crash
-    gallery.TASKS_PER_SLOT = SHARDS
+    shards.TASKS_PER_SLOT = SHARDS
 
     outcome = {}
 

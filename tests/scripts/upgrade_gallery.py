@@ -8,9 +8,9 @@ import sys
 
 import ray
 
-from bict_ray.storage.artifacts import load_artifact
 from bict_ray.config import GalleryConfig
 from bict_ray.distributed.pipelines import upgrade_gallery
+from bict_ray.storage.artifacts import load_artifact
 
 
 def main(address: str, gallery: str, transform: str, out: str) -> None:

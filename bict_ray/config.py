@@ -17,6 +17,11 @@ from typing import Any
 import yaml
 
 from bict_ray import presets
+from bict_ray.core.data import DATA_KINDS
+from bict_ray.core.embed import PRECISIONS
+from bict_ray.core.losses import COMPAT_LOSSES
+from bict_ray.core.models import BACKBONES, CLASSIFIERS
+from bict_ray.core.splits import SCENARIOS
 from bict_ray.errors import ConfigError
 
 
@@ -37,7 +42,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_choice("data.kind", self.kind, ("fashion_mnist", "imagefolder", "npz"))
+        _check_choice("data.kind", self.kind, DATA_KINDS)
         if self.kind != "fashion_mnist" and not self.root:
             raise ConfigError(f"data.root is required for data.kind={self.kind}")
         _check_range("data.test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
@@ -65,7 +70,7 @@ class ScenarioConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_choice("scenario.kind", self.kind, ("class_growth", "data_growth"))
+        _check_choice("scenario.kind", self.kind, SCENARIOS)
         if self.steps < 2:
             raise ConfigError(f"scenario.steps must be >= 2 (an old and a new model), got {self.steps}")
         if self.classes is not None:
@@ -96,8 +101,8 @@ class ModelConfig:
     weights: str | None = None  # local backbone state_dict file; None = random init (no download)
 
     def __post_init__(self):
-        _check_choice("model.backbone", self.backbone, ("small_cnn", "resnet18", "resnet50"))
-        _check_choice("model.classifier", self.classifier, ("cosine", "linear"))
+        _check_choice("model.backbone", self.backbone, BACKBONES)
+        _check_choice("model.classifier", self.classifier, CLASSIFIERS)
         if self.embedding_dim < 1:
             raise ConfigError(f"model.embedding_dim must be >= 1, got {self.embedding_dim}")
         if self.scale <= 0:
@@ -114,7 +119,7 @@ class CompatConfig:
     temperature: float = 0.1  # contrastive / ract
 
     def __post_init__(self):
-        _check_choice("compat.loss", self.loss, ("bct", "l2", "contrastive", "ract"))
+        _check_choice("compat.loss", self.loss, COMPAT_LOSSES)
         if self.lam < 0:
             raise ConfigError(f"compat.lam must be >= 0, got {self.lam}")
         if self.temperature <= 0:
@@ -186,19 +191,13 @@ class GalleryConfig:
     # with AVX512-BF16 or AMX (the demo's mAP moved by 0.005 points); the version's manifest records it.
     upgrade_precision: str = "float32"
 
-    RENAMED = {"cpus_per_actor": "cpus_per_task"}  # old key -> new key, still read from older configs
-    PRECISIONS = ("float32", "bfloat16")
-
     def __post_init__(self):
         for name in ("rows_per_shard", "batch_size", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gallery.{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_task <= 0:
             raise ConfigError(f"gallery.cpus_per_task must be > 0, got {self.cpus_per_task}")
-        if self.upgrade_precision not in self.PRECISIONS:
-            raise ConfigError(
-                f"gallery.upgrade_precision must be one of {', '.join(self.PRECISIONS)}, got {self.upgrade_precision!r}"
-            )
+        _check_choice("gallery.upgrade_precision", self.upgrade_precision, PRECISIONS)
 
 
 @dataclass
@@ -299,7 +298,6 @@ def from_dict(cls, raw: dict[str, Any], prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    raw = _renamed(cls, raw, prefix)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
@@ -373,26 +371,11 @@ def _float_or_text(text: str):
         return text
 
 
-def _renamed(cls, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """``raw`` with the keys ``cls.RENAMED`` maps from an older name under their current name."""
-    renamed = getattr(cls, "RENAMED", {})
-    if not set(raw) & set(renamed):
-        return raw
-    raw = dict(raw)
-    for old, new in renamed.items():
-        if old in raw:
-            if new in raw:
-                raise ConfigError(f"{prefix}{old} is the old name of {prefix}{new}; give only {prefix}{new}")
-            raw[new] = raw.pop(old)
-    return raw
-
-
 def _check_path(cls, keys: list[str], dotted: str) -> None:
     for depth, key in enumerate(keys):
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"unknown config key {dotted}: {'.'.join(keys[:depth])} is not a section")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        key = getattr(cls, "RENAMED", {}).get(key, key)
         if key not in fields:
             where = ".".join(keys[:depth]) or "the top level"
             raise ConfigError(
@@ -401,6 +384,7 @@ def _check_path(cls, keys: list[str], dotted: str) -> None:
 
 
 def _check_choice(key: str, value, choices) -> None:
+    """``choices``: the owner's own list or registry (its keys), so a new entry needs no second copy here."""
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 

@@ -74,31 +74,16 @@ def test_run_dir_refuses_another_config_and_keeps_its_own(tmp_path):
     assert yaml.safe_load(before)["train"]["num_workers"] == 1
 
 
-def test_gallery_precisions_are_the_ones_upgrades_know():
-    from bict_ray.config import GalleryConfig
-    from bict_ray.core.embed import PRECISIONS
+def test_a_choice_registered_by_its_owner_is_valid_in_the_config(monkeypatch):
+    """A new compat loss is one registration in core.losses: the config checks against that registry itself."""
+    from bict_ray.core import losses
 
-    assert sorted(GalleryConfig.PRECISIONS) == sorted(PRECISIONS)
+    with pytest.raises(ConfigError, match="compat.loss must be one of bct, l2, contrastive, ract"):
+        load_config(None, ["compat.loss=mine"])
+    monkeypatch.setitem(losses.COMPAT_LOSSES, "mine", losses.L2Loss)
+    assert load_config(None, ["compat.loss=mine"]).compat.loss == "mine"
     assert load_config(None, ["gallery.upgrade_precision=bfloat16"]).gallery.upgrade_precision == "bfloat16"
 
 
 def test_defaults_are_valid():
     assert Config().model.classifier == "cosine"
-
-
-def test_a_renamed_key_is_still_read_from_older_configs_and_runs(tmp_path):
-    """gallery.cpus_per_actor became gallery.cpus_per_task: old files, old run dirs and old overrides still work."""
-    path = tmp_path / "old.yaml"
-    path.write_text("gallery:\n  cpus_per_actor: 0.25\n")
-    assert load_config(path).gallery.cpus_per_task == 0.25
-    assert load_config(None, ["gallery.cpus_per_actor=0.75"]).gallery.cpus_per_task == 0.75
-    path.write_text("gallery:\n  cpus_per_actor: 0.25\n  cpus_per_task: 0.5\n")
-    with pytest.raises(ConfigError, match=r"gallery\.cpus_per_actor is the old name of gallery\.cpus_per_task"):
-        load_config(path)
-    # a run started before the rename resumes: its config.yaml names the old key
-    RunDir.create(tmp_path / "run", load_config(None))
-    saved = tmp_path / "run" / "config.yaml"
-    old = yaml.safe_load(saved.read_text())
-    old["gallery"]["cpus_per_actor"] = old["gallery"].pop("cpus_per_task")
-    saved.write_text(yaml.safe_dump(old))
-    RunDir.create(tmp_path / "run", load_config(None))

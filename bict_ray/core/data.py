@@ -11,11 +11,14 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bict_ray.config import DataConfig
 from bict_ray.errors import DataError
+
+if TYPE_CHECKING:  # the config sits above core: it checks its choices against the lists defined here
+    from bict_ray.config import DataConfig
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_ENV = "BICT_FASHION_MNIST_ROOT"
@@ -61,13 +64,9 @@ class Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the dataset that ``cfg.kind`` names, with ids assigned and the smoke limits applied."""
-    if cfg.kind == "fashion_mnist":
-        dataset = load_fashion_mnist(cfg.root)
-    elif cfg.kind == "npz":
-        dataset = load_npz(cfg.root, cfg)
-    else:
-        dataset = load_image_folder(cfg.root, cfg)
+    """Load the dataset that ``cfg.kind`` names (one of ``DATA_KINDS``), with ids assigned and the smoke limits
+    applied."""
+    dataset = DATA_KINDS[cfg.kind](cfg)
     dataset = _conform(dataset, cfg)
     return _limit(dataset, cfg)
 
@@ -163,6 +162,14 @@ def load_image_folder(path: str, cfg: DataConfig) -> Dataset:
     train_idx, test_idx = _holdout(labels, cfg.test_fraction, cfg.seed)
     return _assemble(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
                      [d.name for d in class_dirs], str(root))
+
+
+# data.kind -> loader; a new format is a loader taking the DataConfig, and one line here
+DATA_KINDS = {
+    "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.root),
+    "npz": lambda cfg: load_npz(cfg.root, cfg),
+    "imagefolder": lambda cfg: load_image_folder(cfg.root, cfg),
+}
 
 
 def missing_dataset_message(root: str | None = None) -> str:

@@ -13,11 +13,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bict_ray.config import ScenarioConfig
 from bict_ray.core.data import DataError, ImageSet
+
+if TYPE_CHECKING:  # the config sits above core: it checks its choices against the lists defined here
+    from bict_ray.config import ScenarioConfig
 
 SPLITS_DIR = "splits"
 
@@ -33,9 +36,7 @@ class ModelSplit:
 
 def make_splits(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> list[ModelSplit]:
     """One :class:`ModelSplit` per model of the sequence, deterministic under ``scenario.seed``."""
-    if scenario.kind == "class_growth":
-        return _class_growth(scenario, train, num_classes)
-    return _data_growth(scenario, train, num_classes)
+    return SCENARIOS[scenario.kind](scenario, train, num_classes)
 
 
 def default_class_subsets(steps: int, num_classes: int) -> list[list[int]]:
@@ -100,6 +101,10 @@ def _data_growth(scenario: ScenarioConfig, train: ImageSet, num_classes: int) ->
         chosen = [ids[: max(1, int(round(frac * len(ids))))] for ids in orders.values() if len(ids)]
         splits.append(ModelSplit(t, np.sort(np.concatenate(chosen)), classes))
     return splits
+
+
+# scenario.kind -> how the models' training splits grow
+SCENARIOS = {"class_growth": _class_growth, "data_growth": _data_growth}
 
 
 def _scenario_dict(scenario: ScenarioConfig) -> dict:

@@ -22,7 +22,6 @@ from bict_ray.config import Config, ConfigError, save_config
 RUNTIME_KEYS = frozenset({
     "ray", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage_path",
     "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
-    "gallery.cpus_per_actor",  # its old name, in the config.yaml of older runs
     "gallery.use_gpu", "gallery.batch_size",
 })
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.time()
             artifact = train_embedding_model(config(workers), Path(work) / f"w{workers}" / "models" / "phi_1", 1,
                                              images, classes, args.classes, run_name=f"bench-train-w{workers}")
-            ray_runs[workers] = ray_timings(artifact.card["history"], started, time.time())
+            ray_runs[workers] = ray_timings(artifact.card.training["history"], started, time.time())
             log(f"  {ray_runs[workers]['epoch_seconds']:.2f} s per epoch, start-up "
                 f"{ray_runs[workers]['startup_seconds']:.1f} s")
         plain_runs.append(plain(config(1), images, args.classes, log))
@@ -105,11 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def plain(config, images, num_classes: int, log) -> dict:
     """The plain torch loop on the same work; per-epoch figures over the epochs after the first."""
-    from bict_ray.distributed.train import embedding_loop, run_in_process
+    from bict_ray.distributed.train import embedding_stage, run_in_process
 
     log("plain torch loop ...")
-    loop, _ = embedding_loop(config, 1, images, num_classes)
-    records = run_in_process(loop)
+    records = run_in_process(embedding_stage(config, 1, images, num_classes))
     steady = records[1:]
     seconds = statistics.mean(r["seconds"] for r in steady)
     samples = statistics.mean(r["samples"] for r in steady)

@@ -341,16 +341,16 @@ def make_transforms(root: str, dim: int, hidden: int, layers: int, seed: int):
     import torch
 
     from bict_ray.core.models import UpgradeTransform
-    from bict_ray.storage.artifacts import load_artifact, save_artifact
+    from bict_ray.storage.artifacts import ModelCard, load_artifact, save_artifact
 
     torch.manual_seed(seed)
     psi = UpgradeTransform(dim, dim, hidden=hidden, layers=layers)
     # a residual psi starts as the identity (zero last layer): give it weights that move the rows
     torch.nn.init.normal_(psi.mlp[-1].weight, std=1.0 / hidden**0.5)
     identity = UpgradeTransform(dim, dim, hidden=1, layers=1)
-    card = {"kind": "transform", "source": "phi_1", "target": "phi_2"}
-    save_artifact(os.path.join(root, "psi_1_2"), psi.eval(), {**card, "name": "psi_1_2"})
-    save_artifact(os.path.join(root, "psi_identity"), identity.eval(), {**card, "name": "psi_identity"})
+    for name, module in (("psi_1_2", psi), ("psi_identity", identity)):
+        save_artifact(os.path.join(root, name), module.eval(),
+                      ModelCard("transform", name, source="phi_1", target="phi_2"))
     return load_artifact(os.path.join(root, "psi_1_2")), load_artifact(os.path.join(root, "psi_identity"))
 
 
@@ -400,8 +400,8 @@ def run_single_process(source, transform, out: str, threads: int, monitor: "Moni
     phases = {"read": 0.0, "psi": 0.0, "write": 0.0, "commit": 0.0}
     monitor.begin(out + ".staging", source.num_shards)
     wall, started = time.time(), time.perf_counter()
-    writer = GalleryWriter(out, dim=card["spec"]["d_out"], lineage=[*source.lineage, card["name"]],
-                           space=card["target"], normalised=True, extra={"source_version": source.path})
+    writer = GalleryWriter(out, dim=card.dim, lineage=[*source.lineage, card.name],
+                           space=card.target, normalised=True, extra={"source_version": source.path})
     records = []
     for index in range(source.num_shards):
         t0 = time.perf_counter()

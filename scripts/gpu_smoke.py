@@ -46,9 +46,9 @@ def main() -> None:
     psi = train_upgrade_transform(config, f"{args.out}/transforms/psi_1_2", 1, new, data.train, [old])
     stages["psi_1_2"] = (time.perf_counter() - started, psi.card)
     for name, (seconds, card) in stages.items():
-        last = card["history"][-1]
+        last = card.training["history"][-1]
         report[name] = {"seconds": round(seconds, 2), "samples_per_s_last_epoch": round(last["samples_per_s"]),
-                        "loss_first": round(card["history"][0]["loss"], 4), "loss_last": round(last["loss"], 4)}
+                        "loss_first": round(card.training["history"][0]["loss"], 4), "loss_last": round(last["loss"], 4)}
     started = time.perf_counter()
     _, stats = extract_gallery(config.gallery, old, data.test, f"{args.out}/gallery/v1")
     report["extract_v1"] = {"seconds": round(time.perf_counter() - started, 2), "rows": stats.rows}

@@ -110,7 +110,7 @@ def test_smoke_sequence_spreads_train_and_data_over_two_nodes(tmp_path):
 
     # Ray Train: rank 0 and rank 1 of every fit on the two worker nodes
     for card in (out / "models" / "phi_1", out / "models" / "phi_2", out / "transforms" / "psi_1_2"):
-        placed = json.loads((card / "model.json").read_text())["workers"]
+        placed = json.loads((card / "model.json").read_text())["training"]["workers"]
         assert sorted(w["rank"] for w in placed) == [0, 1], card
         assert {w["node_id"] for w in placed} == workers, card
 

@@ -20,7 +20,7 @@ from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.distributed.evaluate import evaluate_gallery
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.retrieval.metrics import retrieval_metrics
-from bict_ray.storage.artifacts import load_artifact, save_artifact
+from bict_ray.storage.artifacts import ModelCard, load_artifact, save_artifact
 from bict_ray.storage.gallery import GalleryError, GalleryWriter, open_gallery, write_gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +39,11 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
     phi = EmbeddingNet(in_channels=1, image_size=IMAGE_SIZE, embedding_dim=DIM, num_classes=NUM_CLASSES).eval()
-    save_artifact(root / "phi_1", phi, {"kind": "embedding", "name": "phi_1", "version": 1, "parent": None})
+    save_artifact(root / "phi_1", phi, ModelCard("embedding", "phi_1", version=1))
     for name, source, target in (("psi_1_2", "phi_1", "phi_2"), ("psi_2_3", "phi_2", "phi_3")):
         psi = UpgradeTransform(DIM, DIM, hidden=16, layers=1)
         torch.nn.init.normal_(psi.mlp[-1].weight)  # a residual psi starts as the identity: make it map something
-        save_artifact(root / name, psi, {"kind": "transform", "name": name, "source": source, "target": target})
+        save_artifact(root / name, psi, ModelCard("transform", name, source=source, target=target))
     return {name: load_artifact(root / name) for name in ("phi_1", "psi_1_2", "psi_2_3")}
 
 

@@ -23,12 +23,12 @@ def old_model(ray_session, smoke_config, smoke_data, tmp_path_factory):
 
 
 def test_old_model_learns_and_is_saved_with_its_card(old_model):
-    history = old_model.card["history"]
+    history = old_model.card.training["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["accuracy"] > 0.5
     card = old_model.card
-    assert card["classes_seen"] == OLD_CLASSES and card["parent"] is None and card["num_classes"] == 10
+    assert card.classes_seen == OLD_CLASSES and card.parent is None and card.spec["num_classes"] == 10
     state = torch.load(old_model.path / "weights.pt", weights_only=True)
     assert set(state) == set(old_model.module.state_dict())
 
@@ -41,15 +41,15 @@ def test_new_model_is_compatible_and_old_stays_frozen(old_model, smoke_config, s
     assert hashlib.sha256((old_model.path / "weights.pt").read_bytes()).hexdigest() == weights_before
     assert all(torch.equal(state_before[k], v) for k, v in old_model.module.state_dict().items())
     card = new.card
-    assert card["parent"] == "phi_1" and card["compat_loss"] == "bct" and card["lam"] == 1.0
-    assert all(h["compat"] > 0 for h in card["history"])
+    assert card.parent == "phi_1" and card.training["compat_loss"] == "bct" and card.training["lam"] == 1.0
+    assert all(h["compat"] > 0 for h in card.training["history"])
     # psi trained on the stored representation of the training images moves them towards phi_2
     psi = train_upgrade_transform(smoke_config, tmp_path / "psi_1_2", 1, new, smoke_data.train, [old_model],
                                   run_name=f"test-psi-{tmp_path.name}")
-    history = psi.card["history"]
-    assert psi.card["source"] == "phi_1" and psi.card["target"] == "phi_2"
+    history = psi.card.training["history"]
+    assert psi.card.source == "phi_1" and psi.card.target == "phi_2"
     assert history[-1]["cos_sim"] > history[0]["cos_sim"]
-    assert psi.card["trained_on"] == ["phi_1"]
+    assert psi.card.training["trained_on"] == ["phi_1"]
 
 
 def test_two_worker_ddp(ray_session, smoke_data, tmp_path):
@@ -57,7 +57,7 @@ def test_two_worker_ddp(ray_session, smoke_data, tmp_path):
     model = train_embedding_model(config, tmp_path / "phi_1", 1, train_subset(smoke_data, OLD_CLASSES),
                                   OLD_CLASSES, smoke_data.num_classes, run_name=f"test-ddp-{tmp_path.name}")
     # both workers' samples count: the reduced epoch saw the whole (drop_last-trimmed) split once
-    assert model.card["history"][0]["samples"] == pytest.approx(600, abs=2 * 64)
+    assert model.card.training["history"][0]["samples"] == pytest.approx(600, abs=2 * 64)
 
 
 def test_nan_loss_fails_naming_the_step_and_writes_nothing(ray_session, smoke_data, tmp_path):

@@ -52,12 +52,12 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, smoke_data, tmp
     assert epoch_at_kill < epochs - 2, "the run finished before the worker could be killed"
     thread.join(timeout=400)
     assert "error" not in outcome, outcome.get("error")
-    history = outcome["model"].card["history"]
+    history = outcome["model"].card.training["history"]
     assert [h["epoch"] for h in history] == list(range(epochs))  # every epoch, no gap, none twice
     attempts = [h["attempt"] for h in history]
     assert attempts[0] == 1 and attempts[-1] == 2 and attempts == sorted(attempts)
     assert attempts.index(2) >= 1  # resumed from a checkpoint, not from scratch
-    assert outcome["model"].card["workers"][0]["pid"] != victim
+    assert outcome["model"].card.training["workers"][0]["pid"] != victim
 
 
 def _worker_after_checkpoints(folder, min_epoch: int, timeout: float) -> tuple[int, int]:

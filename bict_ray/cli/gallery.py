@@ -80,13 +80,13 @@ def run_evaluate(args) -> int:
     ensure_ray(config.ray)
     gallery = open_gallery(args.gallery)
     model = load_artifact(args.model)
-    if model.card.get("kind") != "embedding":
-        raise InputError(f"{args.model} is not an embedding model (kind={model.card.get('kind')!r})")
+    if model.card.kind != "embedding":
+        raise InputError(f"{args.model} is not an embedding model (kind={model.card.kind!r})")
     test = load_dataset(config.data).test
     query = embed_images(model.module, test.images, config.gallery.batch_size)
     metrics = evaluate_gallery(query, test.labels, test.ids, gallery, ks=config.eval.ks, map_at=config.eval.map_at,
                                concurrency=config.gallery.concurrency, cpus_per_task=config.gallery.cpus_per_task)
-    result = {"query_model": model.card["name"], "gallery": gallery.path, "gallery_lineage": gallery.lineage,
+    result = {"query_model": model.card.name, "gallery": gallery.path, "gallery_lineage": gallery.lineage,
               "gallery_space": gallery.space, "map_at": config.eval.map_at, "metrics": metrics}
     text = json.dumps(result, indent=2)
     print(text)

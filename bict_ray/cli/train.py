@@ -40,8 +40,8 @@ def run(args) -> int:
     else:
         runner.load_trained(t - 1)
         artifact = runner.train_model(t)
-    metrics = artifact.card.get("metrics", {})
-    print(f"{artifact.card['name']}: {artifact.path} " + " ".join(
+    metrics = artifact.card.training.get("metrics", {})
+    print(f"{artifact.card.name}: {artifact.path} " + " ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     return 0
 

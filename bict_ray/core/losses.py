@@ -14,6 +14,7 @@ Plain torch; no Ray.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,7 @@ class BCTLoss(nn.Module):
     """
 
     needs_ref_emb = False
+    needs_old_classifier = True
 
     def __init__(self, old_weight: torch.Tensor, classifier: str = "cosine", scale: float = 16.0,
                  valid_mask: torch.Tensor | None = None):
@@ -94,6 +96,10 @@ class BCTLoss(nn.Module):
         self.scale = float(scale)
         self.register_buffer("old_weight", old_weight.detach().clone())
         self.register_buffer("valid_mask", valid_mask.detach().clone())
+
+    @classmethod
+    def from_context(cls, context: CompatContext) -> BCTLoss:
+        return cls(context.old_weight, context.classifier, context.scale, context.valid_mask)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,6 +120,11 @@ class L2Loss(nn.Module):
     """
 
     needs_ref_emb = True
+    needs_old_classifier = False
+
+    @classmethod
+    def from_context(cls, context: CompatContext) -> L2Loss:
+        return cls()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,6 +142,7 @@ class ContrastiveLoss(nn.Module):
 
     name = "contrastive"
     needs_ref_emb = True
+    needs_old_classifier = False
     new_to_new = False
 
     def __init__(self, temperature: float = 0.1):
@@ -138,6 +150,10 @@ class ContrastiveLoss(nn.Module):
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+
+    @classmethod
+    def from_context(cls, context: CompatContext) -> ContrastiveLoss:
+        return cls(context.temperature)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 ref_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,8 +179,31 @@ class RACTLoss(ContrastiveLoss):
     new_to_new = True
 
 
+# compat.loss -> its class. A compat loss is an nn.Module called as loss(embeddings, labels, ref_emb=None), with
+# class attributes needs_ref_emb (run the old model on the batch?) and needs_old_classifier (synthesise the old
+# classifier before training?) and a classmethod from_context(CompatContext). A new one is a class and a line here.
 COMPAT_LOSSES: dict[str, type[nn.Module]] = {
     "bct": BCTLoss, "l2": L2Loss, "contrastive": ContrastiveLoss, "ract": RACTLoss}
+
+
+@dataclass(frozen=True)
+class CompatContext:
+    """What the trainer has for a compat loss of phi_{t+1} against the frozen phi_t: the old classifier (C, D), with
+    synthesised rows for classes phi_t never saw, its valid rows (C,) bool, its kind and scale (only computed when
+    the loss ``needs_old_classifier``), and the configured temperature."""
+
+    old_weight: torch.Tensor | None = None
+    valid_mask: torch.Tensor | None = None
+    classifier: str = "cosine"
+    scale: float = 16.0
+    temperature: float = 0.1
+
+
+def compat_loss_for(kind: str, context: CompatContext) -> nn.Module:
+    """The compat loss ``kind`` (a key of ``COMPAT_LOSSES``) built from what the trainer has."""
+    if kind not in COMPAT_LOSSES:
+        raise InputError(f"unknown compat loss {kind!r}; valid kinds: {', '.join(COMPAT_LOSSES)}")
+    return COMPAT_LOSSES[kind].from_context(context)
 
 
 def build_compat_loss(kind: str, **kwargs) -> nn.Module:

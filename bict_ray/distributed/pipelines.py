@@ -57,8 +57,8 @@ def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: 
     """
     out = _absolute(out)
     _refuse_committed(out)
-    name = model.card["name"]
-    dim = model.card["spec"]["embedding_dim"]
+    name = model.card.name
+    dim = model.card.dim
     num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
     started = time.perf_counter()
     writer = GalleryWriter(out, dim=dim, lineage=[name], space=name, normalised=True)
@@ -80,25 +80,25 @@ def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform
     """
     source = gallery if isinstance(gallery, GalleryVersion) else open_gallery(gallery)
     card = transform.card
-    if card.get("kind") != "transform":
-        raise GalleryError(f"{transform.path} is not an upgrade transform (kind={card.get('kind')!r})")
-    if card["source"] != source.space:
+    if card.kind != "transform":
+        raise GalleryError(f"{transform.path} is not an upgrade transform (kind={card.kind!r})")
+    if card.source != source.space:
         raise GalleryError(
-            f"transform {card['name']} maps {card['source']} embeddings, but gallery {source.path} is in the "
+            f"transform {card.name} maps {card.source} embeddings, but gallery {source.path} is in the "
             f"space of {source.space} (lineage {' -> '.join(source.lineage)})")
-    if card["spec"]["d_in"] != source.dim:
-        raise GalleryError(f"transform {card['name']} expects dim {card['spec']['d_in']}, gallery {source.path} "
+    if card.spec["d_in"] != source.dim:
+        raise GalleryError(f"transform {card.name} expects dim {card.spec['d_in']}, gallery {source.path} "
                            f"has dim {source.dim}")
     out = _absolute(out)
     _refuse_committed(out)
-    lineage = [*source.lineage, card["name"]]
-    dim = card["spec"]["d_out"]
+    lineage = [*source.lineage, card.name]
+    dim = card.dim
     started = time.perf_counter()
     extra = {"source_version": source.path, "upgrade_precision": cfg.upgrade_precision}
-    writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card["target"], normalised=True, extra=extra)
+    writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card.target, normalised=True, extra=extra)
     results = _run_pool(_UpgradeShard, cfg, writer, source.num_shards, progress, dict(
         card=card, state=transform.state, source=source, out=out, dim=dim, lineage=lineage,
-        space=card["target"], use_gpu=cfg.use_gpu, extra=extra, precision=cfg.upgrade_precision))
+        space=card.target, use_gpu=cfg.use_gpu, extra=extra, precision=cfg.upgrade_precision))
     version = writer.commit(num_shards=source.num_shards, records=_records(results))
     if not np.array_equal(_shard_rows(version), _shard_rows(source)):
         raise GalleryError(f"upgrade of {source.path} to {out} changed the row counts of some shards")

@@ -128,7 +128,7 @@ class SequenceRunner:
         else:
             chain = [self.models[t - 1]]
         self.log(f"[sequence] training psi_{t - 1}_{t} on {len(train)} training images "
-                 f"({' -> '.join(a.card['name'] for a in chain)} to phi_{t})")
+                 f"({' -> '.join(a.card.name for a in chain)} to phi_{t})")
         return self._timed(f"train psi_{t - 1}_{t}", lambda: train_upgrade_transform(
             self.config, folder, t - 1, self.models[t], train, chain, run_name=self._ray_name(f"psi_{t - 1}_{t}")))
 

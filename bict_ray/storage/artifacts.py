@@ -3,16 +3,21 @@
 Loading uses ``torch.load(..., weights_only=True)``: a checkpoint can never execute code. An artifact folder is
 written to a staging folder and renamed into place, so a folder that exists is complete, and an existing one is
 never overwritten.
+
+A ``ModelCard`` is the one description of a model that every layer reads: what it is (``kind``, ``spec``), which
+space it defines or maps between (``name``; ``source`` and ``target`` for a transform), and how it was trained
+(``training``: settings, per-epoch history, where the workers ran).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +25,122 @@ import torch
 from torch import nn
 
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
-from bict_ray.errors import AlreadyExistsError, ArtifactError
+from bict_ray.errors import AlreadyExistsError, ArtifactError, InputError
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
+# card.kind -> the module class its spec rebuilds
+KINDS: dict[str, type[nn.Module]] = {"embedding": EmbeddingNet, "transform": UpgradeTransform}
+
+
+@dataclass
+class ModelCard:
+    """What a model folder says about its module (``model.json``).
+
+    kind: one of ``KINDS``: "embedding" (phi_t) or "transform" (psi_{s->t}).
+    name: "phi_2", "psi_1_2": the name a gallery's lineage records; an embedding model's name is its space.
+    spec: the module's constructor arguments (``EmbeddingNet.spec`` / ``UpgradeTransform.spec``).
+    version, classes_seen, parent: an embedding model's t, the classes it trained on (global labels), and the model
+        it was trained compatible with.
+    source, target: a transform's input and output spaces (the models whose embeddings it maps from and to).
+    training: how it was trained (settings, ``history`` per epoch, ``workers``); free-form, for people and reports.
+    sha256, created: set by ``save_artifact``.
+    """
+
+    kind: str
+    name: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None
+    classes_seen: list[int] | None = None
+    parent: str | None = None
+    source: str | None = None
+    target: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    created: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"model card kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    @property
+    def dim(self) -> int:
+        """The dimension of the embeddings this module outputs."""
+        return int(self.spec["d_out"] if self.kind == "transform" else self.spec["embedding_dim"])
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> ModelCard:
+        """A card from its JSON mapping; unknown or missing keys are an ArtifactError naming ``where``."""
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{where} must hold a JSON object, got {type(raw).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ArtifactError(f"{where} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+        missing = [key for key in ("kind", "name", "spec") if key not in raw]
+        if missing:
+            raise ArtifactError(f"{where} lacks key(s) {', '.join(missing)}")
+        try:
+            return cls(**raw)
+        except InputError as err:
+            raise ArtifactError(f"{where}: {err}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class Artifact:
-    """A loaded model or transform: the module (eval mode), its card and its folder."""
+    """A model or transform in hand: the module (eval mode), its card, and its folder (None if never saved)."""
 
     module: nn.Module
-    card: dict[str, Any]
-    path: Path
+    card: ModelCard
+    path: Path | None = None
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
+    @classmethod
+    def of(cls, value: Artifact | str | Path | nn.Module, kind: str, name: str | None = None,
+           **card_fields) -> Artifact:
+        """What a caller has in hand as an Artifact: itself, a saved folder (path), or a module of ``kind``.
 
-def save_artifact(path: str | Path, module: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
-    """Write ``module``'s weights and ``card`` (plus spec, sha256, created) to ``path``; refuse to overwrite."""
+        A bare module (an ``EmbeddingNet`` or ``UpgradeTransform``) needs ``name``, the name its outputs' lineage
+        records; ``card_fields`` (``source``, ``target``, ...) complete its card.
+        """
+        if isinstance(value, Artifact):
+            artifact = value
+        elif isinstance(value, (str, Path)):
+            artifact = load_artifact(value)
+        elif isinstance(value, KINDS[kind]):
+            if not name:
+                raise InputError(f"a {type(value).__name__} passed as a module needs a name (what lineage records)")
+            artifact = cls(value.eval(), ModelCard(kind, name, dict(value.spec), **card_fields))
+        else:
+            raise InputError(f"expected a {kind} model folder, Artifact or {KINDS[kind].__name__}, "
+                             f"got {type(value).__name__}")
+        if artifact.card.kind != kind:
+            raise InputError(f"{artifact.path or artifact.card.name} is a {artifact.card.kind} model, not a {kind}")
+        return artifact
+
+
+def save_artifact(path: str | Path, module: nn.Module, card: ModelCard) -> ModelCard:
+    """Write ``module``'s weights and ``card`` (with the module's spec, sha256, created) to ``path``; never
+    overwrites. Returns the card as written."""
     path = Path(path)
     if (path / CARD).exists():
         raise AlreadyExistsError(f"{path} already holds a trained artifact; it is never overwritten")
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     payload = buffer.getvalue()
-    card = {**card, "spec": module.spec, "weights": WEIGHTS, "sha256": hashlib.sha256(payload).hexdigest(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    card = dataclasses.replace(card, spec=dict(module.spec), sha256=hashlib.sha256(payload).hexdigest(),
+                               created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     staging = path.with_name(path.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     (staging / WEIGHTS).write_bytes(payload)
-    (staging / CARD).write_text(json.dumps(card, indent=2, default=_jsonable))
+    (staging / CARD).write_text(json.dumps(card.to_json(), indent=2, default=_jsonable))
     if path.exists():  # an empty or partial folder left by a crash before the rename
         shutil.rmtree(path)
     staging.rename(path)
@@ -67,15 +154,16 @@ def load_artifact(path: str | Path) -> Artifact:
     if not card_path.is_file():
         raise ArtifactError(f"{path} is not a trained model or transform (no {CARD})")
     try:
-        card = json.loads(card_path.read_text())
+        raw = json.loads(card_path.read_text())
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{card_path} is not valid JSON: {err}") from None
-    weights_path = path / card.get("weights", WEIGHTS)
+    card = ModelCard.from_json(raw, str(card_path))
+    weights_path = path / WEIGHTS
     try:
         payload = weights_path.read_bytes()
     except OSError as err:
         raise ArtifactError(f"cannot read {weights_path}: {err}") from None
-    if card.get("sha256") and hashlib.sha256(payload).hexdigest() != card["sha256"]:
+    if card.sha256 and hashlib.sha256(payload).hexdigest() != card.sha256:
         raise ArtifactError(f"{weights_path} does not match the checksum in {card_path}: the file is corrupt")
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
@@ -90,13 +178,12 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(module, card, path)
 
 
-def build_module(card: dict[str, Any]) -> nn.Module:
-    if card.get("kind") == "transform":
-        return UpgradeTransform.from_spec(card["spec"])
-    return EmbeddingNet.from_spec(card["spec"])
+def build_module(card: ModelCard) -> nn.Module:
+    """An untrained module of the card's kind and spec."""
+    return KINDS[card.kind].from_spec(card.spec)
 
 
-def module_from_state(card: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+def module_from_state(card: ModelCard, state: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild a module from a card and a state_dict that travelled by value (to a Ray worker)."""
     module = build_module(card)
     module.load_state_dict(state)

@@ -82,7 +82,7 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
     from bict_ray.core.models import UpgradeTransform
     from bict_ray.distributed import shards
     from bict_ray.distributed.pipelines import upgrade_gallery
-    from bict_ray.storage.artifacts import load_artifact, save_artifact
+    from bict_ray.storage.artifacts import ModelCard, load_artifact, save_artifact
     from bict_ray.storage.gallery import write_gallery
 
     rng = np.random.default_rng(0)
@@ -94,8 +94,7 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
     torch.manual_seed(0)
     psi = UpgradeTransform(DIM, DIM, hidden=HIDDEN, layers=2)
     torch.nn.init.normal_(psi.mlp[-1].weight, std=0.05)  # a residual psi starts as the identity
-    save_artifact(f"{out}/psi_1_2", psi, {"kind": "transform", "name": "psi_1_2", "source": "phi_1",
-                                         "target": "phi_2"})
+    save_artifact(f"{out}/psi_1_2", psi, ModelCard("transform", "psi_1_2", source="phi_1", target="phi_2"))
     transform = load_artifact(f"{out}/psi_1_2")
     config = GalleryConfig(rows_per_shard=ROWS_PER_SHARD, concurrency=2, cpus_per_task=GALLERY_CPUS)
     # one shard a task: a task reports its shards when it ends, so the victim's work shows in the stats only if

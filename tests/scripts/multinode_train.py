@@ -26,7 +26,7 @@ def main(out: str) -> None:
         classes = [0, 1, 2, 3, 4]
         train = data.train.subset(np.flatnonzero(np.isin(data.train.labels, classes)))
         model = train_embedding_model(config, f"{out}/models/phi_1", 1, train, classes, data.num_classes)
-        print(json.dumps({"workers": model.card["workers"], "epochs": len(model.card["history"]),
+        print(json.dumps({"workers": model.card.training["workers"], "epochs": len(model.card.training["history"]),
                           "worker_nodes": [n.node_id for n in worker_nodes],
                           "head_node": cluster.head_node.node_id}))
     finally:

@@ -1,4 +1,4 @@
-"""Losses of BiCT (DESIGN.md section 2): backward-compatible training of phi_{t+1} and the upgrade transform psi.
+"""Losses of BiCT (docs/METHOD.md): backward-compatible training of phi_{t+1} and the upgrade transform psi.
 
 New model:  L = CE(omega_{t+1} phi_{t+1}(x), y) + lam * L_compat      (``CompatibleTrainingLoss``)
 Transform:  L = alpha * CE(omega_{t+1} psi(s(x)), y) + beta * (1 - cos(psi(s(x)), phi_{t+1}(x)))  (``transform_loss``)
@@ -73,8 +73,9 @@ class BCTLoss(nn.Module):
     """``bct``: CE(omega_hat_t phi_{t+1}(x), y) with omega_hat_t the frozen (possibly synthesised) old classifier.
 
     old_weight: (C, D_old), copied and detached. valid_mask: (C,) bool, rows usable as targets (default all);
-    samples whose label row is invalid are left out of the mean (the masking option of DESIGN.md), and a batch
-    with no usable sample gives a loss of 0. New features must have dim D_old.
+    samples whose label row is invalid are left out of the mean (masking, as with
+    ``compat.synthesise_new_classes: false``), and a batch with no usable sample gives a loss of 0. New features must
+    have dim D_old.
     """
 
     needs_ref_emb = False

@@ -1,4 +1,4 @@
-"""The run directory: the contract that the CLI, the jobs, the tests and the report share (DESIGN.md section 6).
+"""The run directory: the contract that the CLI, the jobs, the tests and the report share (docs/STORAGE.md).
 
     RUN_DIR/config.yaml                 resolved config
     RUN_DIR/splits/                     the seeded split files

@@ -8,14 +8,13 @@ result has the same bytes as an uninterrupted run, which a streaming read->map->
 Rows never pass through the object store, so the pipeline costs one read and one write per row.
 
 Tasks rather than an actor pool: Ray keeps a job's idle workers, with torch already imported, from one pipeline
-to the next, where each actor pool starts new processes (measured on 2 cores: 4.5 s before the first shard of
-every call with actors, 0.2 s with tasks once the job's workers exist).
+to the next, where each actor pool starts new processes and imports torch again on every call, seconds before its
+first shard (measured: BENCHMARKS.md, section "Gallery upgrade", step 2).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -29,7 +28,7 @@ import torch
 from bict_ray.config import GalleryConfig
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, inference_form, upgrade_embeddings
-from bict_ray.distributed.shards import map_shard_tasks, project_errors
+from bict_ray.distributed.shards import map_shards
 from bict_ray.storage.artifacts import Artifact, module_from_state
 from bict_ray.storage.gallery import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
 
@@ -121,22 +120,20 @@ class _ShardWorker:
         # the driver's writer settings, which the staged shards are checked against
         self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True, extra=extra)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows, skipped, records = [], [], []
-        for index in batch["id"].tolist():
+    def __call__(self, indices: list[int]) -> list[dict]:
+        """One result per shard: its rows, whether an earlier run staged it already, the node, and its manifest
+        record (None when staged earlier: the commit reads that one back)."""
+        results = []
+        for index in indices:
             expected = self.expected_rows(index)
             if self.writer.has_shard(index, expected_rows=expected):
-                rows.append(expected)
-                skipped.append(True)
-                records.append("")  # staged by an earlier run: the commit reads it back
+                results.append({"shard": index, "rows": expected, "skipped": True, "node": self.node, "record": None})
                 continue
             ids, labels, embeddings = self.compute(index)
             # the shard's manifest record, so that the commit need not read the shard back to hash it
-            records.append(json.dumps(self.writer.write_shard(index, ids, labels, embeddings)))
-            rows.append(len(ids))
-            skipped.append(False)
-        return {"shard": batch["id"], "rows": np.asarray(rows, np.int64), "skipped": np.asarray(skipped),
-                "node": np.asarray([self.node] * len(rows)), "record": np.asarray(records)}
+            record = self.writer.write_shard(index, ids, labels, embeddings)
+            results.append({"shard": index, "rows": len(ids), "skipped": False, "node": self.node, "record": record})
+        return results
 
 
 class _ExtractShard(_ShardWorker):
@@ -168,25 +165,23 @@ class _UpgradeShard(_ShardWorker):
         return int(self.source.manifest["shards"][index]["rows"])
 
     def compute(self, index: int):
-        ids, labels, embeddings = self.source.read_shard(index)
+        embeddings, labels, ids = self.source.read_shard(index)
         # psi's own fixed block size, not gallery.batch_size: a resumed run may change that runtime setting, and
         # a shard's bytes must not depend on it (a matmul's last bit can depend on the batch shape)
         return ids, labels, upgrade_embeddings([self.psi], embeddings, self.precision)
 
 
-def _process_shards(batch: dict[str, np.ndarray], worker: type[_ShardWorker], kwargs) -> dict[str, np.ndarray]:
+def _process_shards(indices: list[int], worker: type[_ShardWorker], kwargs) -> list[dict]:
     """One Ray Data task: build ``worker`` (its model, its writer) once for the task's shards and run them."""
-    return worker(**ray.get(kwargs))(batch)
+    return worker(**ray.get(kwargs))(indices)
 
 
 def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, writer: GalleryWriter, num_shards: int,
               progress: Callable[[str], None] | None, kwargs: dict) -> list[dict]:
     """Map shard indices through Ray Data tasks; returns one record per shard."""
-    dataset = map_shard_tasks(num_shards, cfg.concurrency, _process_shards,
-                              dict(worker=worker, kwargs=ray.put(kwargs)),
-                              num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0)
-    with _watch(writer, num_shards, progress), project_errors():
-        return dataset.take_all()
+    with _watch(writer, num_shards, progress):
+        return list(map_shards(num_shards, cfg.concurrency, _process_shards, dict(worker=worker, kwargs=ray.put(kwargs)),
+                               num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0))
 
 
 @contextlib.contextmanager
@@ -229,10 +224,10 @@ def _shard_rows(version: GalleryVersion) -> np.ndarray:
 
 
 def _records(results: list[dict]) -> list[dict]:
-    return [json.loads(str(r["record"])) for r in results if r["record"]]
+    return [r["record"] for r in results if r["record"] is not None]
 
 
 def _stats(results: list[dict], started: float) -> PipelineStats:
-    return PipelineStats(rows=int(sum(r["rows"] for r in results)), shards=len(results),
-                         skipped_shards=int(sum(bool(r["skipped"]) for r in results)),
-                         seconds=time.perf_counter() - started, nodes=frozenset(str(r["node"]) for r in results))
+    return PipelineStats(rows=sum(r["rows"] for r in results), shards=len(results),
+                         skipped_shards=sum(r["skipped"] for r in results),
+                         seconds=time.perf_counter() - started, nodes=frozenset(r["node"] for r in results))

@@ -7,19 +7,49 @@ on shard i alone (what makes an upgrade resumable to identical bytes).
 
 from __future__ import annotations
 
-import contextlib
+import pickle
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import ray
 
-from bict_ray.errors import project_error
+from bict_ray.errors import BictError
 
 # Tasks per concurrent slot: each task takes an equal run of consecutive shards. Few and long, because Ray Data
-# notices a finished task only every 0.1 s and a task's start costs too: upgrading 524k x 256 rows with 2 slots
-# on 2 cores ran at 56k rows/s in 8 tasks a slot, 69k in 2, 75k in 1. Two, so that a slow slot can hand its
+# notices a finished task only at its next poll and a task's start costs too: fewer tasks a slot upgraded faster
+# (measured: BENCHMARKS.md, section "Gallery upgrade", step 4). Two, so that a slow slot can hand its
 # second task to a faster one. A task lost with its node costs little either way: its shards already staged
 # are skipped when it runs again.
 TASKS_PER_SLOT = 2
+
+
+def map_shards(num_shards: int, concurrency: int, fn: Callable, fn_kwargs: dict, num_cpus: float,
+               num_gpus: float = 0) -> Iterator[Any]:
+    """Yield the results of ``fn(indices, **fn_kwargs)`` (a list of shard indices in, one picklable result per index
+    out), run in tasks as ``map_shard_tasks`` runs them, in no particular order.
+
+    A bict-ray error that ``fn`` raises comes back as data and is raised here as itself: the caller gets the check's
+    own error and message (a corrupt shard, a version committed meanwhile), where Ray would deliver it wrapped in a
+    remote traceback and log it as a failed task. Any other exception fails the task as usual.
+    """
+    dataset = map_shard_tasks(num_shards, concurrency, _reporting, {"fn": fn, "fn_kwargs": fn_kwargs},
+                              num_cpus=num_cpus, num_gpus=num_gpus)
+    for row in dataset.iter_rows():
+        value = pickle.loads(row["result"])
+        if isinstance(value, BictError):
+            raise value
+        yield value
+
+
+def _reporting(batch: dict[str, np.ndarray], *, fn: Callable, fn_kwargs: dict) -> dict[str, np.ndarray]:
+    """One task of ``map_shards``: its results, or the bict-ray error it raised, each pickled (results may be
+    numpy-holding dataclasses: one pickled value each travels whole)."""
+    try:
+        results = fn(batch["id"].tolist(), **fn_kwargs)
+    except BictError as err:
+        results = [err]
+    return {"result": np.array([pickle.dumps(r, protocol=5) for r in results], dtype=object)}
 
 
 def map_shard_tasks(num_shards: int, concurrency: int, fn: Callable, fn_kwargs: dict, num_cpus: float,
@@ -45,12 +75,13 @@ def _start_all_slots_at_once(context: ray.data.DataContext) -> None:
 
     Ray Data's ResourceBudget backpressure policy sizes each operator's budget from the resources its cluster
     autoscaler has reserved for the dataset, read once a second (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``);
-    at a pipeline's start that reservation holds one task's CPU, so the second slot started 1.0 s after the first,
-    every time (Ray 2.60, 2 CPUs, warm workers; the same with ``RAY_DATA_CLUSTER_AUTOSCALER=V2``), and, all tasks
-    being equally long, the last one ended 1.0 s after the others: a 1M-row identity upgrade left a core idle for
-    2 of its 6 s. A shard pipeline needs no object-store budget (its blocks are shard indices in and one record
-    per shard out; rows go from file to file inside the tasks), and ``TaskPoolStrategy(size=...)`` and Ray's own
-    CPU accounting still bound how many tasks run. ``context`` is the dataset's own copy (``from_items`` copies the
+    at a pipeline's start that reservation holds one task's CPU, so the second slot started one update later than
+    the first, every time (also with ``RAY_DATA_CLUSTER_AUTOSCALER=V2``), and, all tasks being equally long, the
+    last one ended as much later than the others, leaving a core idle for a good part of a short upgrade
+    (measured: BENCHMARKS.md, section "Gallery upgrade"; the Ray version it was seen with: docs/RAY.md). A shard
+    pipeline needs no object-store budget (its blocks are shard indices in and one record per shard out; rows go
+    from file to file inside the tasks), and ``TaskPoolStrategy(size=...)`` and Ray's own CPU accounting still
+    bound how many tasks run. ``context`` is the dataset's own copy (``from_items`` copies the
     driver's), so other datasets keep every policy. Left as it is if this Ray names its policies otherwise."""
     try:
         from ray.data._internal.execution.backpressure_policy import (
@@ -62,20 +93,3 @@ def _start_all_slots_at_once(context: ray.data.DataContext) -> None:
     enabled = context.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES)
     context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY,
                        [p for p in enabled if p.__name__ != "ResourceBudgetBackpressurePolicy"])
-
-
-@contextlib.contextmanager
-def project_errors() -> Iterator[None]:
-    """Re-raise a bict-ray error raised inside a task as itself, not wrapped in Ray's task errors.
-
-    Ray delivers it as a ``RayTaskError`` (or Ray Data's ``UserCodeException``) whose message is the whole remote
-    traceback, with the message that names the problem (a corrupt shard, a version committed meanwhile) at its end;
-    the caller gets the same error type and message as if the check had run in the driver.
-    """
-    try:
-        yield
-    except Exception as err:
-        known = project_error(err)
-        if known is None or known is err:
-            raise
-        raise type(known)(*known.args) from err

@@ -94,9 +94,9 @@ class ScenarioConfig:
 class ModelConfig:
     """The embedding network phi_t = backbone -> embedding -> classifier (the same recipe for every step)."""
 
-    backbone: str = "small_cnn"  # small_cnn | resnet18 | resnet50
+    backbone: str = "small_cnn"  # a name in BACKBONES (bict_ray/core/models.py)
     embedding_dim: int = 128
-    classifier: str = "cosine"  # cosine (default, DESIGN.md section 2) | linear
+    classifier: str = "cosine"  # a kind in CLASSIFIERS: cosine (default, docs/METHOD.md) | linear
     scale: float = 16.0  # cosine classifier logit scale s
     weights: str | None = None  # local backbone state_dict file; None = random init (no download)
 
@@ -113,7 +113,7 @@ class ModelConfig:
 class CompatConfig:
     """Backward compatibility of phi_{t+1} with phi_t: L = CE + lam * L_compat."""
 
-    loss: str = "bct"  # bct | l2 | contrastive | ract
+    loss: str = "bct"  # a key of COMPAT_LOSSES (bict_ray/core/losses.py): bct, l2, contrastive, ract, ...
     lam: float = 1.0  # 0 = independent training
     synthesise_new_classes: bool = True  # bct: pseudo old classifier rows for classes phi_t never saw
     temperature: float = 0.1  # contrastive / ract
@@ -187,8 +187,9 @@ class GalleryConfig:
     concurrency: int = 1  # Ray Data tasks at once (each one torch thread)
     cpus_per_task: float = 0.5  # fractional: Ray Data's own work needs a share of the CPUs beside the tasks
     use_gpu: bool = False
-    # What psi computes in during an upgrade (bict_ray.core.embed.PRECISIONS): "bfloat16" runs psi ~2x faster on CPUs
-    # with AVX512-BF16 or AMX (the demo's mAP moved by 0.005 points); the version's manifest records it.
+    # What psi computes in during an upgrade (bict_ray.core.embed.PRECISIONS): "bfloat16" runs psi much faster on CPUs
+    # with AVX512-BF16 or AMX, at a cost in mAP too small to matter on the demo (measured: BENCHMARKS.md, section
+    # "Gallery upgrade"); the version's manifest records it.
     upgrade_precision: str = "float32"
 
     def __post_init__(self):

@@ -50,17 +50,17 @@ def model_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
 
 
 # Rows per block when applying psi: the hidden activations of a block (1,024 x 512 floats, 2 MB) stay in the
-# core's cache, where a whole 4,096-row shard at once spills them to memory: measured on 2 cores, 256 -> 512 x 2
-# -> 256, 7.8 -> 6.7 us per row with 2 threads, 14.1 -> 12.2 with one. Fixed, not a setting: a row's bytes may
-# depend on the block shape, and an upgrade must give the same bytes whatever runs it.
+# core's cache, where a whole 4,096-row shard at once spills them to memory, so blocks are faster (measured:
+# BENCHMARKS.md, section "Figures behind code choices"). Fixed, not a setting: a row's bytes may depend on the block
+# shape, and an upgrade must give the same bytes whatever runs it.
 UPGRADE_BLOCK_ROWS = 1024
 
 
 # The number formats psi may compute in during an upgrade (its input and output stay float32). bfloat16 keeps
-# float32's range with an 8-bit mantissa: on CPUs with AVX512-BF16 or AMX the matmuls run ~2.5x faster (measured:
-# 12.7 -> 5.1 us per row for 256 -> 512 x 2 -> 256 on one core of this project's machine); the inputs, weights and
-# activations round to 8 significant bits (the demo's trained psi: rows moved by up to 6e-3, mAP by 0.005 points).
-# Elsewhere torch emulates it, slower than float32.
+# float32's range with an 8-bit mantissa: on CPUs with AVX512-BF16 or AMX the matmuls run natively and much faster
+# than in float32 (measured: BENCHMARKS.md, section "Figures behind code choices"); the inputs, weights and
+# activations round to 8 significant bits, which moves the rows slightly and the mAP hardly at all (measured on the
+# demo's trained psi: BENCHMARKS.md, section "Gallery upgrade"). Elsewhere torch emulates it, slower than float32.
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

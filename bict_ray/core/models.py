@@ -211,8 +211,9 @@ class FoldedTransform:
     """psi for inference: Linear (BatchNorm folded in) + ReLU blocks, then the last Linear, plus x if residual.
 
     The same function as ``UpgradeTransform.eval()`` up to float rounding (BatchNorm's scale and shift applied
-    to the weights once instead of to every activation): two passes over each hidden activation fewer, a
-    ~15% cheaper upgrade on the CPU. Built by ``UpgradeTransform.folded``.
+    to the weights once instead of to every activation): two passes over each hidden activation fewer, so a cheaper
+    upgrade on the CPU (measured: BENCHMARKS.md, section "Gallery upgrade", step 1). Built by
+    ``UpgradeTransform.folded``.
     """
 
     def __init__(self, spec: dict[str, int], layers: list[tuple[torch.Tensor, torch.Tensor, bool]], residual: bool):
@@ -241,8 +242,8 @@ def _small_cnn(in_channels: int) -> nn.Module:
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-    # a stride-2 stem: full-resolution activations cost more in BatchNorm/ReLU memory traffic than in convs,
-    # and measured 1.4x the training throughput of a stride-1 first block on 28x28 images (2 CPU threads)
+    # a stride-2 stem: full-resolution activations cost more in BatchNorm/ReLU memory traffic than in convs, so a
+    # stride-1 first block trains markedly slower on 28x28 images (measured: BENCHMARKS.md, section "Training")
     stem = [nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
     return nn.Sequential(*stem, *block(32, 64), nn.MaxPool2d(2), *block(64, 128), *block(128, 128),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -13,8 +13,9 @@ pin it, gives a pair last-bit different scores in different rows of a block, whe
 (`bict_ray/retrieval/_topk.cpp`, built by pip install, loaded with ctypes). That top-k compares 16 scores per vector
 instruction against the query's current k-th best and touches only the few that pass, so the search runs
 near the sgemm's own rate; faiss's `knn` (the kernel behind `IndexFlatIP`) passes every score through a
-scalar heap and reached 0.70 of it here. Where the library was not built, `exact_search` falls back to
-faiss, with the same results up to float32 rounding (the two use different BLAS builds).
+scalar heap and stays well below it (measured: BENCHMARKS.md, section "Evaluation"). Where the library was
+not built, `exact_search` falls back to faiss, with the same results up to float32 rounding (the two use
+different BLAS builds).
 
 A pair's score does not depend on the block, tile or shard it is computed in (each score is one dot
 product accumulated in the same order), which is what makes sharded and in-memory results agree.
@@ -197,10 +198,10 @@ def _search_tie_exact(
 
 
 # The tiled search: a work item is a block of up to SEARCH_QUERY_BLOCK queries against a gallery range, scored
-# SEARCH_GALLERY_TILE rows per sgemm (a 16 MB score tile per thread). Medians of five interleaved rounds on this
-# project's 2-core machine (10k x 100k x 256, fraction of the 2048^3 sgemm rate): 2,048 x 2,048 0.86, 4,096 x
-# 2,048 0.84, 2,048 x 4,096 0.84, 1,024 x 2,048 0.79-0.81. The tile width also fixes the sgemm shape that every
-# score comes from (see `_TopKKernel.search_range`): changing it may change scores in their last bit.
+# SEARCH_GALLERY_TILE rows per sgemm (a 16 MB score tile per thread). 2,048 x 2,048 ran nearest the machine's
+# sgemm rate of the tile shapes tried; a narrower query block fell furthest behind (measured: BENCHMARKS.md,
+# section "Figures behind code choices"). The tile width also fixes the sgemm shape that every score comes from
+# (see `_TopKKernel.search_range`): changing it may change scores in their last bit.
 SEARCH_QUERY_BLOCK = 2048
 SEARCH_GALLERY_TILE = 2048
 # Query rows of every sgemm are padded to a multiple of this: the widest micro-kernel block of the x86-64 BLAS
@@ -397,8 +398,8 @@ def _rank_rows(scores: np.ndarray, tie_key: np.ndarray) -> np.ndarray:
 
 
 # faiss scores a block of queries against a block of gallery rows with one sgemm, then keeps each query's top k.
-# Its default gallery block (1,024 rows) leaves the sgemm short: 10k queries x 100k x 256 on 2 cores reached
-# 0.69-0.71 of the machine's sgemm rate; 4,096 rows (a 64 MB score block with 4,096 queries) reached 0.78-0.80.
+# Its default gallery block (1,024 rows) leaves the sgemm short of the machine's rate; 4,096 rows (a 64 MB score
+# block with 4,096 queries) bring it nearer (measured: BENCHMARKS.md, section "Figures behind code choices").
 FAISS_DATABASE_BLOCK = 4096
 
 

@@ -23,8 +23,9 @@ Each shard file appears complete or not at all (temp file + rename), and the sam
 the same bytes, so a killed writer is resumed by skipping the shards ``has_shard`` reports done.
 
 ``write_shard`` returns the shard's manifest record, computed from the bytes it wrote. Handing these
-records to ``commit`` spares it reading every shard back to hash it (31 s of a 286 s upgrade of a
-10 GB gallery): it then reads only each shard's footer and id column.
+records to ``commit`` spares it reading every shard back to hash it, which took a large share of a big
+upgrade (measured: BENCHMARKS.md, section "Gallery upgrade", step 3): it then reads only each shard's footer
+and id column.
 """
 
 from __future__ import annotations
@@ -60,10 +61,9 @@ NORM_TOLERANCE = 1e-3
 # Fixed writer options: identical inputs must give identical bytes, so that a resumed upgrade
 # produces exactly the files of an uninterrupted one. Parquet files carry no timestamps; the
 # only environment-dependent bytes are the writer's "created_by" version string.
-# The embedding column is not compressed: zstd shrank unit float32 rows by 8% (950 instead of
-# 1,031 bytes per 256-d row) and was a third to a half of the cost of writing a shard (measured on
-# 2 cores under load: write_shard 8.8 -> 5.7 us per row at 256 dims, 12.4 -> 6.3 at 512; reading is
-# as fast either way). ids and labels compress well.
+# The embedding column is not compressed: unit float32 rows hardly compress, and zstd was a large
+# part of the cost of writing a shard, while reading is as fast either way (measured: BENCHMARKS.md,
+# section "Figures behind code choices"). ids and labels compress well.
 _PARQUET_OPTIONS = dict(
     row_group_size=65536,
     compression={"id": "zstd", "label": "zstd", "embedding": "none"},
@@ -450,8 +450,9 @@ class GalleryVersion:
         if verify and hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise GalleryError(f"shard {name}: sha256 does not match the manifest (corrupt or replaced file)")
         try:
-            # the pages' CRCs only when the file's sha256 was not checked: a matching sha256 covers every byte
-            # (and saves 0.27 of the 1.2 us a 256-d row takes to decode)
+            # the pages' CRCs only when the file's sha256 was not checked: a matching sha256 covers every byte,
+            # and checking the CRCs too is a measurable part of decoding (measured: BENCHMARKS.md, section
+            # "Gallery upgrade")
             table = pq.read_table(pa.BufferReader(data), page_checksum_verification=not verify)
         except (OSError, pa.ArrowException) as err:  # a failed page CRC is an OSError
             raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None

@@ -1,4 +1,4 @@
-"""The human report of a BiCT run: per-step tables, plots and RUN_DIR/report.md (DESIGN.md section 3).
+"""The human report of a BiCT run: per-step tables, plots and RUN_DIR/report.md (docs/PROTOCOL.md).
 
 Reads RUN_DIR/results.json and, when a λ search ran, RUN_DIR/tune/trials.csv and RUN_DIR/tune/best_config.json;
 writes RUN_DIR/report.md and its PNGs under RUN_DIR/plots/. Scores in results.json (and trials.csv) are fractions

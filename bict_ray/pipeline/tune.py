@@ -6,7 +6,7 @@ so ASHA can stop a poor lambda after its first upgrade. The paper's point is tha
 over the steps, with backward and new-self reported beside it.
 
 Trial drivers are function trainables holding no CPU (``tune.with_resources(..., {"cpu": 0, "memory": ...})``):
-a driver that held a CPU would starve its own Ray Train workers on a small machine, a silent hang (RAY-NOTES.md).
+a driver that held a CPU would starve its own Ray Train workers on a small machine, a silent hang (docs/RAY.md).
 
 A search space is a YAML file (``tune_spaces/*.yaml``)::
 

@@ -1,16 +1,11 @@
-"""Embed the test split (the gallery) with phi_1 into a new gallery version.
+"""Embed the gallery images with phi_1 into a new gallery version.
 
-`python -m jobs.extract --config ... --set ...`, the arguments of `bict-ray extract`.
+`ray job submit --working-dir . -- python -m jobs.extract ARGS`: ARGS as for `bict-ray extract`.
 """
 
 import sys
 
-from bict_ray.cli import main as cli_main
-
-
-def main() -> int:
-    return cli_main(["extract", *sys.argv[1:]])
-
+from jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("extract"))

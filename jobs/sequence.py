@@ -1,11 +1,11 @@
-"""Ray job entry point: `ray job submit --working-dir . -- python -m jobs.sequence --config FILE --set KEY=VALUE ...`.
+"""Run (or resume) a whole upgrade sequence.
 
-Same arguments as `bict-ray sequence`; connects to the cluster the job runs in ($RAY_ADDRESS, set by the job server).
+`ray job submit --working-dir . -- python -m jobs.sequence ARGS`: ARGS as for `bict-ray sequence`.
 """
 
 import sys
 
-from bict_ray.cli import main
+from jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main(["sequence", *sys.argv[1:]]))
+    sys.exit(run("sequence"))

@@ -1,11 +1,11 @@
-"""Ray job entry point: `ray job submit --working-dir . -- python -m jobs.train --config FILE --set KEY=VALUE ...`.
+"""Train one stage of a sequence: phi_1, phi_t or psi_{t-1->t}.
 
-Same arguments as `bict-ray train`; connects to the cluster the job runs in ($RAY_ADDRESS, set by the job server).
+`ray job submit --working-dir . -- python -m jobs.train ARGS`: ARGS as for `bict-ray train`.
 """
 
 import sys
 
-from bict_ray.cli import main
+from jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run("train"))

@@ -1,11 +1,11 @@
-"""Ray job entry point: `ray job submit --working-dir . -- python -m jobs.tune_lambda --config FILE --set KEY=VALUE ...`.
+"""Search lambda (and what the space names) over whole sequences on Ray Tune.
 
-Same arguments as `bict-ray tune`; connects to the cluster the job runs in ($RAY_ADDRESS, set by the job server).
+`ray job submit --working-dir . -- python -m jobs.tune_lambda ARGS`: ARGS as for `bict-ray tune`.
 """
 
 import sys
 
-from bict_ray.cli import main
+from jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    sys.exit(run("tune"))

@@ -1,16 +1,11 @@
 """Upgrade a gallery version with psi, from its embeddings alone (rerun to resume).
 
-`python -m jobs.upgrade_gallery --config ... --set ...`, the arguments of `bict-ray upgrade`.
+`ray job submit --working-dir . -- python -m jobs.upgrade_gallery ARGS`: ARGS as for `bict-ray upgrade`.
 """
 
 import sys
 
-from bict_ray.cli import main as cli_main
-
-
-def main() -> int:
-    return cli_main(["upgrade", *sys.argv[1:]])
-
+from jobs import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("upgrade"))

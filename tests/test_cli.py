@@ -41,3 +41,32 @@ def test_train_stage_needs_its_parent(ray_session, tmp_path, capsys):
     assert "phi_1 is not trained yet" in capsys.readouterr().err
     assert main(["train", "--stage", "upgrade", "--step", "5", "-c", "configs/smoke.yaml", "--out", out]) == 2
     assert "--step must be in 2..2" in capsys.readouterr().err
+
+
+JOBS = {"evaluate": "evaluate", "extract": "extract", "sequence": "sequence", "train": "train",
+        "tune_lambda": "tune", "upgrade_gallery": "upgrade"}
+
+
+def test_every_job_is_its_cli_command():
+    """`ray job submit ... python -m jobs.<name>` runs the CLI command of that name, with the same arguments."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert sorted(p.stem for p in (root / "jobs").glob("*.py") if p.stem != "__init__") == sorted(JOBS)
+    for job, command in JOBS.items():
+        result = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--help"], capture_output=True, text=True,
+                                timeout=120, cwd=root)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: bict-ray {command} "), (job, result.stdout[:80])
+
+
+def test_a_preset_is_found_by_name_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    """An installed package runs its presets from any directory: `-c smoke`, or `-c configs/smoke.yaml` where the
+    working directory has no configs/."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["splits", "-c", "smoke", "--out", "a"]) == 0
+    assert main(["splits", "-c", "configs/smoke.yaml", "--out", "b"]) == 0
+    assert (tmp_path / "a" / "config.yaml").read_text() == (tmp_path / "b" / "config.yaml").read_text()
+    assert main(["splits", "-c", "no_such_preset", "--out", "c"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_preset" in err and "demo" in err and "smoke" in err

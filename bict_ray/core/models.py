@@ -10,8 +10,10 @@ backward-compatible loss can index the old classifier with the same labels.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +22,6 @@ from torch import nn
 
 from bict_ray.errors import InputError
 
-BACKBONES = ("small_cnn", "resnet18", "resnet50")
 CLASSIFIERS = ("cosine", "linear")
 
 # ResNets on images this small lose too much resolution to the 7x7/2 stem and the max-pool (CIFAR practice).
@@ -48,10 +49,7 @@ def build_backbone(name: str, in_channels: int, image_size: int,
         raise InputError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 4:
         raise InputError(f"image_size must be >= 4 pixels, got {image_size}")
-    if name == "small_cnn":
-        backbone, feature_dim = _small_cnn(in_channels), 128
-    else:
-        backbone, feature_dim = _resnet(name, in_channels, image_size)
+    backbone, feature_dim = BACKBONES[name](in_channels, image_size)
     if weights is not None:
         _load_backbone_weights(backbone, name, weights)
     return backbone, feature_dim
@@ -238,7 +236,7 @@ class FoldedTransform:
         return h.add_(x) if self.residual else h
 
 
-def _small_cnn(in_channels: int) -> nn.Module:
+def _small_cnn(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
@@ -246,7 +244,7 @@ def _small_cnn(in_channels: int) -> nn.Module:
     # stride-1 first block trains markedly slower on 28x28 images (measured: BENCHMARKS.md, section "Training")
     stem = [nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
     return nn.Sequential(*stem, *block(32, 64), nn.MaxPool2d(2), *block(64, 128), *block(128, 128),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
 
 
 def _resnet(name: str, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
@@ -261,6 +259,15 @@ def _resnet(name: str, in_channels: int, image_size: int) -> tuple[nn.Module, in
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, feature_dim
+
+
+# model.backbone -> builder(in_channels, image_size) -> (feature extractor, its feature dim F). A new backbone is
+# a builder and a line here; the config checks model.backbone against these names.
+BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
+    "small_cnn": _small_cnn,
+    "resnet18": functools.partial(_resnet, "resnet18"),
+    "resnet50": functools.partial(_resnet, "resnet50"),
+}
 
 
 def _load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                             args.tiny_rows, args.seed + 1)
         input_ids = id_digests(source)
         samples = sorted({0, source.num_shards // 2, source.num_shards - 1})
-        input_samples = {i: source.read_shard(i)[2] for i in samples}
+        input_samples = {i: source.read_shard(i).embeddings for i in samples}
 
         monitor = Monitor(args.sample_interval)
         monitor.start()
@@ -405,7 +405,7 @@ def run_single_process(source, transform, out: str, threads: int, monitor: "Moni
     records = []
     for index in range(source.num_shards):
         t0 = time.perf_counter()
-        ids, labels, embeddings = source.read_shard(index)
+        embeddings, labels, ids = source.read_shard(index)
         t1 = time.perf_counter()
         upgraded = upgrade_embeddings([transform.module], embeddings)
         t2 = time.perf_counter()
@@ -443,7 +443,7 @@ def summarise(version, source, wall: float, seconds: float, watch: dict, input_i
         == [s["rows"] for s in source.manifest["shards"]],
         "ids_equal": None if input_ids is None else id_digests(version) == input_ids,
         "sha256": [s["sha256"] for s in version.manifest["shards"]],
-        "samples": {i: version.read_shard(i)[2] for i in samples},
+        "samples": {i: version.read_shard(i).embeddings for i in samples},
     }
 
 

@@ -116,7 +116,7 @@ def test_smoke_sequence_spreads_train_and_data_over_two_nodes(tmp_path):
 
     # Ray Data: both pipelines had shards processed on both worker nodes
     assert results["gallery_nodes"] == {"v1": sorted(workers), "v2": sorted(workers)}
-    ids = [open_gallery(str(out / "gallery" / v)).read_all()[0] for v in ("v1", "v2")]
+    ids = [open_gallery(str(out / "gallery" / v)).read_all().ids for v in ("v1", "v2")]
     np.testing.assert_array_equal(np.sort(ids[0]), np.sort(ids[1]))
 
 
@@ -136,8 +136,8 @@ def test_upgrade_survives_losing_a_worker_node(tmp_path):
     source = open_gallery(str(tmp_path / "v1"))
     upgraded = open_gallery(str(tmp_path / "v2"))  # checks every shard's sha256 against the manifest on read
     assert upgraded.lineage == ["phi_1", "psi_1_2"] and upgraded.num_shards == source.num_shards
-    source_ids, source_labels, source_embeddings = source.read_all()
-    ids, labels, embeddings = upgraded.read_all()
+    source_embeddings, source_labels, source_ids = source.read_all()
+    embeddings, labels, ids = upgraded.read_all()
     assert len(ids) == len(np.unique(ids)) == len(source_ids)  # every id once, none lost, none twice
     np.testing.assert_array_equal(ids, source_ids)
     np.testing.assert_array_equal(labels, source_labels)

@@ -86,7 +86,7 @@ def file_bytes(version):
 def test_extract_stores_the_models_embeddings_with_the_images_ids(ray_session, artifacts, tmp_path):
     images = random_images(40, seed=2)
     version, stats = extract_gallery(CONFIG, artifacts["phi_1"], images, str(tmp_path / "v1"))
-    ids, labels, embeddings = open_gallery(str(tmp_path / "v1")).read_all()
+    embeddings, labels, ids = open_gallery(str(tmp_path / "v1")).read_all()
     np.testing.assert_array_equal(ids, images.ids)
     np.testing.assert_array_equal(labels, images.labels)
     np.testing.assert_allclose(embeddings, embed_images(artifacts["phi_1"].module, images.images), atol=1e-5)
@@ -129,8 +129,8 @@ def test_upgrade_applies_psi_shard_by_shard_and_extends_the_lineage(upgraded, so
     assert (version.lineage, version.space) == (["phi_1", "psi_1_2"], "phi_2")
     assert (stats.rows, stats.shards, stats.skipped_shards) == (SHARDS * ROWS_PER_SHARD, SHARDS, 0)
     for index in (0, 117, SHARDS - 1):
-        ids, labels, embeddings = version.read_shard(index)
-        source_ids, source_labels, source_embeddings = source_gallery.read_shard(index)
+        embeddings, labels, ids = version.read_shard(index)
+        source_embeddings, source_labels, source_ids = source_gallery.read_shard(index)
         np.testing.assert_array_equal(ids, source_ids)
         np.testing.assert_array_equal(labels, source_labels)
         expected = upgrade_embeddings([artifacts["psi_1_2"].module], source_embeddings)
@@ -145,15 +145,16 @@ def test_bfloat16_upgrade_is_recorded_and_close_to_float32(ray_session, upgraded
     exact = upgraded[0]
     assert version.manifest["extra"]["upgrade_precision"] == "bfloat16"
     assert exact.manifest["extra"]["upgrade_precision"] == "float32"
-    fast_ids, _, fast = version.read_all()
-    exact_ids, _, rows = exact.read_all()
+    fast, _, fast_ids = version.read_all()
+    rows, _, exact_ids = exact.read_all()
     np.testing.assert_array_equal(fast_ids, exact_ids)
     assert 0 < np.abs(fast - rows).max() and (fast * rows).sum(axis=1).min() > 0.999
     # a float32 upgrade killed after one shard, resumed in bfloat16, would mix the two: refused, the shard kept
     partial = str(tmp_path / "v3")
+    shard = exact.read_shard(0)
     GalleryWriter(partial, dim=DIM, lineage=["phi_1", "psi_1_2"], space="phi_2",
                   extra={"source_version": source_gallery.path, "upgrade_precision": "float32"}).write_shard(
-        0, *exact.read_shard(0))
+        0, shard.ids, shard.labels, shard.embeddings)
     with pytest.raises(GalleryError, match="staged by another run .*upgrade_precision.*'float32'.*'bfloat16'"):
         upgrade_gallery(config, source_gallery, artifacts["psi_1_2"], partial)
     assert sorted(os.listdir(partial + ".staging")) == ["part-00000.parquet", "staging.json"]
@@ -197,9 +198,9 @@ def test_upgrade_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgrad
 
     version, stats = upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], out)
     assert stats.skipped_shards >= 3 and stats.shards == SHARDS
-    ids = version.read_all()[0]
+    ids = version.read_all().ids
     assert len(ids) == len(np.unique(ids)) == source_gallery.num_rows
-    np.testing.assert_array_equal(np.sort(ids), np.sort(source_gallery.read_all()[0]))
+    np.testing.assert_array_equal(np.sort(ids), np.sort(source_gallery.read_all().ids))
     assert file_bytes(version) == file_bytes(upgraded[0])
 
 
@@ -259,7 +260,7 @@ def test_cli_extract_then_evaluate_prints_the_metrics(ray_session, artifacts, tm
     printed = json.loads(out[out.index("{"):])
     written = json.loads(results.read_text())
     embeddings = embed_images(artifacts["phi_1"].module, images.images)
-    test_ids = open_gallery(str(tmp_path / "v1")).read_all()[0]
+    test_ids = open_gallery(str(tmp_path / "v1")).read_all().ids
     expected = retrieval_metrics(embeddings, images.labels, embeddings, images.labels, test_ids, test_ids)
     assert written["metrics"] == pytest.approx(expected, abs=1e-6)
     assert (written["query_model"], written["gallery_lineage"]) == ("phi_1", ["phi_1"])

@@ -47,8 +47,8 @@ def test_galleries_keep_ids_and_lineage(smoke_run, smoke_data):
     out, _, _ = smoke_run
     v1, v2 = open_gallery(str(out / "gallery" / "v1")), open_gallery(str(out / "gallery" / "v2"))
     assert v1.lineage == ["phi_1"] and v2.lineage == ["phi_1", "psi_1_2"] and v2.space == "phi_2"
-    ids1, _, _ = v1.read_all()
-    ids2, _, _ = v2.read_all()
+    ids1 = v1.read_all().ids
+    ids2 = v2.read_all().ids
     assert sorted(ids1) == sorted(ids2) == sorted(smoke_data.test.ids)
 
 

@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from bict_ray.retrieval.shard import Shard
 from bict_ray.storage.gallery import (
     STAGING_SETTINGS_NAME,
     UNLABELLED,
@@ -63,9 +64,13 @@ def test_round_trip_local_path(tmp_path, committed):
     assert (version.dim, version.num_rows, version.num_shards) == (4, 10, 3)
     assert version.lineage == ["phi_1", "psi_1_2"] and version.space == "phi_2" and version.normalised
     assert version.shard_paths == [str(tmp_path / "v2" / f"part-0000{i}.parquet") for i in range(3)]
-    assert [s["rows"] for s in version.manifest["shards"]] == [4, 4, 2]
+    assert [s["rows"] for s in version.manifest["shards"]] == [4, 4, 2] == version.shard_rows
     assert [(s["min_id"], s["max_id"]) for s in version.manifest["shards"]] == [(100, 103), (104, 107), (108, 109)]
-    got_ids, got_labels, got_embeddings = version.read_all()
+    # a shard is (embeddings, labels, ids) here as everywhere evaluation reads one
+    shard = version.read_shard(1)
+    assert isinstance(shard, Shard) and shard.ids.tolist() == [104, 105, 106, 107]
+    np.testing.assert_array_equal(shard.embeddings, embeddings[4:8])
+    got_embeddings, got_labels, got_ids = version.read_all()
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_labels, [0, -1, 2, 0, 1, 2, 0, 1, 2, 0])
     np.testing.assert_array_equal(got_embeddings, embeddings)
@@ -81,7 +86,7 @@ def test_round_trip_file_uri(tmp_path):
     version = open_gallery(uri)
     assert version.path == uri and version.shard_paths[0] == uri + "/part-00000.parquet"
     assert version.manifest["extra"] == {"seed": 7}
-    got_ids, got_labels, got_embeddings = version.read_all()
+    got_embeddings, got_labels, got_ids = version.read_all()
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_labels, [UNLABELLED] * 5)
     np.testing.assert_array_equal(got_embeddings, embeddings)
@@ -101,7 +106,7 @@ def test_round_trip_object_store_writes_manifest_last():
     writer.commit()
     version = open_gallery("bucket/v1", filesystem=fs)
     assert is_committed("bucket/v1", filesystem=fs)
-    np.testing.assert_array_equal(version.read_all()[2], embeddings)
+    np.testing.assert_array_equal(version.read_all().embeddings, embeddings)
 
 
 def test_plain_pyarrow_reads_embeddings_as_float32_matrix(committed):
@@ -182,7 +187,7 @@ def test_write_gallery_rerun_after_kill_skips_finished_shards(tmp_path):
     mtime = os.stat(shard0).st_mtime_ns
     version = write_gallery(out, ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
     assert os.stat(version.shard_paths[0]).st_mtime_ns == mtime
-    np.testing.assert_array_equal(version.read_all()[0], ids)
+    np.testing.assert_array_equal(version.read_all().ids, ids)
 
 
 # ---- shard records handed to commit ---------------------------------------------------------------
@@ -315,7 +320,7 @@ def test_manifest_without_shard_sizes_is_accepted(committed):
     rewrite_manifest(committed.path, shards=manifest["shards"])
     version = open_gallery(committed.path)
     version.validate()
-    np.testing.assert_array_equal(version.read_all()[0], make_gallery()[0])
+    np.testing.assert_array_equal(version.read_all().ids, make_gallery()[0])
 
 
 # ---- refusing to overwrite ------------------------------------------------------------------------
@@ -349,7 +354,7 @@ def test_commit_refuses_when_out_was_committed_meanwhile(tmp_path):
     os.rename(winner.path, out)
     with pytest.raises(GalleryError, match="already holds a committed"):
         late.commit()
-    np.testing.assert_array_equal(open_gallery(out).read_all()[0], ids)
+    np.testing.assert_array_equal(open_gallery(out).read_all().ids, ids)
 
 
 # ---- bad input at write / commit time ------------------------------------------------------------
@@ -383,7 +388,7 @@ def test_unnormalised_gallery_accepts_any_finite_norm(tmp_path):
         rows_per_shard=1, lineage=["phi_1"], space="phi_1", normalised=False,
     )
     assert not version.normalised
-    np.testing.assert_array_equal(version.read_all()[2], [[3, 4], [0, 0]])
+    np.testing.assert_array_equal(version.read_all().embeddings, [[3, 4], [0, 0]])
 
 
 @pytest.mark.parametrize("bad", [dict(dim=0), dict(lineage=[]), dict(space=""), dict(extra={"x": object()})])
@@ -462,7 +467,7 @@ def test_checksum_mismatch_names_the_shard(committed):
         version.read_shard(1)
     with pytest.raises(GalleryError, match="part-00001.parquet"):
         version.validate()
-    assert version.read_shard(0)[0].tolist() == [100, 101, 102, 103]  # the other shards stay readable
+    assert version.read_shard(0).ids.tolist() == [100, 101, 102, 103]  # the other shards stay readable
 
 
 def test_a_flipped_embedding_byte_is_caught_without_the_sha256_too(committed):

@@ -163,7 +163,7 @@ class SequenceRunner:
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
                      f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)
-        ids, labels, embeddings = open_gallery(out).read_all()
+        embeddings, labels, ids = open_gallery(out).read_all()
         self.embedded.galleries[t] = Embedded(embeddings, ids, labels)
 
     def _embed_queries(self, t: int) -> Embedded:

@@ -47,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bict_ray.errors import GalleryError
+from bict_ray.retrieval.shard import Shard
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -433,13 +434,18 @@ class GalleryVersion:
         return len(self.manifest["shards"])
 
     @property
+    def shard_rows(self) -> list[int]:
+        """Rows of every shard, in shard order (from the manifest)."""
+        return [int(s["rows"]) for s in self.manifest["shards"]]
+
+    @property
     def shard_paths(self) -> list[str]:
         """Every shard file, in shard order, as an absolute path or URI."""
         return [self._location.child(s["file"]).display for s in self.manifest["shards"]]
 
-    def read_shard(self, index: int, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Shard ``index`` as (ids (n,) int64, labels (n,) int64 with ``UNLABELLED`` for null,
-        embeddings (n, dim) float32). ``verify``: check the file's sha256 against the manifest.
+    def read_shard(self, index: int, *, verify: bool = True) -> Shard:
+        """Shard ``index`` as ``Shard(embeddings (n, dim) float32, labels (n,) int64 with ``UNLABELLED`` for null,
+        ids (n,) int64)``. ``verify``: check the file's sha256 against the manifest.
         Always checks schema, row count, id range and that embeddings are finite."""
         record = self.manifest["shards"][index]
         name = record["file"]
@@ -473,23 +479,26 @@ class GalleryVersion:
             expected = f"[{record['min_id']}, {record['max_id']}]"
             raise GalleryError(f"shard {name}: ids outside the manifest's range {expected}")
         labels = _int64_column(table, "label", name)
-        return ids, labels, embeddings
+        return Shard(embeddings, labels, ids)
 
-    def iter_shards(self, *, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def iter_shards(self, *, verify: bool = True) -> Iterator[Shard]:
         """Yield ``read_shard(i)`` for every shard in order (one shard in memory at a time)."""
         for index in range(self.num_shards):
             yield self.read_shard(index, verify=verify)
 
-    def read_all(self, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The whole gallery as (ids (N,) int64, labels (N,) int64, embeddings (N, dim) float32)."""
+    def read_all(self, *, verify: bool = True) -> Shard:
+        """The whole gallery in memory as one ``Shard(embeddings (N, dim) float32, labels (N,) int64, ids (N,)
+        int64)``, in shard order. Evaluation never needs it: it reads shard by shard."""
         parts = list(self.iter_shards(verify=verify))
-        return tuple(np.concatenate(column) for column in zip(*parts))
+        if not parts:
+            return Shard(np.empty((0, self.dim), np.float32), np.empty(0, np.int64), np.empty(0, np.int64))
+        return Shard(*(np.concatenate(column) for column in zip(*parts)))
 
     def validate(self, *, checksums: bool = True) -> None:
         """Read every shard with all checks and check ids are unique across shards; raise
         ``GalleryError`` naming the first problem found."""
         names = [s["file"] for s in self.manifest["shards"]]
-        ids = [self.read_shard(i, verify=checksums)[0] for i in range(self.num_shards)]
+        ids = [self.read_shard(i, verify=checksums).ids for i in range(self.num_shards)]
         _check_unique_ids(names, ids)
 
     def __repr__(self) -> str:

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from bict_ray.retrieval import search
-    from bict_ray.retrieval.metrics import retrieval_metrics, sharded_retrieval_metrics
+    from bict_ray.retrieval.metrics import retrieval_metrics
+    from bict_ray.retrieval.shard import ShardList
+    from bict_ray.retrieval.sharded import sharded_retrieval_metrics
     from bict_ray.retrieval.search import exact_search
 
     faiss.omp_set_num_threads(args.threads)
@@ -64,20 +66,22 @@ def main(argv: list[str] | None = None) -> dict:
     numpy_s, theirs = best_of(args.repeat, lambda: numpy_topk(query, gallery, args.k))
     search_gflops = 2 * args.queries * args.gallery * args.dim / search_s / 1e9
 
-    metric_args = (query, query_labels, gallery, gallery_labels, query_ids, gallery_ids)
-    exact_s, exact = best_of(args.repeat, lambda: retrieval_metrics(*metric_args, map_at=None))
-    at100_s, at100 = best_of(args.repeat, lambda: retrieval_metrics(*metric_args, map_at=100))
+    metric_args = (query, query_labels, gallery, gallery_labels)
+    metric_ids = dict(query_ids=query_ids, gallery_ids=gallery_ids)
+    exact_s, exact = best_of(args.repeat, lambda: retrieval_metrics(*metric_args, **metric_ids, map_at=None))
+    at100_s, at100 = best_of(args.repeat, lambda: retrieval_metrics(*metric_args, **metric_ids, map_at=100))
 
     sub = slice(0, min(args.sharded_queries, args.queries))
     parts = np.array_split(np.arange(args.gallery), args.shards)
-    shards = [(gallery[p], gallery_labels[p], gallery_ids[p]) for p in parts]
+    shards = ShardList((gallery[p], gallery_labels[p], gallery_ids[p]) for p in parts)
     sharded, in_memory = {}, {}
     for name, map_at in (("exact", None), ("map_at_100", 100)):
         in_memory[name] = best_of(args.repeat, lambda: retrieval_metrics(
-            query[sub], query_labels[sub], gallery, gallery_labels, query_ids[sub], gallery_ids, map_at=map_at
+            query[sub], query_labels[sub], gallery, gallery_labels, query_ids=query_ids[sub], gallery_ids=gallery_ids,
+            map_at=map_at,
         ))
         sharded[name] = best_of(args.repeat, lambda: sharded_retrieval_metrics(
-            query[sub], query_labels[sub], lambda: shards, query_ids[sub], map_at=map_at
+            query[sub], query_labels[sub], shards, query_ids=query_ids[sub], map_at=map_at
         ))
     # Measured again at the end: the best of both is the least disturbed by other work on the machine.
     matmul_gflops = max(matmul_gflops, measure_matmul_gflops(rng, args.matmul_size))

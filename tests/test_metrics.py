@@ -16,8 +16,9 @@ from bict_ray.retrieval.metrics import (
     shard_positives,
     shard_rank_counts,
     shard_topk,
-    sharded_retrieval_metrics,
 )
+from bict_ray.retrieval.shard import ShardList
+from bict_ray.retrieval.sharded import sharded_retrieval_metrics
 
 
 def at_angles(*degrees):
@@ -244,7 +245,7 @@ def test_matches_brute_force_where_scores_share_buckets(num_classes, sort_passes
     assert_same_metrics(retrieval_metrics(**problem, ks=(1, 5)), expected)
     shards = split_into_shards(problem, [700, 1900], seed=1)
     sharded = sharded_retrieval_metrics(
-        problem["query"], problem["query_labels"], lambda: shards, problem["query_ids"], ks=(1, 5)
+        problem["query"], problem["query_labels"], ShardList(shards), query_ids=problem["query_ids"], ks=(1, 5)
     )
     assert_same_metrics(sharded, expected)
 
@@ -321,7 +322,7 @@ def test_results_do_not_depend_on_the_block_size(monkeypatch, sort_passes, block
     assert retrieval_metrics(**problem) == expected
     shards = split_into_shards(problem, [20, 50], seed=4)
     assert sharded_retrieval_metrics(
-        problem["query"], problem["query_labels"], lambda: shards, problem["query_ids"]
+        problem["query"], problem["query_labels"], ShardList(shards), query_ids=problem["query_ids"]
     ) == expected
 
 
@@ -332,7 +333,8 @@ def test_sharded_equals_in_memory(cuts, map_at, sort_passes):
     shards = split_into_shards(problem, cuts, seed=len(cuts))
     expected = retrieval_metrics(**problem, ks=(1, 5), map_at=map_at)
     result = sharded_retrieval_metrics(
-        problem["query"], problem["query_labels"], lambda: shards, problem["query_ids"], ks=(1, 5), map_at=map_at
+        problem["query"], problem["query_labels"], ShardList(shards), query_ids=problem["query_ids"], ks=(1, 5),
+        map_at=map_at,
     )
     assert_same_metrics(result, expected, tol=0)
 
@@ -349,7 +351,7 @@ def test_sharded_equals_in_memory_on_continuous_data(map_at, sort_passes):
     shards = split_into_shards(problem, [70, 71, 200], seed=0)
     expected = retrieval_metrics(**problem, map_at=map_at)
     result = sharded_retrieval_metrics(
-        problem["query"], problem["query_labels"], lambda: shards, problem["query_ids"], map_at=map_at
+        problem["query"], problem["query_labels"], ShardList(shards), query_ids=problem["query_ids"], map_at=map_at
     )
     assert_same_metrics(result, expected, tol=1e-9)
 
@@ -364,7 +366,8 @@ def test_sparse_ids_give_the_same_metrics_as_dense_ones(map_at):
     for case in (problem, sparse):
         shards = split_into_shards(case, [30, 31, 60], seed=1)
         result = sharded_retrieval_metrics(
-            case["query"], case["query_labels"], lambda: shards, case["query_ids"], ks=(1, 5), map_at=map_at
+            case["query"], case["query_labels"], ShardList(shards), query_ids=case["query_ids"], ks=(1, 5),
+            map_at=map_at,
         )
         assert_same_metrics(result, expected, tol=0)
         assert_same_metrics(retrieval_metrics(**case, ks=(1, 5), map_at=map_at), expected, tol=0)
@@ -376,9 +379,9 @@ def test_shard_passes_combine_as_documented():
     problem = tied_problem(6)
     shards = split_into_shards(problem, [20, 50], seed=6)
     query, labels, query_ids = problem["query"], problem["query_labels"], problem["query_ids"]
-    positives = merge_positives([shard_positives(query, labels, *shard, query_ids) for shard in shards])
-    above = sum(shard_rank_counts(query, positives, emb, ids, query_ids) for emb, _, ids in shards)
-    topk = merge_shard_topk([shard_topk(query, labels, *shard, 10, query_ids) for shard in shards], 10)
+    positives = merge_positives([shard_positives(query, labels, *shard, query_ids=query_ids) for shard in shards])
+    above = sum(shard_rank_counts(query, positives, emb, ids, query_ids=query_ids) for emb, _, ids in shards)
+    topk = merge_shard_topk([shard_topk(query, labels, *shard, 10, query_ids=query_ids) for shard in shards], 10)
     assert_same_metrics(metrics_from_ranks(positives, above, ks=(1, 5)), retrieval_metrics(**problem, ks=(1, 5)))
     assert_same_metrics(
         metrics_from_ranks(positives, above, ks=(1, 5), map_at=10),
@@ -392,11 +395,11 @@ def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently(so
     problem = tied_problem(8)
     query, labels, query_ids = problem["query"], problem["query_labels"], problem["query_ids"]
     emb, ids = problem["gallery"], problem["gallery_ids"]
-    positives = shard_positives(query, labels, emb, problem["gallery_labels"], ids, query_ids)
+    positives = shard_positives(query, labels, emb, problem["gallery_labels"], ids, query_ids=query_ids)
     one_ulp_lower = QueryPositives(positives.offsets, np.nextafter(positives.scores, -np.inf), positives.ids)
     np.testing.assert_array_equal(
-        shard_rank_counts(query, one_ulp_lower, emb, ids, query_ids),
-        shard_rank_counts(query, positives, emb, ids, query_ids),
+        shard_rank_counts(query, one_ulp_lower, emb, ids, query_ids=query_ids),
+        shard_rank_counts(query, positives, emb, ids, query_ids=query_ids),
     )
 
 
@@ -453,4 +456,4 @@ def test_sharded_errors_name_the_shard():
         (np.zeros((2, 3), np.float32), HAND["gallery_labels"][2:], np.array([2, 3])),
     ]
     with pytest.raises(ValueError, match="shard 1: shard dim 3 does not match query dim 2"):
-        sharded_retrieval_metrics(HAND["query"], HAND["query_labels"], lambda: shards)
+        sharded_retrieval_metrics(HAND["query"], HAND["query_labels"], ShardList(shards))

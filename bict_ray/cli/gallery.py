@@ -84,8 +84,9 @@ def run_evaluate(args) -> int:
         raise InputError(f"{args.model} is not an embedding model (kind={model.card.kind!r})")
     test = load_dataset(config.data).test
     query = embed_images(model.module, test.images, config.gallery.batch_size)
-    metrics = evaluate_gallery(query, test.labels, test.ids, gallery, ks=config.eval.ks, map_at=config.eval.map_at,
-                               concurrency=config.gallery.concurrency, cpus_per_task=config.gallery.cpus_per_task)
+    metrics = evaluate_gallery(query, test.labels, gallery, query_ids=test.ids, ks=config.eval.ks,
+                               map_at=config.eval.map_at, concurrency=config.gallery.concurrency,
+                               cpus_per_task=config.gallery.cpus_per_task)
     result = {"query_model": model.card.name, "gallery": gallery.path, "gallery_lineage": gallery.lineage,
               "gallery_space": gallery.space, "map_at": config.eval.map_at, "metrics": metrics}
     text = json.dumps(result, indent=2)

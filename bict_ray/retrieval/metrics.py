@@ -23,7 +23,8 @@ returns a small picklable result; the driver combines them:
   `shard_rank_counts` per shard, given the merged positives -> sum -> `metrics_from_ranks`.
   The merged positives hold every (query, positive) pair, 12 bytes each: that bounds where exact mAP fits.
 
-`sharded_retrieval_metrics` runs those passes in one process; `retrieval_metrics` is the in-memory path.
+The one driver of those passes is `bict_ray.retrieval.sharded.sharded_retrieval_metrics` (in this process, or on
+Ray Data through `bict_ray.distributed.evaluate`); `retrieval_metrics` is the in-memory path.
 Both give the same numbers. In mAP@k mode the scores come from `exact_search`, which scores a pair
 identically in any block or shard. In exact mode they come from a BLAS matmul, whose last bit can depend on the block
 shape, so two items within one float32 ulp of each other may swap between the two paths.
@@ -35,7 +36,7 @@ scores and ids only between entries that share a key (`_key_corrections`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,8 +69,6 @@ _ONE_PASS_WIDTH = 1 << 15
 # or one's bucket runs on past _MAX_RUN entries on a side (exact ties: duplicates, collapsed embeddings),
 # is sorted by exact keys instead.
 _MAX_RUN = 16
-
-Shard = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _dense_id_span(size: int) -> int:
@@ -116,6 +115,7 @@ def retrieval_metrics(
     query_labels: np.ndarray,
     gallery: np.ndarray,
     gallery_labels: np.ndarray,
+    *,
     query_ids: np.ndarray | None = None,
     gallery_ids: np.ndarray | None = None,
     ks: Sequence[int] = (1, 5, 10),
@@ -131,15 +131,15 @@ def retrieval_metrics(
     Returns {"mAP", "R@<k>" per k, "num_queries", "num_queries_without_positive"} (see module doc).
     Works on query blocks, so memory stays bounded for large Q x G.
     """
-    ks, map_at = _check_cutoffs(ks, map_at)
-    query_labels, query_ids = _check_queries(query, query_labels, query_ids)
+    ks, map_at = check_cutoffs(ks, map_at)
+    query_labels, query_ids = check_queries(query, query_labels, query_ids)
     if query_ids is not None and gallery_ids is None:
         raise InputError("query_ids need gallery_ids: self-exclusion compares the two")
     if gallery_ids is None:
         gallery_ids = np.arange(len(gallery), dtype=np.int64)
     shard = _ShardIndex.checked(query.shape[1], gallery, gallery_labels, gallery_ids, "gallery")
     if map_at is not None:
-        topk = _shard_topk(query, query_labels, query_ids, shard, _depth(ks, map_at), None)
+        topk = _shard_topk(query, query_labels, query_ids, shard, topk_depth(ks, map_at), None)
         return _summarise(*_per_query_from_topk(topk, query_labels, map_at), topk.num_positives, ks)
     query_codes, shard_codes = _label_codes(query_labels, shard.labels)
     parts = [
@@ -149,45 +149,6 @@ def retrieval_metrics(
     return _summarise(*(np.concatenate(column) for column in zip(*parts)), ks)
 
 
-def sharded_retrieval_metrics(
-    query: np.ndarray,
-    query_labels: np.ndarray,
-    shards: Callable[[], Iterable[Shard]],
-    query_ids: np.ndarray | None = None,
-    ks: Sequence[int] = (1, 5, 10),
-    map_at: int | None = None,
-) -> dict:
-    """`retrieval_metrics` over a gallery given as shards, holding one shard in memory at a time.
-
-    shards: a zero-argument callable returning an iterable of (embeddings (G_s, D) float32,
-        labels (G_s,) int, ids (G_s,) int) shards; ids are unique across all shards. It is called once
-        per pass: once for mAP@k, twice for exact mAP.
-    Other arguments and the result as in `retrieval_metrics`; errors name the shard by its position.
-    """
-    ks, map_at = _check_cutoffs(ks, map_at)
-    query_labels, query_ids = _check_queries(query, query_labels, query_ids)
-    if map_at is not None:
-        depth = _depth(ks, map_at)
-        merged = None
-        for i, (emb, labels, ids) in enumerate(shards()):
-            part = _in_shard(i, shard_topk, query, query_labels, emb, labels, ids, depth, query_ids)
-            merged = part if merged is None else merge_shard_topk([merged, part], depth)
-        if merged is None:
-            raise InputError("shards() yielded no shard")
-        return metrics_from_topk(merged, query_labels, ks, map_at)
-    parts = [
-        _in_shard(i, shard_positives, query, query_labels, emb, labels, ids, query_ids)
-        for i, (emb, labels, ids) in enumerate(shards())
-    ]
-    if not parts:
-        raise InputError("shards() yielded no shard")
-    positives = merge_positives(parts)
-    above = np.zeros(len(positives.ids), dtype=np.int64)
-    for i, (emb, _, ids) in enumerate(shards()):
-        above += _in_shard(i, shard_rank_counts, query, positives, emb, ids, query_ids)
-    return metrics_from_ranks(positives, above, ks)
-
-
 def shard_topk(
     query: np.ndarray,
     query_labels: np.ndarray,
@@ -195,8 +156,8 @@ def shard_topk(
     shard_labels: np.ndarray,
     shard_ids: np.ndarray,
     k: int,
-    query_ids: np.ndarray | None = None,
     *,
+    query_ids: np.ndarray | None = None,
     threads: int | None = None,
 ) -> ShardTopK:
     """mAP@k pass over one shard: each query's top-k in the shard (self excluded) and its positive count.
@@ -204,7 +165,7 @@ def shard_topk(
     query (Q, D) float32; shard_emb (G_s, D) float32; labels and ids integer vectors; k >= max(ks, map_at).
     threads: search threads (see `exact_search`).
     """
-    query_labels, query_ids = _check_queries(query, query_labels, query_ids)
+    query_labels, query_ids = check_queries(query, query_labels, query_ids)
     shard = _ShardIndex.checked(query.shape[1], shard_emb, shard_labels, shard_ids, "shard")
     return _shard_topk(query, query_labels, query_ids, shard, check_positive_int("k", k), threads)
 
@@ -228,12 +189,12 @@ def metrics_from_topk(
     topk: ShardTopK, query_labels: np.ndarray, ks: Sequence[int] = (1, 5, 10), map_at: int | None = None
 ) -> dict:
     """mAP@map_at and R@k from merged top-k lists (see module doc for the result)."""
-    ks, map_at = _check_cutoffs(ks, map_at)
+    ks, map_at = check_cutoffs(ks, map_at)
     if map_at is None:
         raise InputError(
             "exact mAP needs every positive's rank: use shard_positives/shard_rank_counts, or set map_at"
         )
-    if topk.depth < _depth(ks, map_at):
+    if topk.depth < topk_depth(ks, map_at):
         raise InputError(
             f"top-k lists of depth {topk.depth} cannot give R@{max(ks, default=1)} and mAP@{map_at}"
         )
@@ -247,10 +208,11 @@ def shard_positives(
     shard_emb: np.ndarray,
     shard_labels: np.ndarray,
     shard_ids: np.ndarray,
+    *,
     query_ids: np.ndarray | None = None,
 ) -> QueryPositives:
     """Exact-mAP pass 1 over one shard: each query's positives in it (self excluded) with their scores."""
-    query_labels, query_ids = _check_queries(query, query_labels, query_ids)
+    query_labels, query_ids = check_queries(query, query_labels, query_ids)
     shard = _ShardIndex.checked(query.shape[1], shard_emb, shard_labels, shard_ids, "shard")
     counts, scores, ids = [], [], []
     for block, block_scores in _score_blocks(query, shard.emb):
@@ -291,6 +253,7 @@ def shard_rank_counts(
     positives: QueryPositives,
     shard_emb: np.ndarray,
     shard_ids: np.ndarray,
+    *,
     query_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact-mAP pass 2 over one shard: for each merged positive, how many of the shard's items rank
@@ -326,7 +289,7 @@ def metrics_from_ranks(
 ) -> dict:
     """Exact mAP (mAP@map_at if set) and R@k from each positive's count of gallery items ranked above it
     (`shard_rank_counts` summed over shards). See the module doc for the result."""
-    ks, map_at = _check_cutoffs(ks, map_at)
+    ks, map_at = check_cutoffs(ks, map_at)
     ranks_above = check_integer_vector("ranks_above", ranks_above, len(positives.ids))
     ap, best_rank = _per_query_from_ranks(positives.offsets, ranks_above + 1, map_at)
     return _summarise(ap, best_rank, np.diff(positives.offsets), ks)
@@ -724,16 +687,19 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-def _depth(ks: tuple[int, ...], map_at: int) -> int:
+def topk_depth(ks: tuple[int, ...], map_at: int) -> int:
+    """The depth of top-k lists that gives R@k for every k of ``ks`` and mAP@map_at."""
     return max(max(ks, default=1), map_at)
 
 
-def _check_cutoffs(ks, map_at) -> tuple[tuple[int, ...], int | None]:
+def check_cutoffs(ks, map_at) -> tuple[tuple[int, ...], int | None]:
+    """ks (sorted, without repeats) and map_at (None: exact mAP), each checked a positive integer."""
     ks = tuple(sorted({check_positive_int("each of ks", k) for k in ks}))
     return ks, (None if map_at is None else check_positive_int("map_at", map_at))
 
 
-def _check_queries(query, query_labels, query_ids):
+def check_queries(query, query_labels, query_ids) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check a query set: (Q, D) float32 finite embeddings, Q >= 1; returns (labels, ids or None) as int64."""
     check_embeddings("query", query)
     if len(query) == 0:
         raise InputError("query is empty")
@@ -741,10 +707,3 @@ def _check_queries(query, query_labels, query_ids):
     if query_ids is not None:
         query_ids = check_integer_vector("query_ids", query_ids, len(query))
     return query_labels, query_ids
-
-
-def _in_shard(index: int, fn, *args):
-    try:
-        return fn(*args)
-    except ValueError as err:
-        raise InputError(f"shard {index}: {err}") from err

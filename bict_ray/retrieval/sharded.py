@@ -1,0 +1,156 @@
+"""The one driver of sharded evaluation: mAP and R@k over a gallery read shard by shard, its shards mapped by an
+injected executor.
+
+``sharded_retrieval_metrics(query, query_labels, source, query_ids=..., executor=...)`` reads the gallery from a
+shard source (``bict_ray.retrieval.shard``: a committed gallery version, ``ShardList``, a partial refresh) and
+combines the per-shard passes of ``bict_ray.retrieval.metrics``:
+
+- mAP@k (map_at set), one pass: ``shard_topk`` per shard -> ``merge_shard_topk`` -> ``metrics_from_topk``.
+- exact mAP, two passes: ``shard_positives`` per shard -> ``merge_positives``; then ``shard_rank_counts`` per shard,
+  given the merged positives, summed -> ``metrics_from_ranks``.
+
+The result equals ``retrieval_metrics`` on the whole gallery in memory (exact mode: up to a swap of two items within
+one float32 ulp, see ``bict_ray.retrieval.metrics``), and does not depend on the executor or on the order in which
+it yields the shards' results (every merge above ranks by score, then id).
+
+An executor maps one pass over every shard of a source (``ShardExecutor``): ``IN_PROCESS`` here reads the shards in
+this process one after the other, one in memory at a time; ``bict_ray.distributed.evaluate.RayDataExecutor`` runs
+them in Ray Data tasks. Either calls ``run_pass`` for each shard, so that both name a shard in the same errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from bict_ray.errors import InputError
+from bict_ray.retrieval.metrics import (
+    QueryPositives,
+    ShardTopK,
+    check_cutoffs,
+    check_queries,
+    merge_positives,
+    merge_shard_topk,
+    metrics_from_ranks,
+    metrics_from_topk,
+    shard_positives,
+    shard_rank_counts,
+    shard_topk,
+    topk_depth,
+)
+from bict_ray.retrieval.shard import Shard, ShardSource
+
+
+class Queries(NamedTuple):
+    """The query set every pass of one evaluation shares: embeddings (Q, D) float32, labels (Q,) int64, ids (Q,)
+    int64 or None (a gallery row with the query's id is left out of that query's ranking)."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray | None
+
+
+# A pass: pass_fn(queries, shard, **inputs) -> a small picklable per-shard result. Module-level functions, so that
+# an executor can send them to other processes.
+PassFn = Callable[..., Any]
+
+
+class ShardExecutor(Protocol):
+    """Maps one pass over every shard of a source."""
+
+    #: threads one pass's top-k search may use (None: as many as the process has); passes that run side by side
+    #: on one machine want 1
+    search_threads: int | None
+
+    def map(self, source: ShardSource, pass_fn: PassFn, queries: Queries, **inputs) -> Iterable[Any]:
+        """``run_pass(source, i, pass_fn, queries, inputs)`` for every shard index i, in any order."""
+        ...
+
+
+def run_pass(source: ShardSource, index: int, pass_fn: PassFn, queries: Queries, inputs: dict) -> Any:
+    """One pass over shard ``index`` of ``source``; a refused shard is named by its index."""
+    shard = source.read_shard(index)
+    try:
+        return pass_fn(queries, shard, **inputs)
+    except InputError as err:
+        raise InputError(f"shard {index}: {err}") from err
+
+
+class InProcess:
+    """The executor in this process: shard after shard, one in memory at a time."""
+
+    search_threads = None
+
+    def map(self, source: ShardSource, pass_fn: PassFn, queries: Queries, **inputs) -> Iterator[Any]:
+        for index in range(source.num_shards):
+            yield run_pass(source, index, pass_fn, queries, inputs)
+
+    def __repr__(self) -> str:
+        return "IN_PROCESS"
+
+
+IN_PROCESS = InProcess()
+
+
+def sharded_retrieval_metrics(
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    source: ShardSource,
+    *,
+    query_ids: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    map_at: int | None = None,
+    executor: ShardExecutor = IN_PROCESS,
+) -> dict:
+    """``retrieval_metrics`` of ``query`` against the gallery that ``source`` serves shard by shard.
+
+    query (Q, D) float32, L2-normalised; query_labels (Q,) int; query_ids (Q,) int or None: a gallery row with the
+    query's id is excluded from that query's ranking (the same image embedded by another model).
+    source: a shard source (``num_shards``, ``read_shard(i)`` -> ``Shard``; ids unique across its shards); where it
+        has a ``dim``, queries of another dim are refused before any shard is read.
+    ks, map_at: as in ``retrieval_metrics`` (map_at None: exact mAP, two passes over the shards; else one pass).
+    executor: how the passes are mapped over the shards (``IN_PROCESS``, or the Ray Data one).
+    Returns ``retrieval_metrics``'s dict: {"mAP", "R@<k>", "num_queries", "num_queries_without_positive"}; errors
+    in a shard's data name the shard by its index.
+    """
+    ks, map_at = check_cutoffs(ks, map_at)
+    query_labels, query_ids = check_queries(query, query_labels, query_ids)
+    queries = Queries(query, query_labels, query_ids)
+    if source.num_shards < 1:
+        raise InputError(f"{source!r} has no shard")
+    dim = getattr(source, "dim", None)
+    if dim is not None and dim != query.shape[1]:
+        raise InputError(f"query dim {query.shape[1]} does not match gallery {source!r} dim {dim}")
+    if map_at is not None:
+        depth = topk_depth(ks, map_at)
+        merged = None
+        for part in executor.map(source, topk_pass, queries, depth=depth, threads=executor.search_threads):
+            merged = part if merged is None else merge_shard_topk([merged, part], depth)
+        return metrics_from_topk(merged, query_labels, ks, map_at)
+    positives = merge_positives(list(executor.map(source, positives_pass, queries)))
+    above = np.zeros(len(positives.ids), dtype=np.int64)
+    for counts in executor.map(source, rank_pass, queries, positives=positives):
+        above += counts
+    return metrics_from_ranks(positives, above, ks)
+
+
+# ---- the passes ------------------------------------------------------------------------------------------------
+
+
+def topk_pass(queries: Queries, shard: Shard, *, depth: int, threads: int | None) -> ShardTopK:
+    """mAP@k's one pass: each query's top ``depth`` in the shard."""
+    return shard_topk(queries.embeddings, queries.labels, shard.embeddings, shard.labels, shard.ids, depth,
+                      query_ids=queries.ids, threads=threads)
+
+
+def positives_pass(queries: Queries, shard: Shard) -> QueryPositives:
+    """Exact mAP's first pass: each query's positives in the shard, with their scores."""
+    return shard_positives(queries.embeddings, queries.labels, shard.embeddings, shard.labels, shard.ids,
+                           query_ids=queries.ids)
+
+
+def rank_pass(queries: Queries, shard: Shard, *, positives: QueryPositives) -> np.ndarray:
+    """Exact mAP's second pass: for each merged positive, the shard's items ranked above it."""
+    return shard_rank_counts(queries.embeddings, positives, shard.embeddings, shard.ids, query_ids=queries.ids)

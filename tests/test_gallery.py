@@ -20,6 +20,7 @@ from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.distributed.evaluate import RayDataExecutor, evaluate_gallery
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.retrieval.metrics import retrieval_metrics
+from bict_ray.retrieval.protocol import PartialRefresh
 from bict_ray.retrieval.sharded import IN_PROCESS, sharded_retrieval_metrics
 from bict_ray.storage.artifacts import ModelCard, load_artifact, save_artifact
 from bict_ray.storage.gallery import GalleryError, GalleryWriter, open_gallery, write_gallery
@@ -241,6 +242,13 @@ def test_ray_data_and_in_process_executors_give_identical_metrics(ray_session, t
                                                    map_at=map_at, executor=executor)
                for executor in (IN_PROCESS, ray_data)}
     assert results[ray_data] == results[IN_PROCESS] and results[IN_PROCESS]["num_queries"] == 40
+    # a source built in the driver (a partial refresh of two versions) travels to the tasks and mixes the same rows
+    upgraded = write_gallery(str(tmp_path / "v2"), ids, labels, random_gallery(150, seed=7)[2], rows_per_shard=20,
+                             lineage=["phi_1", "psi_1_2"], space="phi_2")
+    mixed = PartialRefresh(upgraded, gallery, np.arange(150) % 3 == 0)
+    assert sharded_retrieval_metrics(query, query_labels, mixed, query_ids=query_ids, map_at=map_at,
+                                     executor=ray_data) == \
+        sharded_retrieval_metrics(query, query_labels, mixed, query_ids=query_ids, map_at=map_at)
 
 
 def test_evaluation_refuses_queries_of_another_dim(ray_session, source_gallery):

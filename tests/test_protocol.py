@@ -1,39 +1,135 @@
-"""The evaluation protocol on hand-made embeddings: which gallery each named test uses."""
+"""The evaluation protocol on hand-made embeddings: which gallery each named test uses, and that every test, run
+through the sharded driver on committed gallery versions, gives the in-memory metrics."""
 
 import numpy as np
 import pytest
 
-from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.errors import GalleryError
+from bict_ray.retrieval.metrics import retrieval_metrics
+from bict_ray.retrieval.protocol import (
+    Embedded,
+    PartialRefresh,
+    SequenceEmbeddings,
+    compatibility_matrix,
+    partial_refresh,
+    step_tests,
+)
+from bict_ray.storage.gallery import write_gallery
+
+TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
 
 
 def embedded(seed, n=40, d=8, classes=4):
+    """The 40-image test split (ids 0..39, 4 classes) embedded by a made-up model: other seed, other embeddings."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
-    return Embedded(x / np.linalg.norm(x, axis=1, keepdims=True), np.arange(n), np.arange(n) % classes)
+    return Embedded(x / np.linalg.norm(x, axis=1, keepdims=True), np.arange(n) % classes, np.arange(n))
 
 
-def test_named_tests_use_the_right_galleries():
-    data = SequenceEmbeddings(queries={1: embedded(1), 2: embedded(2)}, galleries={1: embedded(1), 2: embedded(2)})
+def committed(tmp_path, name, e: Embedded, rows_per_shard=9, ids=None):
+    """``e`` stored as committed gallery version ``name`` (shards of 9 rows: 5 shards, the last one of 4)."""
+    return write_gallery(str(tmp_path / name), e.ids if ids is None else ids, e.labels, e.embeddings,
+                         rows_per_shard=rows_per_shard, lineage=["phi_1"], space="phi_1")
+
+
+def in_memory(query: Embedded, gallery: Embedded, **kwargs):
+    return retrieval_metrics(query.embeddings, query.labels, gallery.embeddings, gallery.labels, query_ids=query.ids,
+                             gallery_ids=gallery.ids, **kwargs)
+
+
+def two_steps(tmp_path, rows_per_shard=7):
+    """phi_1, phi_2 and gallery versions v1, v2: four different sets of embeddings of the same 40 images."""
+    phi = {1: embedded(1), 2: embedded(2)}
+    v = {1: embedded(11), 2: embedded(12)}
+    data = SequenceEmbeddings(queries=phi, galleries={t: committed(tmp_path, f"v{t}", v[t]) for t in v},
+                              rows_per_shard=rows_per_shard)
+    return data, phi, v
+
+
+def test_named_tests_use_the_right_galleries(tmp_path):
+    data, phi, v = two_steps(tmp_path)
     tests = step_tests(data, 2)
-    assert set(tests) == {"old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before"}
-    assert tests["forward"] == tests["new_self"]  # v2 built equal to phi_2(G) here
-    assert tests["deployed_before"] == tests["old_self"]
-    assert tests["backward"] == tests["backward_prev"]  # at step 2 the never-upgraded gallery is phi_1(G)
+    assert tuple(tests) == TESTS
+    expected = {"old_self": (phi[1], phi[1]), "new_self": (phi[2], phi[2]), "backward": (phi[2], v[1]),
+                "backward_prev": (phi[2], phi[1]), "forward": (phi[2], v[2]), "deployed_before": (phi[1], v[1])}
+    # every query model against every gallery gives another mAP: a test that took a wrong pair cannot pass
+    every_pair = {(q, g): in_memory(phi[q], gallery)["mAP"]
+                  for q in phi for g, gallery in [("phi_1", phi[1]), ("phi_2", phi[2]), ("v1", v[1]), ("v2", v[2])]}
+    assert len(set(every_pair.values())) == len(every_pair), every_pair
+    for name, (query, gallery) in expected.items():
+        assert tests[name]["mAP"] == pytest.approx(in_memory(query, gallery)["mAP"], abs=1e-12), name
 
 
-def test_bct_only_keeps_v1_deployed_so_forward_is_backward():
-    data = SequenceEmbeddings(queries={1: embedded(1), 2: embedded(2), 3: embedded(3)}, galleries={1: embedded(1)})
+@pytest.mark.parametrize("map_at", [None, 5])
+def test_step_tests_through_the_driver_equal_the_in_memory_metrics(tmp_path, map_at):
+    # galleries read shard by shard (9-row shards), query sets cut into 7-row shards: the same numbers as
+    # retrieval_metrics on the whole arrays in memory
+    data, phi, v = two_steps(tmp_path)
+    tests = step_tests(data, 2, ks=(1, 5), map_at=map_at)
+    pairs = {"old_self": (phi[1], phi[1]), "new_self": (phi[2], phi[2]), "backward": (phi[2], v[1]),
+             "backward_prev": (phi[2], phi[1]), "forward": (phi[2], v[2]), "deployed_before": (phi[1], v[1])}
+    for name, (query, gallery) in pairs.items():
+        expected = in_memory(query, gallery, ks=(1, 5), map_at=map_at)
+        assert tests[name].keys() == expected.keys(), name
+        assert tests[name] == pytest.approx(expected, abs=1e-12), name
+
+
+def test_a_query_set_as_gallery_never_reads_a_version(tmp_path, monkeypatch):
+    # old_self, new_self and backward_prev use the queries in memory; the versions serve the other three tests
+    data, _, _ = two_steps(tmp_path)
+    read = []
+    for t, version in data.galleries.items():
+        original = version.read_shard
+        monkeypatch.setattr(version, "read_shard", lambda i, t=t, original=original: read.append(t) or original(i))
+    step_tests(data, 2)
+    # backward and deployed_before read v1, forward reads v2; exact mAP reads each shard twice
+    assert read.count(1) == 2 * 2 * 5 and read.count(2) == 2 * 5
+
+
+def test_bct_only_keeps_v1_deployed_so_forward_is_backward(tmp_path):
+    data = SequenceEmbeddings(queries={1: embedded(1), 2: embedded(2), 3: embedded(3)},
+                              galleries={1: committed(tmp_path, "v1", embedded(11))}, rows_per_shard=7)
     tests = step_tests(data, 3)
     assert tests["forward"] == tests["backward"]
     assert tests["deployed_before"] == step_tests(data, 2)["backward"]  # phi_2 against v1
 
 
-def test_partial_refresh_ends_at_deployed_and_forward():
-    data = SequenceEmbeddings(queries={1: embedded(1), 2: embedded(2)}, galleries={1: embedded(1), 2: embedded(5)})
-    curve = partial_refresh(data, 2, [0.0, 0.5, 1.0])
+def test_partial_refresh_ends_at_deployed_and_forward(tmp_path):
+    data, phi, v = two_steps(tmp_path)
+    curve = partial_refresh(data, 2, [0.0, 0.5, 1.0], seed=3)
     tests = step_tests(data, 2)
-    assert curve[-1]["mAP"] == pytest.approx(tests["forward"]["mAP"])
-    assert curve[0]["mAP"] == pytest.approx(tests["backward"]["mAP"])  # phi_2 against v1 untouched
+    assert curve[-1]["mAP"] == pytest.approx(tests["forward"]["mAP"], abs=1e-12)
+    assert curve[0]["mAP"] == pytest.approx(tests["backward"]["mAP"], abs=1e-12)  # phi_2 against v1 untouched
+    # half way: the rows a seeded permutation picks, as the in-memory protocol always picked them
+    upgraded = np.zeros(40, dtype=bool)
+    upgraded[np.random.default_rng(3).permutation(40)[:20]] = True
+    mixed = Embedded(np.where(upgraded[:, None], v[2].embeddings, v[1].embeddings), v[2].labels, v[2].ids)
+    assert curve[1]["mAP"] == pytest.approx(in_memory(phi[2], mixed)["mAP"], abs=1e-12)
+    assert curve[1]["R@1"] == in_memory(phi[2], mixed)["R@1"]
+    assert curve[1]["mAP"] not in (curve[0]["mAP"], curve[-1]["mAP"])
     matrix = compatibility_matrix(data)
-    assert matrix["mAP"][1][0] == pytest.approx(tests["backward"]["mAP"])
+    assert matrix["mAP"][1][0] == pytest.approx(tests["backward"]["mAP"], abs=1e-12)
     assert matrix["queries"] == ["phi_1", "phi_2"] and matrix["galleries"] == ["v1", "v2"]
+
+
+def test_partial_refresh_refuses_versions_whose_shard_ids_differ(tmp_path):
+    old = committed(tmp_path, "v1", embedded(11))
+    ids = np.arange(40)
+    ids[18:27] += 1000  # shard 2 (rows 18..26) holds other images
+    other_ids = committed(tmp_path, "v2", embedded(12), ids=ids)
+    refresh = PartialRefresh(other_ids, old, np.ones(40, dtype=bool))
+    refresh.read_shard(1)  # the shards before it mix fine
+    with pytest.raises(GalleryError, match=r"partial refresh: shard 2 holds other ids in .*v2 than in .*v1"):
+        refresh.read_shard(2)
+    data = SequenceEmbeddings(queries={2: embedded(2)}, galleries={1: old, 2: other_ids})
+    with pytest.raises(GalleryError, match="shard 2 holds other ids"):
+        partial_refresh(data, 2, [0.5])
+    # the same ids in another order are refused too: rows are mixed by position
+    ids = np.arange(40)
+    ids[9:18] = ids[9:18][::-1]
+    with pytest.raises(GalleryError, match="shard 1 holds other ids"):
+        PartialRefresh(committed(tmp_path, "v2_reordered", embedded(12), ids=ids), old, np.ones(40, bool)).read_shard(1)
+    # other shard sizes: refused before any shard is read, naming the first shard that differs
+    resharded = committed(tmp_path, "v2_resharded", embedded(12), rows_per_shard=10)
+    with pytest.raises(GalleryError, match="shard 0 holds 10 and 9 rows"):
+        PartialRefresh(resharded, old, np.ones(40, dtype=bool))

@@ -8,8 +8,11 @@ import pytest
 from PIL import Image
 
 from bict_ray.config import ConfigError, load_config
+from bict_ray.core.embed import embed_images
 from bict_ray.pipeline.report import write_report
 from bict_ray.pipeline.sequence import run_sequence
+from bict_ray.retrieval.metrics import retrieval_metrics
+from bict_ray.storage.artifacts import load_artifact
 from bict_ray.storage.gallery import open_gallery
 
 TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
@@ -50,6 +53,24 @@ def test_galleries_keep_ids_and_lineage(smoke_run, smoke_data):
     ids1 = v1.read_all().ids
     ids2 = v2.read_all().ids
     assert sorted(ids1) == sorted(ids2) == sorted(smoke_data.test.ids)
+
+
+def test_step_tests_equal_the_in_memory_metrics_of_the_same_arrays(smoke_run, smoke_data):
+    # the runner evaluates from the versions' shards and query sets cut into shards; read whole and scored in memory,
+    # the same models and galleries give the same numbers (exact mAP: up to swaps of rows within one float32 ulp)
+    out, results, _ = smoke_run
+    test = smoke_data.test
+    phi = {t: embed_images(load_artifact(out / "models" / f"phi_{t}").module, test.images) for t in (1, 2)}
+    v = {t: open_gallery(str(out / "gallery" / f"v{t}")).read_all() for t in (1, 2)}
+    as_gallery = {f"phi_{t}": (phi[t], test.labels, test.ids) for t in phi}
+    as_gallery.update({f"v{t}": (g.embeddings, g.labels, g.ids) for t, g in v.items()})
+    pairs = {"old_self": (1, "phi_1"), "new_self": (2, "phi_2"), "backward": (2, "v1"), "backward_prev": (2, "phi_1"),
+             "forward": (2, "v2"), "deployed_before": (1, "v1")}
+    (step,) = results["steps"]
+    for name, (query, gallery) in pairs.items():
+        embeddings, labels, ids = as_gallery[gallery]
+        expected = retrieval_metrics(phi[query], test.labels, embeddings, labels, query_ids=test.ids, gallery_ids=ids)
+        assert step["tests"][name] == pytest.approx(expected, abs=1e-5), name
 
 
 def test_resume_reruns_only_the_removed_stages(smoke_run, smoke_config, smoke_data, tmp_path):

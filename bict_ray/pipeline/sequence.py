@@ -26,10 +26,12 @@ from bict_ray.core.data import Dataset, load_dataset
 from bict_ray.core.embed import embed_images
 from bict_ray.core.splits import load_or_make_splits
 from bict_ray.distributed.cluster import ensure_ray
+from bict_ray.distributed.evaluate import RayDataExecutor
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.distributed.train import train_embedding_model, train_upgrade_transform
 from bict_ray.errors import NotFoundError
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.retrieval.sharded import IN_PROCESS
 from bict_ray.storage.artifacts import ArtifactError, load_artifact
 from bict_ray.storage.gallery import is_committed, open_gallery
 from bict_ray.storage.rundir import RunDir
@@ -58,7 +60,12 @@ class SequenceRunner:
         self.timings: dict[str, float] = {}
         self.gallery_nodes: dict[str, list[str]] = {}  # gallery version -> Ray nodes its pipeline ran on
         self.models, self.transforms = {}, {}
-        self.embedded = SequenceEmbeddings()
+        # queries in memory, gallery versions read shard by shard (never whole) by the sharded evaluation
+        self.embedded = SequenceEmbeddings(rows_per_shard=config.gallery.rows_per_shard)
+        # ~20 evaluations a step: in this process unless the gallery is spread (a Ray Data pipeline costs seconds)
+        gallery = config.gallery
+        self.executor = IN_PROCESS if gallery.concurrency == 1 else RayDataExecutor(gallery.concurrency,
+                                                                                      gallery.cpus_per_task)
 
     def run(self, on_step=None) -> dict:
         config, steps = self.config, self.config.scenario.steps
@@ -74,18 +81,19 @@ class SequenceRunner:
                 self.transforms[t] = self.train_transform(t)
                 self._gallery(t)
             tests = self._timed(f"evaluate step {t}", lambda: step_tests(
-                self.embedded, t, config.eval.ks, config.eval.map_at))
+                self.embedded, t, config.eval.ks, config.eval.map_at, self.executor))
             results["steps"].append({"step": t, "tests": tests})
             if config.transform.enabled and config.eval.partial_refresh:
                 results["partial_refresh"] += self._timed(f"partial refresh step {t}", lambda: partial_refresh(
-                    self.embedded, t, config.eval.partial_refresh, config.seed, config.eval.ks, config.eval.map_at))
+                    self.embedded, t, config.eval.partial_refresh, config.seed, config.eval.ks, config.eval.map_at,
+                    self.executor))
             self._log_step(t, tests)
             self.write(results)
             if on_step is not None:
                 on_step(t, tests)
         if config.eval.matrix:
             results["matrix"] = self._timed("compatibility matrix", lambda: compatibility_matrix(
-                self.embedded, config.eval.ks, config.eval.map_at))
+                self.embedded, config.eval.ks, config.eval.map_at, self.executor))
         self.write(results)
         return results
 
@@ -163,12 +171,11 @@ class SequenceRunner:
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
                      f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)
-        embeddings, labels, ids = open_gallery(out).read_all()
-        self.embedded.galleries[t] = Embedded(embeddings, ids, labels)
+        self.embedded.galleries[t] = open_gallery(out)
 
     def _embed_queries(self, t: int) -> Embedded:
         test = self.dataset.test
-        return Embedded(embed_images(self.models[t].module, test.images), test.ids, test.labels)
+        return Embedded(embed_images(self.models[t].module, test.images), test.labels, test.ids)
 
     def _timed(self, stage: str, fn):
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The evaluation protocol of an upgrade sequence (DESIGN.md section 3), on embeddings already in memory.
+"""The evaluation protocol of an upgrade sequence (DESIGN.md section 3), every test through the sharded driver.
 
 The test split is both query and gallery (leave-one-out: self-matches are excluded by sample id). For step t:
 
@@ -9,6 +9,11 @@ The test split is both query and gallery (leave-one-out: self-matches are exclud
 - forward         phi_t / v_t              (BiCT: v_t = psi_{t-1->t}(v_{t-1}); with BCT only the deployed
                                            gallery stays v1, so forward equals backward)
 - deployed_before phi_{t-1} / v_{t-1}      (the system before this step)
+
+Every test runs ``bict_ray.retrieval.sharded.sharded_retrieval_metrics`` with the executor it is given. A gallery
+version v_t is read from its shards (a committed ``GalleryVersion``, never whole into memory); a query set that
+serves as a gallery (phi_s(G): the test split embedded by model s, held in memory anyway as queries) is cut into
+shards of ``rows_per_shard`` rows, so that both run the same code.
 """
 
 from __future__ import annotations
@@ -17,42 +22,56 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bict_ray.retrieval.metrics import retrieval_metrics
+from bict_ray.errors import GalleryError
+from bict_ray.retrieval.shard import Shard, ShardList, ShardSource
+from bict_ray.retrieval.sharded import IN_PROCESS, ShardExecutor, sharded_retrieval_metrics
 
 
 @dataclass
 class Embedded:
-    """(N, D) float32 L2-normalised embeddings of the test split, aligned with ``ids`` and ``labels``."""
+    """(N, D) float32 L2-normalised embeddings of the test split, aligned with ``labels`` and ``ids``."""
 
     embeddings: np.ndarray
-    ids: np.ndarray
     labels: np.ndarray
+    ids: np.ndarray
 
 
 @dataclass
 class SequenceEmbeddings:
-    """What the protocol compares: per model t, its query embeddings, and per step t, gallery version v_t."""
+    """What the protocol compares: per model t, its query embeddings, and per step t, gallery version v_t.
+
+    galleries: shard sources with a ``dim`` (committed ``GalleryVersion``s); partial refresh also reads their
+    ``shard_rows``. rows_per_shard: the shards a query set is cut into when it serves as a gallery.
+    """
 
     queries: dict[int, Embedded] = field(default_factory=dict)  # phi_t(test images)
-    galleries: dict[int, Embedded] = field(default_factory=dict)  # gallery version v_t, as stored
+    galleries: dict[int, ShardSource] = field(default_factory=dict)  # gallery version v_t, as stored
+    rows_per_shard: int = 4096
 
 
-def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None) -> dict[str, dict]:
+def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None,
+               executor: ShardExecutor = IN_PROCESS) -> dict[str, dict]:
     """The named tests of step t (t >= 2), each a dict of metrics."""
     q_new, q_old = data.queries[t], data.queries[t - 1]
-    pairs = {"old_self": (q_old, q_old), "new_self": (q_new, q_new), "backward": (q_new, data.galleries[1]),
-             "backward_prev": (q_new, q_old)}
-    pairs["forward"] = (q_new, deployed_gallery(data, t))
-    pairs["deployed_before"] = (q_old, deployed_gallery(data, t - 1))
-    return {name: evaluate(q, g, ks, map_at) for name, (q, g) in pairs.items()}
+    pairs = {"old_self": (q_old, query_gallery(data, t - 1)), "new_self": (q_new, query_gallery(data, t)),
+             "backward": (q_new, data.galleries[1]), "backward_prev": (q_new, query_gallery(data, t - 1)),
+             "forward": (q_new, deployed_gallery(data, t)), "deployed_before": (q_old, deployed_gallery(data, t - 1))}
+    return {name: evaluate(q, g, ks, map_at, executor) for name, (q, g) in pairs.items()}
 
 
-def deployed_gallery(data: SequenceEmbeddings, t: int) -> Embedded:
+def query_gallery(data: SequenceEmbeddings, s: int) -> ShardList:
+    """phi_s(G), the test split embedded by model s, as a gallery: the query set cut into shards."""
+    q = data.queries[s]
+    return ShardList.split(q.embeddings, q.labels, q.ids, data.rows_per_shard)
+
+
+def deployed_gallery(data: SequenceEmbeddings, t: int) -> ShardSource:
     """The gallery as deployed after step t: v_t, or with BCT only (no psi) the newest version before it (v1)."""
     return data.galleries[max(k for k in data.galleries if k <= t)]
 
 
-def compatibility_matrix(data: SequenceEmbeddings, ks=(1, 5, 10), map_at=None) -> dict:
+def compatibility_matrix(data: SequenceEmbeddings, ks=(1, 5, 10), map_at=None,
+                         executor: ShardExecutor = IN_PROCESS) -> dict:
     """Every query model against every gallery version; a cell is None where the dims differ."""
     queries, galleries = sorted(data.queries), sorted(data.galleries)
     cells = {"mAP": [], "R@1": []}
@@ -60,7 +79,7 @@ def compatibility_matrix(data: SequenceEmbeddings, ks=(1, 5, 10), map_at=None) -
         row = {"mAP": [], "R@1": []}
         for t in galleries:
             q, g = data.queries[s], data.galleries[t]
-            result = evaluate(q, g, ks, map_at) if q.embeddings.shape[1] == g.embeddings.shape[1] else None
+            result = evaluate(q, g, ks, map_at, executor) if q.embeddings.shape[1] == g.dim else None
             for key in row:
                 row[key].append(None if result is None else result[key])
         for key in cells:
@@ -69,28 +88,79 @@ def compatibility_matrix(data: SequenceEmbeddings, ks=(1, 5, 10), map_at=None) -
 
 
 def partial_refresh(data: SequenceEmbeddings, t: int, fractions, seed: int = 0, ks=(1, 5, 10),
-                    map_at=None) -> list[dict]:
+                    map_at=None, executor: ShardExecutor = IN_PROCESS) -> list[dict]:
     """phi_t against a gallery where only ``fraction`` of the rows are upgraded to v_t, the rest still in v_{t-1}.
 
     This is the state of a gallery while an upgrade is rolling out: fraction 0 is phi_t against the deployed
-    v_{t-1} (compatible through BCT), fraction 1 is ``forward``. Rows are chosen by a seeded permutation.
+    v_{t-1} (compatible through BCT), fraction 1 is ``forward``. Rows are chosen by a seeded permutation of the
+    rows in stored order (shard by shard): the first round(fraction * N) of it are upgraded.
     """
     new, old = data.galleries[t], data.galleries[t - 1]
-    if not np.array_equal(new.ids, old.ids):
-        order_new, order_old = np.argsort(new.ids), np.argsort(old.ids)
-        new = Embedded(new.embeddings[order_new], new.ids[order_new], new.labels[order_new])
-        old = Embedded(old.embeddings[order_old], old.ids[order_old], old.labels[order_old])
-    order = np.random.default_rng(seed).permutation(len(new.ids))
+    num_rows = sum(new.shard_rows)
+    order = np.random.default_rng(seed).permutation(num_rows)
     curve = []
     for fraction in fractions:
-        upgraded = np.zeros(len(new.ids), dtype=bool)
+        upgraded = np.zeros(num_rows, dtype=bool)
         upgraded[order[: int(round(fraction * len(order)))]] = True
-        mixed = Embedded(np.where(upgraded[:, None], new.embeddings, old.embeddings), new.ids, new.labels)
-        result = evaluate(data.queries[t], mixed, ks, map_at)
+        result = evaluate(data.queries[t], PartialRefresh(new, old, upgraded), ks, map_at, executor)
         curve.append({"step": t, "fraction": float(fraction), "mAP": result["mAP"], "R@1": result["R@1"]})
     return curve
 
 
-def evaluate(query: Embedded, gallery: Embedded, ks=(1, 5, 10), map_at=None) -> dict:
-    return retrieval_metrics(query.embeddings, query.labels, gallery.embeddings, gallery.labels,
-                             query_ids=query.ids, gallery_ids=gallery.ids, ks=tuple(ks), map_at=map_at)
+class PartialRefresh:
+    """A shard source mixing two versions of one gallery row by row: shard i is shard i of ``new`` where
+    ``upgraded`` holds, of ``old`` elsewhere (labels and ids of ``new``).
+
+    new, old: shard sources with ``shard_rows`` (v_t and v_{t-1}: an upgrade keeps every shard's ids, in order).
+    upgraded: (N,) bool over the rows in stored order, shard after shard. Shard i of the two must hold the same ids
+    in the same order: refused otherwise (``GalleryError`` naming the shard) when the shard is read.
+    """
+
+    def __init__(self, new: ShardSource, old: ShardSource, upgraded: np.ndarray):
+        rows_new, rows_old = list(new.shard_rows), list(old.shard_rows)
+        if rows_new != rows_old:
+            index = next((i for i, (a, b) in enumerate(zip(rows_new, rows_old)) if a != b), None)
+            what = (f"{len(rows_new)} and {len(rows_old)} shards" if index is None
+                    else f"shard {index} holds {rows_new[index]} and {rows_old[index]} rows")
+            raise GalleryError(f"partial refresh: {_name(new)} and {_name(old)} are not one gallery upgraded shard "
+                               f"by shard ({what})")
+        upgraded = np.asarray(upgraded, dtype=bool)
+        if upgraded.shape != (sum(rows_new),):
+            raise GalleryError(f"partial refresh: {upgraded.shape[0]} row flags for {sum(rows_new)} rows")
+        self.new, self.old, self.upgraded = new, old, upgraded
+        self.offsets = np.concatenate([[0], np.cumsum(rows_new)]).astype(np.int64)
+
+    @property
+    def num_shards(self) -> int:
+        return self.new.num_shards
+
+    @property
+    def dim(self) -> int:
+        return self.new.dim
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return list(self.new.shard_rows)
+
+    def read_shard(self, index: int) -> Shard:
+        new, old = self.new.read_shard(index), self.old.read_shard(index)
+        if not np.array_equal(new.ids, old.ids):
+            raise GalleryError(f"partial refresh: shard {index} holds other ids in {_name(self.new)} than in "
+                               f"{_name(self.old)}: not one gallery upgraded shard by shard")
+        mask = self.upgraded[self.offsets[index] : self.offsets[index + 1]]
+        return Shard(np.where(mask[:, None], new.embeddings, old.embeddings), new.labels, new.ids)
+
+    def __repr__(self) -> str:
+        return f"PartialRefresh({_name(self.new)} over {_name(self.old)}, {int(self.upgraded.sum())} rows upgraded)"
+
+
+def evaluate(query: Embedded, gallery: ShardSource, ks=(1, 5, 10), map_at=None,
+             executor: ShardExecutor = IN_PROCESS) -> dict:
+    """One test: ``query`` against ``gallery``, through the sharded driver."""
+    return sharded_retrieval_metrics(query.embeddings, query.labels, gallery, query_ids=query.ids, ks=tuple(ks),
+                                     map_at=map_at, executor=executor)
+
+
+def _name(source) -> str:
+    """A source by its path where it has one (a gallery version), else as it prints."""
+    return getattr(source, "path", None) or repr(source)

@@ -16,10 +16,6 @@ THIS = Path(__file__).resolve().relative_to(ROOT).as_posix()
 # so that this file does not match itself.)
 OUTSIDE = ("../" + "shared", "RAY-" + "NOTES", "DESIGN" + ".md")
 
-# Files that still hold such a reference and are being rewritten in parallel; each is reported by the xfail test
-# below until it is clean. Remove an entry once its file is fixed, and the set once it is empty.
-PENDING = {"bict_ray/pipeline/report.py", "bict_ray/pipeline/tune.py", "bict_ray/retrieval/protocol.py"}
-
 # [text](target) or ![alt](target "title"): the target, up to a space or the closing parenthesis
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'][^)]*[\"'])?\s*\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
@@ -79,14 +75,9 @@ def documentation_pages() -> list[Path]:
 
 
 def test_no_tracked_file_names_material_outside_the_repository():
-    names = [n for n in git_files() if n != THIS and n not in PENDING]
+    names = [n for n in git_files() if n != THIS]
     assert "README.md" in names
     assert outside_references(ROOT, names) == []
-
-
-@pytest.mark.xfail(reason="files rewritten in parallel; see PENDING", strict=False)
-def test_pending_files_no_longer_name_material_outside_the_repository():
-    assert outside_references(ROOT, sorted(PENDING)) == []
 
 
 def test_every_relative_markdown_link_reaches_a_file_of_the_repository():

@@ -17,22 +17,15 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from bict_ray.errors import InputError
+from bict_ray.retrieval.protocol import NAMED_TESTS, TESTS
 
-TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deployed_before")
 REPORT_METRICS = ("mAP", "R@1")  # every test must carry these; the report shows both
 
 # two header lines per column of the plain-text table, so it stays narrow enough for a terminal
-_TEXT_HEADERS = (("step", ""), ("old self", ""), ("new self", ""), ("backward", "BCT only"), ("backward", "prev"),
-                 ("forward", "BiCT"), ("deployed", "before"), ("forward -", "backward"))
-_MARKDOWN_HEADERS = ("step", "old self", "new self", "backward (BCT only)", "backward prev", "forward (BiCT)",
-                     "deployed before", "forward − backward")
-_TEST_LEGEND = (
-    "- **old self**: φ_{t−1} queries against φ_{t−1}'s gallery (before the upgrade)\n"
-    "- **new self**: φ_t against φ_t's gallery: the upper bound, which needs the backfill privacy forbids\n"
-    "- **backward (BCT only)**: φ_t against the never-upgraded gallery v1\n"
-    "- **backward prev**: φ_t against φ_{t−1}'s embeddings of the gallery (BCT's pairwise compatibility)\n"
-    "- **forward (BiCT)**: φ_t against v_t = ψ_{t−1→t}(v_{t−1}), the gallery upgraded from embeddings alone\n"
-    "- **deployed before**: φ_{t−1} against v_{t−1}, what users had before this upgrade\n")
+_TEXT_HEADERS = (("step", ""), *(test.column for test in NAMED_TESTS), ("forward -", "backward"))
+_MARKDOWN_HEADERS = ("step", *(test.label for test in NAMED_TESTS), "forward − backward")
+_TEST_LEGEND = "".join(f"- **{test.label}**: {test.query} queries against {test.gallery}: {test.meaning}\n"
+                       for test in NAMED_TESTS)
 # the same colour for a test in every plot
 _COLOURS = {"old_self": "tab:gray", "new_self": "tab:green", "backward": "tab:orange", "forward": "tab:blue"}
 _BASELINE_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red") * 4

@@ -32,10 +32,11 @@ import yaml
 
 from bict_ray import presets
 from bict_ray.config import Config, ConfigError, apply_override, from_dict
+from bict_ray.retrieval.protocol import TESTS
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
-METRICS = ("mean_forward_mAP", "mean_backward_mAP", "mean_new_self_mAP", "mean_backward_prev_mAP",
-           "last_forward_mAP", "last_backward_mAP", "forward_mAP", "backward_mAP", "new_self_mAP")
+# what a search may optimise: each test's mAP at the step just evaluated, its mean over the steps so far, its last
+METRICS = tuple(f"{kind}{test}_mAP" for test in TESTS for kind in ("mean_", "last_", ""))
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # the driver's own footprint; its Train workers ask for their CPUs themselves
 
 
@@ -137,7 +138,7 @@ def _step_metrics(step: int, history: list[dict]) -> dict[str, float]:
     """What a trial reports after step ``step``: this step's mAPs and their means over the steps so far."""
     last = history[-1]
     metrics: dict[str, float] = {"step": step}
-    for name in ("forward", "backward", "new_self", "old_self", "backward_prev"):
+    for name in TESTS:
         values = [h[name] for h in history if name in h]
         if values:
             metrics[f"{name}_mAP"] = last.get(name, math.nan)

@@ -1,4 +1,4 @@
-"""The evaluation protocol of an upgrade sequence (DESIGN.md section 3), every test through the sharded driver.
+"""The evaluation protocol of an upgrade sequence (docs/PROTOCOL.md), every test through the sharded driver.
 
 The test split is both query and gallery (leave-one-out: self-matches are excluded by sample id). For step t:
 
@@ -25,6 +25,36 @@ import numpy as np
 from bict_ray.errors import GalleryError
 from bict_ray.retrieval.shard import Shard, ShardList, ShardSource
 from bict_ray.retrieval.sharded import IN_PROCESS, ShardExecutor, sharded_retrieval_metrics
+
+
+@dataclass(frozen=True)
+class NamedTest:
+    """One of the tests of step t: its key in results.json, how tables name it (one line, or two for a terminal),
+    its query model and gallery, and what it measures."""
+
+    name: str
+    label: str
+    column: tuple[str, str]
+    query: str
+    gallery: str
+    meaning: str
+
+
+# the tests of every step, in the order reports show them; the one definition of their names
+NAMED_TESTS = (
+    NamedTest("old_self", "old self", ("old self", ""), "φ_{t−1}", "φ_{t−1}'s gallery", "before the upgrade"),
+    NamedTest("new_self", "new self", ("new self", ""), "φ_t", "φ_t's gallery",
+              "the upper bound, which needs the backfill privacy forbids"),
+    NamedTest("backward", "backward (BCT only)", ("backward", "BCT only"), "φ_t", "the never-upgraded gallery v1",
+              "BCT alone"),
+    NamedTest("backward_prev", "backward prev", ("backward", "prev"), "φ_t", "φ_{t−1}'s embeddings of the gallery",
+              "BCT's pairwise compatibility"),
+    NamedTest("forward", "forward (BiCT)", ("forward", "BiCT"), "φ_t", "v_t = ψ_{t−1→t}(v_{t−1})",
+              "the gallery upgraded from embeddings alone"),
+    NamedTest("deployed_before", "deployed before", ("deployed", "before"), "φ_{t−1}", "v_{t−1}",
+              "what users had before this upgrade"),
+)
+TESTS = tuple(test.name for test in NAMED_TESTS)
 
 
 @dataclass
@@ -56,7 +86,7 @@ def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None,
     pairs = {"old_self": (q_old, query_gallery(data, t - 1)), "new_self": (q_new, query_gallery(data, t)),
              "backward": (q_new, data.galleries[1]), "backward_prev": (q_new, query_gallery(data, t - 1)),
              "forward": (q_new, deployed_gallery(data, t)), "deployed_before": (q_old, deployed_gallery(data, t - 1))}
-    return {name: evaluate(q, g, ks, map_at, executor) for name, (q, g) in pairs.items()}
+    return {name: evaluate(*pairs[name], ks, map_at, executor) for name in TESTS}
 
 
 def query_gallery(data: SequenceEmbeddings, s: int) -> ShardList:

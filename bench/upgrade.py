@@ -380,7 +380,7 @@ def run_upgrade(cfg, source, transform, out: str, monitor: "Monitor", input_ids=
 
     monitor.begin(out + ".staging", source.num_shards)
     wall, started = time.time(), time.perf_counter()
-    version, stats = upgrade_gallery(cfg, source, transform, out)
+    version, stats = upgrade_gallery(source, transform, out, config=cfg)
     seconds = time.perf_counter() - started
     result = summarise(version, source, wall, seconds, monitor.end(), input_ids, samples)
     result["pipeline_rows"] = stats.rows

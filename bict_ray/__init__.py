@@ -33,6 +33,7 @@ _API = {
     # the method: models, the upgrade transform, losses, embedding
     "EmbeddingNet": "bict_ray.core.models",
     "UpgradeTransform": "bict_ray.core.models",
+    "ImageSet": "bict_ray.core.data",
     "embed_images": "bict_ray.core.embed",
     "upgrade_embeddings": "bict_ray.core.embed",
     "CompatibleTrainingLoss": "bict_ray.core.losses",

@@ -50,7 +50,7 @@ def main() -> None:
         report[name] = {"seconds": round(seconds, 2), "samples_per_s_last_epoch": round(last["samples_per_s"]),
                         "loss_first": round(card.training["history"][0]["loss"], 4), "loss_last": round(last["loss"], 4)}
     started = time.perf_counter()
-    _, stats = extract_gallery(config.gallery, old, data.test, f"{args.out}/gallery/v1")
+    _, stats = extract_gallery(old, data.test, f"{args.out}/gallery/v1", config=config.gallery)
     report["extract_v1"] = {"seconds": round(time.perf_counter() - started, 2), "rows": stats.rows}
     print(json.dumps(report))
 

@@ -62,7 +62,7 @@ def source_gallery(tmp_path_factory):
 def upgraded(ray_session, artifacts, source_gallery, tmp_path_factory):
     """The uninterrupted upgrade of source_gallery by psi_1_2, and its stats."""
     out = str(tmp_path_factory.mktemp("upgraded") / "v2")
-    return upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], out)
+    return upgrade_gallery(source_gallery, artifacts["psi_1_2"], out, config=CONFIG)
 
 
 def random_gallery(n, seed, d=DIM):
@@ -87,7 +87,7 @@ def file_bytes(version):
 
 def test_extract_stores_the_models_embeddings_with_the_images_ids(ray_session, artifacts, tmp_path):
     images = random_images(40, seed=2)
-    version, stats = extract_gallery(CONFIG, artifacts["phi_1"], images, str(tmp_path / "v1"))
+    version, stats = extract_gallery(artifacts["phi_1"], images, str(tmp_path / "v1"), config=CONFIG)
     embeddings, labels, ids = open_gallery(str(tmp_path / "v1")).read_all()
     np.testing.assert_array_equal(ids, images.ids)
     np.testing.assert_array_equal(labels, images.labels)
@@ -101,7 +101,8 @@ def test_a_long_pipeline_reports_the_shards_staged(ray_session, artifacts, sourc
 
     monkeypatch.setattr(bict_ray.distributed.pipelines, "PROGRESS_EVERY_S", 0.05)
     lines = []
-    upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"), progress=lines.append)
+    upgrade_gallery(source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"), config=CONFIG,
+                    progress=lines.append)
     counts = [int(re.search(r"(\d+)/120 shards staged after \d+ s$", line).group(1)) for line in lines]
     assert counts and counts == sorted(counts) and counts[-1] <= SHARDS
     assert all(line.startswith(str(tmp_path / "v2.staging")) for line in lines)
@@ -143,7 +144,7 @@ def test_upgrade_applies_psi_shard_by_shard_and_extends_the_lineage(upgraded, so
 def test_bfloat16_upgrade_is_recorded_and_close_to_float32(ray_session, upgraded, source_gallery, artifacts, tmp_path):
     config = GalleryConfig(rows_per_shard=16, batch_size=64, concurrency=1, cpus_per_task=0.5,
                            upgrade_precision="bfloat16")
-    version, _ = upgrade_gallery(config, source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"))
+    version, _ = upgrade_gallery(source_gallery, artifacts["psi_1_2"], str(tmp_path / "v2"), config=config)
     exact = upgraded[0]
     assert version.manifest["extra"]["upgrade_precision"] == "bfloat16"
     assert exact.manifest["extra"]["upgrade_precision"] == "float32"
@@ -158,13 +159,13 @@ def test_bfloat16_upgrade_is_recorded_and_close_to_float32(ray_session, upgraded
                   extra={"source_version": source_gallery.path, "upgrade_precision": "float32"}).write_shard(
         0, shard.ids, shard.labels, shard.embeddings)
     with pytest.raises(GalleryError, match="staged by another run .*upgrade_precision.*'float32'.*'bfloat16'"):
-        upgrade_gallery(config, source_gallery, artifacts["psi_1_2"], partial)
+        upgrade_gallery(source_gallery, artifacts["psi_1_2"], partial, config=config)
     assert sorted(os.listdir(partial + ".staging")) == ["part-00000.parquet", "staging.json"]
 
 
 def test_upgrade_refuses_a_transform_from_another_space(ray_session, artifacts, source_gallery, tmp_path):
     with pytest.raises(GalleryError, match="psi_2_3 maps phi_2 embeddings.*space of phi_1"):
-        upgrade_gallery(CONFIG, source_gallery, artifacts["psi_2_3"], str(tmp_path / "v2"))
+        upgrade_gallery(source_gallery, artifacts["psi_2_3"], str(tmp_path / "v2"), config=CONFIG)
     assert not os.path.exists(tmp_path / "v2") and not os.path.exists(tmp_path / "v2.staging")
 
 
@@ -172,7 +173,7 @@ def test_upgrade_never_overwrites_a_committed_version(upgraded, source_gallery, 
     version, _ = upgraded
     before = file_bytes(version) + [open(os.path.join(version.path, "manifest.json"), "rb").read()]
     with pytest.raises(GalleryError, match="already holds a committed gallery version"):
-        upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], version.path)
+        upgrade_gallery(source_gallery, artifacts["psi_1_2"], version.path, config=CONFIG)
     assert file_bytes(version) + [open(os.path.join(version.path, "manifest.json"), "rb").read()] == before
 
 
@@ -198,7 +199,7 @@ def test_upgrade_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgrad
     killed_at = staged_shards(staging)
     assert killed_at < SHARDS and not os.path.exists(out)
 
-    version, stats = upgrade_gallery(CONFIG, source_gallery, artifacts["psi_1_2"], out)
+    version, stats = upgrade_gallery(source_gallery, artifacts["psi_1_2"], out, config=CONFIG)
     assert stats.skipped_shards >= 3 and stats.shards == SHARDS
     ids = version.read_all().ids
     assert len(ids) == len(np.unique(ids)) == source_gallery.num_rows

@@ -43,12 +43,10 @@ def run_extract(args) -> int:
     from bict_ray.core.data import load_dataset
     from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.distributed.pipelines import extract_gallery
-    from bict_ray.storage.artifacts import load_artifact
 
     config = config_from_args(args)
     ensure_ray(config.ray)
-    model = load_artifact(args.model)
-    version, stats = extract_gallery(config.gallery, model, load_dataset(config.data).test, args.out,
+    version, stats = extract_gallery(args.model, load_dataset(config.data).test, args.out, config=config.gallery,
                                      progress=_progress)
     print(f"extracted {version.path}: {_stats_line(stats)}; lineage {' -> '.join(version.lineage)}")
     return 0
@@ -57,11 +55,10 @@ def run_extract(args) -> int:
 def run_upgrade(args) -> int:
     from bict_ray.distributed.cluster import ensure_ray
     from bict_ray.distributed.pipelines import upgrade_gallery
-    from bict_ray.storage.artifacts import load_artifact
 
     config = config_from_args(args)
     ensure_ray(config.ray)
-    version, stats = upgrade_gallery(config.gallery, args.gallery, load_artifact(args.transform), args.out,
+    version, stats = upgrade_gallery(args.gallery, args.transform, args.out, config=config.gallery,
                                      progress=_progress)
     print(f"upgraded {args.gallery} -> {version.path}: {_stats_line(stats)}; "
           f"lineage {' -> '.join(version.lineage)}")

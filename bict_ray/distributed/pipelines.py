@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import ray
 import torch
+from torch import nn
 
 from bict_ray.config import GalleryConfig
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, inference_form, upgrade_embeddings
 from bict_ray.distributed.shards import map_shards
+from bict_ray.errors import InputError
 from bict_ray.storage.artifacts import Artifact, module_from_state
 from bict_ray.storage.gallery import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
 
@@ -46,14 +48,21 @@ class PipelineStats:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: str,
+def extract_gallery(model: Artifact | str | nn.Module, images: ImageSet, out: str, *,
+                    config: GalleryConfig | None = None, name: str | None = None,
                     progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:
     """Embed ``images`` with ``model`` (phi_1) into a new committed gallery version at ``out`` (resumable).
-    ``progress``: called with a line on the shards staged so far every ``PROGRESS_EVERY_S`` seconds.
+
+    model: a model folder, a loaded ``Artifact``, or an ``EmbeddingNet`` with ``name`` (the space its embeddings
+    are in, what the version's lineage records). images: (N, C, H, W) uint8 with labels and unique ids.
+    config: shard size, tasks at once, GPU (``GalleryConfig()`` when None). progress: called with a line on the
+    shards staged so far every ``PROGRESS_EVERY_S`` seconds.
 
     Shard i holds rows ``i * rows_per_shard ...`` of ``images`` in their order, so a rerun after a kill maps the
     same rows to the same shards and skips those already written.
     """
+    cfg = config or GalleryConfig()
+    model = Artifact.of(model, "embedding", name)
     out = _absolute(out)
     _refuse_committed(out)
     name = model.card.name
@@ -69,18 +78,25 @@ def extract_gallery(cfg: GalleryConfig, model: Artifact, images: ImageSet, out: 
     return version, _stats(results, started)
 
 
-def upgrade_gallery(cfg: GalleryConfig, gallery: str | GalleryVersion, transform: Artifact, out: str,
+def upgrade_gallery(gallery: str | GalleryVersion, transform: Artifact | str | nn.Module, out: str, *,
+                    config: GalleryConfig | None = None, target: str | None = None,
                     progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:
     """G <- psi(G): a new version at ``out`` with the same ids, lineage extended by psi. Resumable after a kill.
-    ``progress``: called with a line on the shards staged so far every ``PROGRESS_EVERY_S`` seconds.
+
+    gallery: a committed version (path, URI or open). transform: a transform folder, a loaded ``Artifact``, or an
+    ``UpgradeTransform`` with ``target``, the space it maps into (it is taken to map from the gallery's space).
+    config: as for ``extract_gallery`` (also psi's ``upgrade_precision``). progress: as for ``extract_gallery``.
 
     Refuses a transform whose source model is not the space the gallery is in, and an ``out`` that already holds a
     committed version.
     """
+    cfg = config or GalleryConfig()
     source = gallery if isinstance(gallery, GalleryVersion) else open_gallery(gallery)
+    if isinstance(transform, nn.Module) and not target:
+        raise InputError(f"an {type(transform).__name__} passed as a module needs target=, the space it maps into")
+    transform = Artifact.of(transform, "transform", f"psi_{source.space}_{target}", source=source.space,
+                            target=target)
     card = transform.card
-    if card.kind != "transform":
-        raise GalleryError(f"{transform.path} is not an upgrade transform (kind={card.kind!r})")
     if card.source != source.space:
         raise GalleryError(
             f"transform {card.name} maps {card.source} embeddings, but gallery {source.path} is in the "

@@ -161,13 +161,13 @@ class SequenceRunner:
         elif t == 1:
             self.log(f"[sequence] extracting gallery v1 with phi_1 ({len(self.dataset.test)} images)")
             _, stats = self._timed("extract gallery v1", lambda: extract_gallery(
-                self.config.gallery, self.models[1], self.dataset.test, out, progress=self._progress))
+                self.models[1], self.dataset.test, out, config=self.config.gallery, progress=self._progress))
             self.log(f"[sequence] gallery v1: {stats.rows} rows in {stats.shards} shards, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes["v1"] = sorted(stats.nodes)
         else:
             source = open_gallery(str(self.run_dir.gallery_dir(t - 1)))
             _, stats = self._timed(f"upgrade gallery v{t}", lambda: upgrade_gallery(
-                self.config.gallery, source, self.transforms[t], out, progress=self._progress))
+                source, self.transforms[t], out, config=self.config.gallery, progress=self._progress))
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
                      f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)

@@ -105,7 +105,7 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
 
     def upgrade():
         try:
-            outcome["stats"] = upgrade_gallery(config, source, transform, f"{out}/v2")[1]
+            outcome["stats"] = upgrade_gallery(source, transform, f"{out}/v2", config=config)[1]
         except BaseException as err:  # noqa: BLE001 - reported to the test
             outcome["error"] = repr(err)
 

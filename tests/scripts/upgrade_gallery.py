@@ -15,7 +15,7 @@ from bict_ray.storage.artifacts import load_artifact
 
 def main(address: str, gallery: str, transform: str, out: str) -> None:
     ray.init(address=address, log_to_driver=False)
-    upgrade_gallery(GalleryConfig(concurrency=1, cpus_per_task=0.5), gallery, load_artifact(transform), out)
+    upgrade_gallery(gallery, load_artifact(transform), out, config=GalleryConfig(concurrency=1, cpus_per_task=0.5))
     print("finished", flush=True)
 
 

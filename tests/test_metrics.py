@@ -286,29 +286,16 @@ def test_crowded_score_buckets_fall_back_to_exact_keys(monkeypatch, make_gallery
     assert exact_flags == [False, True]
 
 
-def test_infinite_scores_rank_exactly(sort_passes):
-    # Embeddings far from unit length overflow float32 to +inf: those ties go by id like any other.
-    scale = np.float32(1e20)
-    gallery = np.array([[1, 0], [1, 1], [0, 1], [1, 1], [0, 0]], np.float32) * scale
-    query = np.array([[1, 1], [0, 1]], np.float32) * scale
-    problem = dict(
-        query=query, query_labels=np.array([0, 1]), gallery=gallery,
-        gallery_labels=np.array([0, 1, 0, 1, 0]), gallery_ids=np.array([4, 3, 2, 1, 0]),
-    )
-    with np.errstate(over="ignore"):
-        expected = brute_force(**problem, query_ids=None, ks=(1, 2), map_at=None)
-    # No invalid operation either: no NaN may reach the score buckets.
-    with np.errstate(over="ignore", invalid="raise"):
-        result = retrieval_metrics(**problem, ks=(1, 2))
-    assert_same_metrics(result, expected)
-
-
-def test_scores_that_overflow_to_nan_are_refused(sort_passes):
+def test_embeddings_far_from_unit_length_are_refused_naming_the_row(sort_passes):
+    """Raw features would be ranked by their norms as much as their directions (and overflow float32 to inf or
+    NaN): the metrics refuse them instead of ranking them silently."""
     big = np.float32(1e20)
-    query = np.array([[big, big]], np.float32)
-    gallery = np.array([[big, -big], [1, 0]], np.float32)  # inf + -inf
-    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(ValueError, match="embeddings must be L2-normalised"):
-        retrieval_metrics(query, np.array([0]), gallery, np.array([0, 0]))
+    query = np.array([[1, 0], [big, big]], np.float32)
+    gallery = np.array([[1, 0], [0, 1]], np.float32)
+    with pytest.raises(ValueError, match=r"query must hold L2-normalised rows .*row 1 has norm inf"):
+        retrieval_metrics(query, np.array([0, 1]), gallery, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"gallery must hold L2-normalised rows .*row 1 has norm 3"):
+        retrieval_metrics(gallery, np.array([0, 1]), gallery * np.float32([[1], [3]]), np.array([0, 1]))
 
 
 @pytest.mark.parametrize(("block_elements", "matmul_rows"), [(7, 1), (400, 7), (400, 256)])
@@ -433,7 +420,8 @@ def bad(**changes):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (bad(gallery=np.zeros((4, 3), np.float32)), "gallery dim 3 does not match query dim 2"),
+        (bad(gallery=np.eye(4, 3, dtype=np.float32)[[0, 1, 2, 0]]), "gallery dim 3 does not match query dim 2"),
+        (bad(gallery=2 * HAND["gallery"]), r"gallery must hold L2-normalised rows .*row 0 has norm 2"),
         (bad(query=HAND["query"].astype(np.float64)), "query must be float32, got float64"),
         (bad(gallery=np.full((4, 2), np.nan, np.float32)), "gallery contains NaN"),
         (bad(gallery_labels=np.array([0, 1, 0])), r"gallery labels must have shape \(4,\)"),
@@ -453,7 +441,7 @@ def test_bad_input_is_refused_with_a_clear_message(arguments, message):
 def test_sharded_errors_name_the_shard():
     shards = [
         (HAND["gallery"][:2], HAND["gallery_labels"][:2], np.array([0, 1])),
-        (np.zeros((2, 3), np.float32), HAND["gallery_labels"][2:], np.array([2, 3])),
+        (np.eye(2, 3, dtype=np.float32), HAND["gallery_labels"][2:], np.array([2, 3])),
     ]
     with pytest.raises(ValueError, match="shard 1: shard dim 3 does not match query dim 2"):
         sharded_retrieval_metrics(HAND["query"], HAND["query_labels"], ShardList(shards))

@@ -138,7 +138,7 @@ def test_exact_search_is_exact_on_integer_data(monkeypatch, num_queries, num_gal
     rng = np.random.default_rng(num_queries)
     query, gallery = integer_rows(rng, num_queries, dim), integer_rows(rng, num_gallery, dim)
     ids = rng.permutation(10 * num_gallery)[:num_gallery]
-    scores, indices = exact_search(query, gallery, k, gallery_ids=ids, threads=threads)
+    scores, indices = exact_search(query, gallery, k, gallery_ids=ids, threads=threads, unit=False)
     expected_scores, expected = brute_force_topk(query, gallery, k, ids)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_array_equal(scores, expected_scores)
@@ -212,14 +212,22 @@ def test_merge_topk_ranks_padding_last_and_ties_by_id():
     np.testing.assert_array_equal(scores, np.array([[0.9, 0.9, 0.5, -np.inf]], np.float32))
 
 
+def first_axis(n: int, d: int) -> np.ndarray:
+    """(n, d) float32 unit rows, all along the first axis."""
+    rows = np.zeros((n, d), np.float32)
+    rows[:, 0] = 1
+    return rows
+
+
 @pytest.mark.parametrize(
     ("query", "gallery", "k", "message"),
     [
-        (np.zeros((2, 4), np.float32), np.zeros((3, 5), np.float32), 1, "query dim 4 does not match gallery dim 5"),
-        (np.zeros((2, 4), np.float64), np.zeros((3, 4), np.float32), 1, "query must be float32, got float64"),
-        (np.zeros((2, 4), np.float32), np.full((3, 4), np.nan, np.float32), 1, "gallery contains NaN"),
-        (np.zeros(4, np.float32), np.zeros((3, 4), np.float32), 1, r"query must have shape \(N, D\)"),
-        (np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32), 0, "k must be a positive integer"),
+        (first_axis(2, 4), first_axis(3, 5), 1, "query dim 4 does not match gallery dim 5"),
+        (first_axis(2, 4).astype(np.float64), first_axis(3, 4), 1, "query must be float32, got float64"),
+        (first_axis(2, 4), np.full((3, 4), np.nan, np.float32), 1, "gallery contains NaN"),
+        (np.zeros(4, np.float32), first_axis(3, 4), 1, r"query must have shape \(N, D\)"),
+        (first_axis(2, 4), first_axis(3, 4), 0, "k must be a positive integer"),
+        (first_axis(2, 4), 2 * first_axis(3, 4), 1, r"gallery must hold L2-normalised rows .*row 0 has norm 2 \(3 "),
     ],
 )
 def test_exact_search_refuses_bad_input(query, gallery, k, message):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bict_ray.errors import InputError
+from bict_ray.retrieval.shard import NORM_TOLERANCE
 
 
 def exact_search(
@@ -46,10 +47,12 @@ def exact_search(
     *,
     gallery_ids: np.ndarray | None = None,
     threads: int | None = None,
+    unit: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery items of each query by inner product, exactly.
 
-    query: (Q, D) float32, L2-normalised. gallery: (G, D) float32, L2-normalised.
+    query: (Q, D) float32, L2-normalised. gallery: (G, D) float32, L2-normalised. unit=False accepts rows of
+    any length (a raw inner-product search, e.g. on integer data whose products are exact).
     k: wanted list length; clamped to G (a gallery of G items has no k-th item beyond G).
     gallery_ids: (G,) integer, unique; only decides the order of tied scores (position when None).
     threads: threads for this call (default: OpenMP's count, i.e. OMP_NUM_THREADS where set, as Ray sets
@@ -58,8 +61,8 @@ def exact_search(
     Returns scores (Q, min(k, G)) float32, best first, and indices (Q, min(k, G)) int64, positions in
     `gallery`.
     """
-    check_embeddings("query", query)
-    check_embeddings("gallery", gallery)
+    check_embeddings("query", query, unit)
+    check_embeddings("gallery", gallery, unit)
     if query.shape[1] != gallery.shape[1]:
         raise InputError(
             f"query dim {query.shape[1]} does not match gallery dim {gallery.shape[1]}"
@@ -133,8 +136,13 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_embeddings(name: str, x: np.ndarray) -> None:
-    """Refuse anything but a finite (N, D) float32 array (D >= 1), naming `name` in the error."""
+def check_embeddings(name: str, x: np.ndarray, unit: bool = True) -> None:
+    """Refuse anything but a finite (N, D) float32 array (D >= 1) of L2-normalised rows (any rows with
+    ``unit=False``), naming `name` and the first bad row in the error.
+
+    Unit rows are refused rather than normalised here: the inner product of raw features ranks by their norms as
+    much as by their directions, and a silent normalisation would hide that a caller stored the wrong vectors.
+    """
     if not isinstance(x, np.ndarray):
         raise InputError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.dtype != np.float32:
@@ -143,6 +151,14 @@ def check_embeddings(name: str, x: np.ndarray) -> None:
         raise InputError(f"{name} must have shape (N, D) with D >= 1, got {x.shape}")
     if not np.isfinite(x).all():
         raise InputError(f"{name} contains NaN or infinite values")
+    if not unit:
+        return
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    off = np.flatnonzero(np.abs(norms - 1) > NORM_TOLERANCE)
+    if off.size:
+        raise InputError(f"{name} must hold L2-normalised rows (|norm - 1| <= {NORM_TOLERANCE:g}); row {off[0]} has "
+                         f"norm {norms[off[0]]:.6g} ({off.size} such rows): normalise them first, e.g. "
+                         f"x / np.linalg.norm(x, axis=1, keepdims=True)")
 
 
 def check_ids(name: str, ids: np.ndarray, length: int) -> np.ndarray:

@@ -16,6 +16,10 @@ import numpy as np
 
 from bict_ray.errors import InputError
 
+# Largest | ||e|| - 1 | accepted for an embedding that should be L2-normalised, by the search and by a gallery
+# declared normalised: float32 rounding of a unit row stays far below it, a row never normalised far above it.
+NORM_TOLERANCE = 1e-3
+
 
 class Shard(NamedTuple):
     """One gallery shard: embeddings (n, D) float32, labels (n,) int64, ids (n,) int64, row-aligned."""

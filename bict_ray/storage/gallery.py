@@ -47,7 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bict_ray.errors import GalleryError
-from bict_ray.retrieval.shard import Shard
+from bict_ray.retrieval.shard import NORM_TOLERANCE, Shard
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -56,8 +56,6 @@ STAGING_SETTINGS_NAME = "staging.json"
 UNLABELLED = -1
 """Label value returned (and accepted) for rows whose stored label is null."""
 
-NORM_TOLERANCE = 1e-3
-"""Largest | ||e|| - 1 | accepted for embeddings of a gallery declared normalised."""
 
 # Fixed writer options: identical inputs must give identical bytes, so that a resumed upgrade
 # produces exactly the files of an uninterrupted one. Parquet files carry no timestamps; the

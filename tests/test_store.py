@@ -313,14 +313,12 @@ def test_commit_mixes_records_with_shards_of_a_resumed_run(tmp_path, committed):
     version.validate()
 
 
-def test_manifest_without_shard_sizes_is_accepted(committed):
+def test_a_manifest_record_missing_a_key_is_refused_naming_the_keys(committed):
     manifest = json.load(open(os.path.join(committed.path, "manifest.json")))
-    for record in manifest["shards"]:
-        del record["bytes"]  # written before records carried the file size
+    del manifest["shards"][1]["bytes"]
     rewrite_manifest(committed.path, shards=manifest["shards"])
-    version = open_gallery(committed.path)
-    version.validate()
-    np.testing.assert_array_equal(version.read_all().ids, make_gallery()[0])
+    with pytest.raises(GalleryError, match=r"malformed shard entry .*part-00001.*keys file, rows, sha256"):
+        open_gallery(committed.path)
 
 
 # ---- refusing to overwrite ------------------------------------------------------------------------

@@ -74,7 +74,7 @@ _PARQUET_OPTIONS = dict(
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RECORD_KEYS = ("file", "rows", "sha256", "min_id", "max_id", "bytes")
-"""The keys of a shard's manifest record, in manifest order (manifests older than ``bytes`` lack it)."""
+"""The keys of a shard's manifest record, in manifest order."""
 
 
 def gallery_schema(dim: int) -> pa.Schema:
@@ -709,8 +709,8 @@ def _check_manifest(manifest: Any, where: str) -> None:
     if not isinstance(shards, list) or not shards:
         raise GalleryError(f"{where}: empty gallery (no shards)")
     for record in shards:
-        if not isinstance(record, dict) or not {"file", "rows", "sha256", "min_id", "max_id"} <= set(record):
-            raise GalleryError(f"{where}: malformed shard entry {record!r}")
+        if not isinstance(record, dict) or not set(_RECORD_KEYS) <= set(record):
+            raise GalleryError(f"{where}: malformed shard entry {record!r} (keys {', '.join(_RECORD_KEYS)})")
         name = record["file"]
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
             raise GalleryError(f"{where}: shard file {name!r} is not a plain file name inside the version folder")

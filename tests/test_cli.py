@@ -70,3 +70,10 @@ def test_a_preset_is_found_by_name_outside_a_checkout(tmp_path, monkeypatch, cap
     assert main(["splits", "-c", "no_such_preset", "--out", "c"]) == 2
     err = capsys.readouterr().err
     assert "no_such_preset" in err and "demo" in err and "smoke" in err
+
+
+def test_an_object_storage_run_directory_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["splits", "-c", "smoke", "--out", "s3://bucket/run"]) == 2
+    assert "s3://bucket/run: URIs are not supported for run directories" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

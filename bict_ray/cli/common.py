@@ -12,7 +12,7 @@ def add_config_args(parser: argparse.ArgumentParser, *, out: bool = True) -> Non
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     if out:
-        parser.add_argument("--out", "-o", help="run directory (local path or pyarrow filesystem URI)")
+        parser.add_argument("--out", "-o", help="run directory (a local path or shared file system mount)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

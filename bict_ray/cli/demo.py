@@ -12,7 +12,6 @@ Rerunning the same command resumes: finished stages and searches are skipped.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from bict_ray.cli.common import add_config_args
 
@@ -35,10 +34,11 @@ def run(args) -> int:
     from bict_ray.pipeline.report import step_table, write_report
     from bict_ray.pipeline.sequence import run_sequence
     from bict_ray.pipeline.tune import load_space, run_search
+    from bict_ray.storage.rundir import RunDir
 
     started = time.perf_counter()
     config = load_config(args.config or DEMO_CONFIG, args.overrides)
-    out = Path(args.out or "runs/demo")
+    out = RunDir(args.out or "runs/demo").path  # refuses a URI before anything runs
     print(f"[demo] 1/3 the BiCT upgrade sequence on {config.data.kind} into {out}", flush=True)
     results = run_sequence(config, out)
     if not args.no_search:

@@ -33,6 +33,7 @@ import yaml
 from bict_ray import presets
 from bict_ray.config import Config, ConfigError, apply_override, from_dict
 from bict_ray.retrieval.protocol import TESTS
+from bict_ray.storage.rundir import RunDir
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 # what a search may optimise: each test's mAP at the step just evaluated, its mean over the steps so far, its last
@@ -90,7 +91,7 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
     from bict_ray.distributed.cluster import ensure_ray
 
     ensure_ray(config.ray)
-    tune_dir = Path(out).resolve() / "tune"
+    tune_dir = RunDir(out).path.resolve() / "tune"  # RunDir refuses a URI: it would become a local folder
     tune_dir.mkdir(parents=True, exist_ok=True)
     storage = tune_dir / "ray"
     trainable = tune.with_resources(

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from bict_ray.config import Config, ConfigError, save_config
+from bict_ray.errors import InputError
 
 # How a run is executed, not what it computes: these may change between a run and its resumption.
 RUNTIME_KEYS = frozenset({
@@ -27,7 +28,13 @@ RUNTIME_KEYS = frozenset({
 
 
 class RunDir:
+    """A run directory on a local or shared file system (object storage URIs are refused, not made into paths)."""
+
     def __init__(self, path: str | Path):
+        if "://" in str(path):
+            # Path("s3://bucket/run") is the local folder "s3:/bucket/run": a run would land on this machine's disk
+            raise InputError(f"run directory {path}: URIs are not supported for run directories yet; give a local "
+                             "path or a shared file system mount (gallery versions accept pyarrow filesystem URIs)")
         self.path = Path(path)
 
     @classmethod

@@ -37,6 +37,9 @@ class DataConfig:
     image_size: int | None = None  # None: the dataset's own size (28 for Fashion-MNIST, 32 for user data)
     channels: int | None = None  # None: 1 for Fashion-MNIST and grayscale data, else 3
     test_fraction: float = 0.2  # user data has no test split: this share of each class becomes the test set
+    # this share of each class's training images (seeded, saved with the splits) is held out as the validation set,
+    # which selects (the lambda search); no model trains on it. 0: no validation set (and no search)
+    val_fraction: float = 0.1
     limit_train: int | None = None  # keep at most this many training images (smoke runs)
     limit_test: int | None = None  # keep at most this many test images (smoke runs)
     seed: int = 0
@@ -46,6 +49,7 @@ class DataConfig:
         if self.kind != "fashion_mnist" and not self.root:
             raise ConfigError(f"data.root is required for data.kind={self.kind}")
         _check_range("data.test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range("data.val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
         if self.channels is not None and self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
         for name in ("image_size", "limit_train", "limit_test"):
@@ -209,6 +213,9 @@ class EvalConfig:
     map_at: int | None = None  # None = exact mAP over the whole gallery
     partial_refresh: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     matrix: bool = True
+    # evaluate on the test split; a search's trials run without it (they select on validation) and the chosen
+    # configuration is tested once, after the selection
+    test: bool = True
 
     def __post_init__(self):
         if not self.ks or any(k < 1 for k in self.ks):

@@ -30,7 +30,7 @@ def test_unknown_key_fails_naming_it(command, capsys):
 def test_splits_command_writes_and_protects_the_run_dir(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["splits", "-c", "configs/smoke.yaml", "--out", out]) == 0
-    assert "model phi_2: 1200 training images" in capsys.readouterr().out
+    assert "model phi_2: 1080 training images" in capsys.readouterr().out
     assert main(["splits", "-c", "configs/smoke.yaml", "--out", out, "--set", "scenario.seed=5"]) == 2
     assert "another config" in capsys.readouterr().err
 

@@ -1,10 +1,11 @@
+import dataclasses
 import gzip
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bict_ray.config import DataConfig, ScenarioConfig
+from bict_ray.config import DataConfig, ScenarioConfig, load_config
 from bict_ray.core.data import DataError, find_fashion_mnist, load_dataset
 from bict_ray.core.splits import default_class_subsets, load_or_make_splits, make_splits
 
@@ -28,7 +29,7 @@ def fake_fashion(tmp_path):
 
 
 def test_fashion_mnist_from_idx_files(fake_fashion):
-    dataset = load_dataset(DataConfig(root=str(fake_fashion)))
+    dataset = load_dataset(DataConfig(root=str(fake_fashion), val_fraction=0.0))
     assert dataset.train.images.shape == (50, 1, 28, 28) and dataset.train.images.dtype == np.uint8
     assert dataset.test.images.shape == (20, 1, 28, 28)
     assert dataset.num_classes == 10 and dataset.classes[0] == "T-shirt/top"
@@ -77,7 +78,7 @@ def make_image_folder(root, classes=("cat", "dog", "eel"), per_class=5, mode="RG
 def test_image_folder_any_size_rgb(tmp_path):
     make_image_folder(tmp_path / "imgs")
     dataset = load_dataset(DataConfig(kind="imagefolder", root=str(tmp_path / "imgs"), image_size=16,
-                                      test_fraction=0.4))
+                                      test_fraction=0.4, val_fraction=0.0))
     assert dataset.classes == ["cat", "dog", "eel"]  # numbered in sorted folder order
     assert dataset.train.images.shape[1:] == (3, 16, 16)
     assert len(dataset.train) + len(dataset.test) == 15
@@ -110,7 +111,7 @@ def test_npz_loader(tmp_path):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (30, 12, 12, 3), dtype=np.uint8),
              labels=np.arange(30) % 3)
-    dataset = load_dataset(DataConfig(kind="npz", root=str(tmp_path / "d.npz"), test_fraction=0.2))
+    dataset = load_dataset(DataConfig(kind="npz", root=str(tmp_path / "d.npz"), test_fraction=0.2, val_fraction=0.0))
     assert dataset.train.images.shape == (24, 3, 12, 12) and len(dataset.test) == 6
     np.savez(tmp_path / "nolabels.npz", images=np.zeros((4, 8, 8), np.uint8))
     with pytest.raises(DataError, match="no 'labels' array"):
@@ -118,14 +119,14 @@ def test_npz_loader(tmp_path):
 
 
 def test_limits_are_class_balanced(fake_fashion):
-    dataset = load_dataset(DataConfig(root=str(fake_fashion), limit_train=20, limit_test=10))
+    dataset = load_dataset(DataConfig(root=str(fake_fashion), limit_train=20, limit_test=10, val_fraction=0.0))
     assert len(dataset.train) == 20 and np.array_equal(np.bincount(dataset.train.labels), [2] * 10)
     assert len(dataset.test) == 10
 
 
 @pytest.fixture
 def train_set(fake_fashion):
-    return load_dataset(DataConfig(root=str(fake_fashion))).train
+    return load_dataset(DataConfig(root=str(fake_fashion), val_fraction=0.0)).train
 
 
 def test_default_class_growth():
@@ -168,3 +169,31 @@ def test_splits_are_saved_reloaded_and_protected(tmp_path, train_set):
         load_or_make_splits(tmp_path, ScenarioConfig(kind="data_growth", steps=2, fractions=[0.3, 1.0]),
                             train_set, 10)
     assert (tmp_path / "splits" / "splits.json").read_text() == before
+
+
+def test_validation_set_is_held_out_of_training_per_class_and_disjoint_from_test(smoke_data):
+    """The smoke preset's Fashion-MNIST slice with the default data.val_fraction (0.1)."""
+    val, train, test = smoke_data.val, smoke_data.train, smoke_data.test
+    assert val is not None and len(val) == 120 and len(train) == 1080
+    assert not set(val.ids) & set(train.ids) and not set(val.ids) & set(test.ids)
+    assert np.bincount(val.labels, minlength=10).tolist() == [12] * 10  # a tenth of each class's 120
+    np.testing.assert_array_equal(val.images[0], load_dataset(load_config("smoke").data).val.images[0])
+
+
+def test_validation_set_is_seeded_and_can_be_turned_off():
+    base = load_config("smoke").data
+    other_seed = load_dataset(dataclasses.replace(base, seed=1)).val
+    assert not np.array_equal(other_seed.ids, load_dataset(base).val.ids)
+    none = load_dataset(dataclasses.replace(base, val_fraction=0.0))
+    assert none.val is None and len(none.train) == 1200
+
+
+def test_validation_ids_are_saved_with_the_splits_and_protect_them(tmp_path, smoke_data):
+    scenario = ScenarioConfig(kind="class_growth", steps=2)
+    saved = load_or_make_splits(tmp_path, scenario, smoke_data.train, 10, smoke_data.val)
+    np.testing.assert_array_equal(np.load(tmp_path / "splits" / "validation_ids.npy"), np.sort(smoke_data.val.ids))
+    reloaded = load_or_make_splits(tmp_path, scenario, smoke_data.train, 10, smoke_data.val)
+    assert all(np.array_equal(a.train_ids, b.train_ids) for a, b in zip(saved, reloaded))
+    another = load_dataset(dataclasses.replace(load_config("smoke").data, seed=1))
+    with pytest.raises(DataError, match="splits for another scenario or dataset"):
+        load_or_make_splits(tmp_path, scenario, another.train, 10, another.val)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from bict_ray.config import ConfigError, load_config
-from bict_ray.core.embed import embed_images
+from bict_ray.core.embed import embed_images, upgrade_embeddings
 from bict_ray.pipeline.report import write_report
 from bict_ray.pipeline.sequence import run_sequence
 from bict_ray.retrieval.metrics import retrieval_metrics
@@ -22,8 +22,12 @@ TESTS = ("old_self", "new_self", "backward", "backward_prev", "forward", "deploy
 def smoke_run(ray_session, smoke_config, smoke_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     lines = []
-    results = run_sequence(smoke_config, out, log=lines.append, dataset=smoke_data)
+    results = run_sequence(smoke_config, out, log=lines.append, dataset=smoke_data,
+                           on_step=lambda t, tests: SELECTING.append((t, tests)))
     return out, results, lines
+
+
+SELECTING = []  # what the smoke run handed on_step, the hook a search selects through
 
 
 def test_results_have_every_test_in_range(smoke_run):
@@ -44,6 +48,21 @@ def test_results_have_every_test_in_range(smoke_run):
     fractions = [p["fraction"] for p in saved["partial_refresh"]]
     assert fractions == [0.0, 0.5, 1.0]
     assert saved["partial_refresh"][-1]["mAP"] == pytest.approx(step["tests"]["forward"]["mAP"], abs=1e-6)
+
+
+def test_validation_results_come_from_the_validation_images_and_are_what_a_search_sees(smoke_run, smoke_data):
+    out, results, _ = smoke_run
+    (step,) = results["validation"]["steps"]
+    assert step["step"] == 2 and set(step["tests"]) == set(TESTS)
+    assert SELECTING == [(2, step["tests"])] and step["tests"] != results["steps"][0]["tests"]
+    phi_1, phi_2 = (load_artifact(out / "models" / f"phi_{t}").module for t in (1, 2))
+    psi = load_artifact(out / "transforms" / "psi_1_2").module
+    val = smoke_data.val
+    forward = retrieval_metrics(embed_images(phi_2, val.images), val.labels,
+                                upgrade_embeddings([psi], embed_images(phi_1, val.images)), val.labels,
+                                query_ids=val.ids, gallery_ids=val.ids)
+    assert step["tests"]["forward"]["mAP"] == pytest.approx(forward["mAP"], abs=1e-6)
+    assert step["tests"]["forward"]["num_queries"] == len(val)
 
 
 def test_galleries_keep_ids_and_lineage(smoke_run, smoke_data):
@@ -115,12 +134,35 @@ def test_two_trial_lambda_search(ray_session, smoke_config, tmp_path):
     config = load_config("configs/smoke.yaml", ["train.epochs=1", "transform.epochs=1", "eval.matrix=false",
                                                 "eval.partial_refresh=[]", "data.limit_train=400"])
     summary = run_search(config, load_space(space_file, config), tmp_path / "out", log=lambda line: None)
-    trials = pd.read_csv(tmp_path / "out" / "tune" / "trials.csv")
+    tune_dir = tmp_path / "out" / "tune"
+    trials = pd.read_csv(tune_dir / "trials.csv")
     assert sorted(trials["lam"]) == [0.0, 1.0]
     assert trials["mean_forward_mAP"].between(0, 1).all() and trials["mean_backward_mAP"].between(0, 1).all()
-    assert summary["best_params"]["compat.lam"] in (0.0, 1.0)
-    assert (tmp_path / "out" / "tune" / "lambda.png").is_file()
-    assert json.loads((tmp_path / "out" / "tune" / "best_config.json").read_text())["trials"] == 2
+    assert (tune_dir / "lambda.png").is_file()
+    best = json.loads((tune_dir / "best_config.json").read_text())
+    assert best["trials"] == 2 and best["selected_on"] == "validation"
+    assert best == summary and summary["best_params"]["compat.lam"] in (0.0, 1.0)
+    # the trials selected on validation alone: none of them ever extracted, upgraded or evaluated the test gallery
+    for trial in trials["trial_id"]:
+        if trial == best["best_trial"]:
+            continue
+        results = json.loads((tune_dir / "trials" / trial / "results.json").read_text())
+        assert results["steps"] == [] and len(results["validation"]["steps"]) == 1
+        assert not (tune_dir / "trials" / trial / "gallery").exists()
+    # the selected one was tested once, after the selection; its validation numbers are the ones it was chosen by
+    tested = json.loads((tune_dir / "trials" / best["best_trial"] / "results.json").read_text())
+    assert best["test"] == tested["steps"] and len(best["test"]) == 1
+    chosen = trials.set_index("trial_id").loc[best["best_trial"], "mean_forward_mAP"]
+    assert best["validation"][0]["tests"]["forward"]["mAP"] == pytest.approx(chosen)
+    assert best["best_value"] == pytest.approx(max(trials["mean_forward_mAP"]))
+
+
+def test_a_search_needs_a_validation_set(smoke_config, tmp_path):
+    from bict_ray.pipeline.tune import load_space, run_search
+
+    config = load_config("configs/smoke.yaml", ["data.val_fraction=0"])
+    with pytest.raises(ConfigError, match="selects on the validation set, and data.val_fraction is 0"):
+        run_search(config, load_space("lambda_grid", config), tmp_path / "out", log=lambda line: None)
 
 
 def test_bad_search_space_is_named(smoke_config, tmp_path):

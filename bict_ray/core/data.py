@@ -45,10 +45,14 @@ class ImageSet:
 
 @dataclass
 class Dataset:
+    """train: what models train on; val: held out of the training images, selects (None without one); test:
+    reported."""
+
     train: ImageSet
     test: ImageSet
     classes: list[str]
     source: str  # where it was found, for `bict-ray env` and the run's record
+    val: ImageSet | None = None
 
     @property
     def num_classes(self) -> int:
@@ -68,7 +72,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     applied."""
     dataset = DATA_KINDS[cfg.kind](cfg)
     dataset = _conform(dataset, cfg)
-    return _limit(dataset, cfg)
+    return _validation(_limit(dataset, cfg), cfg)
 
 
 def find_fashion_mnist(root: str | None = None) -> Path | None:
@@ -270,8 +274,25 @@ def _limit(dataset: Dataset, cfg: DataConfig) -> Dataset:
     return dataset
 
 
+def _validation(dataset: Dataset, cfg: DataConfig) -> Dataset:
+    """Hold ``cfg.val_fraction`` of each class's training images out as the validation set (seeded; the ids stay
+    those of the dataset, so the validation set is disjoint from train and test by construction)."""
+    if cfg.val_fraction == 0:
+        return dataset
+    # a seed of its own: the validation set does not move when data.seed's other draws (limits, user test splits) do
+    train_idx, val_idx = _holdout(dataset.train.labels, cfg.val_fraction, cfg.seed + VALIDATION_SEED_OFFSET)
+    dataset.val = dataset.train.subset(val_idx)
+    dataset.train = dataset.train.subset(train_idx)
+    return dataset
+
+
+# added to data.seed for the validation holdout
+VALIDATION_SEED_OFFSET = 7919
+
+
 def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices per class: ``fraction`` of each class (at least one image) goes to the test set."""
+    """Split indices per class: ``fraction`` of each class (at least one image) is held out (the test or the
+    validation set); returns (kept, held out)."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):

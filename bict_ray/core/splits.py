@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the config sits above core: it checks its choices against t
     from bict_ray.config import ScenarioConfig
 
 SPLITS_DIR = "splits"
+VALIDATION_FILE = "validation_ids.npy"
 
 
 @dataclass
@@ -46,12 +47,13 @@ def default_class_subsets(steps: int, num_classes: int) -> list[list[int]]:
     return [list(range(int(n))) for n in sizes]
 
 
-def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: ImageSet,
-                        num_classes: int) -> list[ModelSplit]:
-    """Read the run's saved splits, or make and save them; refuse splits saved for another scenario."""
+def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: ImageSet, num_classes: int,
+                        validation: ImageSet | None = None) -> list[ModelSplit]:
+    """Read the run's saved splits, or make and save them (with the validation set's ids, ``validation_ids.npy``);
+    refuse splits saved for another scenario, training set or validation set."""
     folder = Path(run_dir) / SPLITS_DIR
     splits = make_splits(scenario, train, num_classes)
-    fingerprint = _fingerprint(scenario, train)
+    fingerprint = _fingerprint(scenario, train, validation)
     if (folder / "splits.json").is_file():
         saved = json.loads((folder / "splits.json").read_text())
         if saved.get("fingerprint") != fingerprint:
@@ -66,7 +68,10 @@ def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: Im
         np.save(folder / name, split.train_ids)
         entries.append({"version": split.version, "file": name, "classes": split.classes,
                         "num_train": int(len(split.train_ids))})
-    record = {"scenario": _scenario_dict(scenario), "fingerprint": fingerprint, "models": entries}
+    record = {"scenario": _scenario_dict(scenario), "fingerprint": fingerprint, "models": entries,
+              "num_validation": 0 if validation is None else len(validation)}
+    if validation is not None:
+        np.save(folder / VALIDATION_FILE, np.sort(validation.ids))
     tmp = folder / "splits.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(folder / "splits.json")  # the record appears last and whole: its presence means complete splits
@@ -112,8 +117,11 @@ def _scenario_dict(scenario: ScenarioConfig) -> dict:
             "fractions": scenario.fractions, "seed": scenario.seed}
 
 
-def _fingerprint(scenario: ScenarioConfig, train: ImageSet) -> str:
+def _fingerprint(scenario: ScenarioConfig, train: ImageSet, validation: ImageSet | None) -> str:
     digest = hashlib.sha256(json.dumps(_scenario_dict(scenario), sort_keys=True).encode())
     digest.update(np.ascontiguousarray(train.ids).tobytes())
     digest.update(np.ascontiguousarray(train.labels).tobytes())
+    if validation is not None:
+        digest.update(b"validation")
+        digest.update(np.ascontiguousarray(np.sort(validation.ids)).tobytes())
     return digest.hexdigest()

@@ -88,6 +88,8 @@ def write_report(run_dir: str | Path) -> Path:
                 "## What BiCT buys\n\n" + _bict_findings(steps, baselines),
                 _steps_section(results, plots),
                 _bct_criterion_section(steps)]
+    if results.get("validation"):
+        sections.append(_validation_section(results["validation"]))
     if baselines:
         sections.append(_baselines_section(steps, baselines))
     if results.get("matrix"):
@@ -169,6 +171,14 @@ def _steps_section(results: dict[str, Any], plots: Path) -> str:
         "![mAP at each upgrade step](plots/steps.png)"])
 
 
+def _validation_section(validation: dict[str, Any]) -> str:
+    return "\n\n".join([
+        "## Validation set",
+        "The same tests on the validation set (held out of the training images; no model trained on it). It is what "
+        "a search selects on; the test numbers above were not used to choose anything.",
+        "### mAP (%)", _steps_table(validation["steps"], "mAP", "validation.steps", "results")])
+
+
 def _bct_criterion_section(steps: list[dict]) -> str:
     held = [e["step"] for e in steps if _score_of(e, "backward_prev") > _score_of(e, "old_self")]
     failed = [e["step"] for e in steps if e["step"] not in held]
@@ -233,7 +243,12 @@ def _tune_section(tune_dir: Path, plots: Path) -> str | None:
             best = json.loads(best_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{best_path}: not valid JSON ({err})") from None
-        parts += ["### Best config", "```json\n" + json.dumps(best, indent=2, sort_keys=True) + "\n```"]
+        chosen = {k: v for k, v in best.items() if k not in ("validation", "test")}
+        parts += ["### Best config", f"Selected on the {best.get('selected_on', 'unknown')} set.",
+                  "```json\n" + json.dumps(chosen, indent=2, sort_keys=True) + "\n```"]
+        if best.get("test"):
+            parts += ["The selected configuration on the test split, evaluated once after the selection (mAP, %):",
+                      _steps_table(best["test"], "mAP", "test", str(best_path))]
     if trials_path.is_file():
         trials = _read_trials(trials_path)
         _plot_lambda(trials, plots / "lambda.png")
@@ -347,15 +362,27 @@ def _plot_lambda(trials, path: Path) -> None:
 # --- input checks and helpers ----------------------------------------------------------------------------------
 
 def _step_rows(results: dict[str, Any], metric: str) -> list[tuple[int, list[float], float]]:
-    """(step, [score of each test in TESTS], forward − backward) per step, in step order."""
+    """(step, [score of each test in TESTS], forward − backward) per step of results.json, in step order."""
     _check_results(results, "results")
-    for index, entry in enumerate(results["steps"]):  # mAP and R@1 are checked; another metric is checked here
+    return _rows_of(results["steps"], metric)
+
+
+def _steps_table(steps: list[dict], metric: str, where: str, source: str) -> str:
+    """The Markdown step table of a list of steps kept apart from results["steps"] (validation, a search's test)."""
+    _check_steps(steps, where, source)
+    rows = [[str(step)] + [_pct(value) for value in values] + [_points(gain)]
+            for step, values, gain in _rows_of(steps, metric)]
+    return _markdown_table(_MARKDOWN_HEADERS, rows)
+
+
+def _rows_of(steps: list[dict], metric: str) -> list[tuple[int, list[float], float]]:
+    for index, entry in enumerate(steps):  # mAP and R@1 are checked; another metric is checked here
         for test in TESTS:
             where = f"steps[{index}].tests.{test}"
             _score(_field(entry["tests"][test], metric, where, "results"), f"{where}.{metric}", "results")
     return [(entry["step"], [_score_of(entry, test, metric) for test in TESTS],
              _score_of(entry, "forward", metric) - _score_of(entry, "backward", metric))
-            for entry in _ordered(results["steps"])]
+            for entry in _ordered(steps)]
 
 
 def _check_results(results: Any, source: str) -> None:
@@ -364,6 +391,9 @@ def _check_results(results: Any, source: str) -> None:
     run = _field(results, "run", "", source, dict)
     _field(run, "name", "run", source, str)
     _check_steps(_field(results, "steps", "", source, list), "steps", source)
+    validation = _optional(results, "validation", dict, source)
+    if validation:
+        _check_steps(_field(validation, "steps", "validation", source, list), "validation.steps", source)
     matrix = _optional(results, "matrix", dict, source)
     if matrix:
         _check_matrix(matrix, source)

@@ -23,7 +23,7 @@ import numpy as np
 
 from bict_ray.config import Config
 from bict_ray.core.data import Dataset, load_dataset
-from bict_ray.core.embed import embed_images
+from bict_ray.core.embed import embed_images, upgrade_embeddings
 from bict_ray.core.splits import load_or_make_splits
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
@@ -31,6 +31,7 @@ from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.distributed.train import train_embedding_model, train_upgrade_transform
 from bict_ray.errors import NotFoundError
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
+from bict_ray.retrieval.shard import ShardList
 from bict_ray.retrieval.sharded import IN_PROCESS
 from bict_ray.storage.artifacts import ArtifactError, load_artifact
 from bict_ray.storage.gallery import is_committed, open_gallery
@@ -56,42 +57,63 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
 class SequenceRunner:
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log):
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
-        self.splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes)
+        self.splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes,
+                                          dataset.val)
         self.timings: dict[str, float] = {}
         self.gallery_nodes: dict[str, list[str]] = {}  # gallery version -> Ray nodes its pipeline ran on
         self.models, self.transforms = {}, {}
         # queries in memory, gallery versions read shard by shard (never whole) by the sharded evaluation
         self.embedded = SequenceEmbeddings(rows_per_shard=config.gallery.rows_per_shard)
+        # the validation set, query and gallery as the test split is: its gallery versions are small and stay in
+        # memory, computed by the same functions as the gallery pipelines (embed_images, upgrade_embeddings)
+        self.validation = SequenceEmbeddings(rows_per_shard=config.gallery.rows_per_shard) if dataset.val else None
         # ~20 evaluations a step: in this process unless the gallery is spread (a Ray Data pipeline costs seconds)
         gallery = config.gallery
         self.executor = IN_PROCESS if gallery.concurrency == 1 else RayDataExecutor(gallery.concurrency,
                                                                                       gallery.cpus_per_task)
 
     def run(self, on_step=None) -> dict:
+        """Train, upgrade and evaluate every step. ``on_step(t, tests)`` gets each step's validation tests (what
+        selects), or its test results when the dataset has no validation set."""
         config, steps = self.config, self.config.scenario.steps
         results = {"run": self._run_info(), "steps": [], "matrix": None, "partial_refresh": [],
                    "baselines": {}, "timings": self.timings, "gallery_nodes": self.gallery_nodes}
+        if self.validation is not None:
+            results["validation"] = {"steps": []}
+        testing = config.eval.test
         for t in range(1, steps + 1):
             self.models[t] = self.train_model(t)
-            self.embedded.queries[t] = self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
-            if t == 1:
-                self._gallery(1)
-                continue
-            if config.transform.enabled:
+            if testing:
+                self.embedded.queries[t] = self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
+            if t > 1 and config.transform.enabled:
                 self.transforms[t] = self.train_transform(t)
-                self._gallery(t)
-            tests = self._timed(f"evaluate step {t}", lambda: step_tests(
-                self.embedded, t, config.eval.ks, config.eval.map_at, self.executor))
-            results["steps"].append({"step": t, "tests": tests})
-            if config.transform.enabled and config.eval.partial_refresh:
-                results["partial_refresh"] += self._timed(f"partial refresh step {t}", lambda: partial_refresh(
-                    self.embedded, t, config.eval.partial_refresh, config.seed, config.eval.ks, config.eval.map_at,
-                    self.executor))
-            self._log_step(t, tests)
+            if t == 1 or config.transform.enabled:
+                if testing:
+                    self._gallery(t)
+                if self.validation is not None:
+                    self._timed(f"embed validation set phi_{t}", lambda: self._embed_validation(t))
+            if t == 1:
+                continue
+            selecting = None
+            if self.validation is not None:
+                selecting = self._timed(f"evaluate validation step {t}", lambda: step_tests(
+                    self.validation, t, config.eval.ks, config.eval.map_at))
+                results["validation"]["steps"].append({"step": t, "tests": selecting})
+                self._log_step(t, selecting, "validation")
+            if testing:
+                tests = self._timed(f"evaluate step {t}", lambda: step_tests(
+                    self.embedded, t, config.eval.ks, config.eval.map_at, self.executor))
+                results["steps"].append({"step": t, "tests": tests})
+                if config.transform.enabled and config.eval.partial_refresh:
+                    results["partial_refresh"] += self._timed(f"partial refresh step {t}", lambda: partial_refresh(
+                        self.embedded, t, config.eval.partial_refresh, config.seed, config.eval.ks,
+                        config.eval.map_at, self.executor))
+                self._log_step(t, tests, "test")
+                selecting = selecting or tests
             self.write(results)
-            if on_step is not None:
-                on_step(t, tests)
-        if config.eval.matrix:
+            if on_step is not None and selecting is not None:
+                on_step(t, selecting)
+        if config.eval.matrix and testing:
             results["matrix"] = self._timed("compatibility matrix", lambda: compatibility_matrix(
                 self.embedded, config.eval.ks, config.eval.map_at, self.executor))
         self.write(results)
@@ -177,6 +199,19 @@ class SequenceRunner:
         test = self.dataset.test
         return Embedded(embed_images(self.models[t].module, test.images), test.labels, test.ids)
 
+    def _embed_validation(self, t: int) -> None:
+        """phi_t's queries of the validation set, and its gallery version t: phi_1's embeddings at t = 1, then
+        psi_{t-1->t} applied to version t - 1, as the gallery pipelines compute them."""
+        val, data = self.dataset.val, self.validation
+        data.queries[t] = Embedded(embed_images(self.models[t].module, val.images), val.labels, val.ids)
+        if t == 1:
+            stored = data.queries[1].embeddings
+        else:
+            previous = data.galleries[t - 1].shards
+            stored = upgrade_embeddings([self.transforms[t].module],
+                                        np.concatenate([shard.embeddings for shard in previous]))
+        data.galleries[t] = ShardList.split(stored, val.labels, val.ids, data.rows_per_shard)
+
     def _timed(self, stage: str, fn):
         started = time.perf_counter()
         value = fn()
@@ -197,9 +232,9 @@ class SequenceRunner:
                 "lam": config.compat.lam, "transform": config.transform.enabled,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def _log_step(self, t: int, tests: dict) -> None:
+    def _log_step(self, t: int, tests: dict, split: str) -> None:
         parts = " ".join(f"{name}={result['mAP'] * 100:.1f}" for name, result in tests.items())
-        self.log(f"[sequence] step {t} mAP: {parts}")
+        self.log(f"[sequence] step {t} {split} mAP: {parts}")
 
 
 def _run_baseline(name: str, config: Config, run_dir: RunDir, dataset: Dataset, log) -> dict:

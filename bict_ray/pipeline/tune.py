@@ -90,6 +90,9 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
 
     from bict_ray.distributed.cluster import ensure_ray
 
+    if config.data.val_fraction == 0:
+        raise ConfigError("a search selects on the validation set, and data.val_fraction is 0: set it above 0 "
+                          "(selecting on the test split would report a number it was tuned on)")
     ensure_ray(config.ray)
     tune_dir = RunDir(out).path.resolve() / "tune"  # RunDir refuses a URI: it would become a local folder
     tune_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,8 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
                                         scheduler=_scheduler(space, config)),
             run_config=tune.RunConfig(name=space.name, storage_path=str(storage), verbose=1))
     grid = tuner.fit()
-    return _summarise(grid, space, tune_dir, log)
+    summary = _summarise(grid, space, tune_dir, log)
+    return _test_best(config, summary, tune_dir, log)
 
 
 def _trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
@@ -124,7 +128,8 @@ def _trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> Non
 
     from bict_ray.pipeline.sequence import run_sequence
 
-    config = _trial_config(from_dict(Config, copy.deepcopy(base)), params)
+    # a trial selects: it is evaluated on validation only, and never extracts or upgrades the test gallery
+    config = _trial_config(from_dict(Config, copy.deepcopy(base)), {**params, "eval.test": False})
     trial_dir = Path(trials_dir) / tune.get_context().get_trial_id()
     history: list[dict] = []
 
@@ -179,11 +184,27 @@ def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
                "best_value": best.metrics.get(space.metric), "best_trial": best.metrics.get("trial_id"),
                "best_run_dir": str(tune_dir / "trials" / str(best.metrics.get("trial_id"))),
                "trials": len(rows)}
-    (tune_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
     if "lam" in trials.columns:
         plot_lambda_search(tune_dir / "trials.csv", tune_dir / "lambda.png")
     log(f"[tune] {len(rows)} trials; best {space.metric} = {summary['best_value']:.4f} with {best.config}")
-    log(f"[tune] trials: {tune_dir / 'trials.csv'}  best: {tune_dir / 'best_config.json'}")
+    log(f"[tune] trials: {tune_dir / 'trials.csv'}")
+    return summary
+
+
+def _test_best(config: Config, summary: dict, tune_dir: Path, log) -> dict:
+    """The selected configuration on the test split, once, after the selection: its trial resumed (the models and
+    transforms it trained are reused) with the test evaluation on. Writes both beside each other into
+    best_config.json, with ``selected_on``."""
+    from bict_ray.pipeline.sequence import run_sequence
+
+    best = _trial_config(config, summary["best_params"])
+    log(f"[tune] testing the selected configuration {summary['best_params']} once, in {summary['best_run_dir']}")
+    results = run_sequence(best, summary["best_run_dir"], log=lambda line: log(f"[best] {line}"))
+    summary = {**summary, "selected_on": "validation", "validation": results["validation"]["steps"],
+               "test": results["steps"]}
+    # written last: its presence means the search and the selected configuration's test are complete
+    (tune_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
+    log(f"[tune] best: {tune_dir / 'best_config.json'}")
     return summary
 
 

@@ -24,6 +24,7 @@ RUNTIME_KEYS = frozenset({
     "ray", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage_path",
     "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
     "gallery.use_gpu", "gallery.batch_size",
+    "eval.test",  # what is evaluated, not what is trained: a search's best trial is tested after selection
 })
 
 

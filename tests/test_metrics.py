@@ -445,3 +445,23 @@ def test_sharded_errors_name_the_shard():
     ]
     with pytest.raises(ValueError, match="shard 1: shard dim 3 does not match query dim 2"):
         sharded_retrieval_metrics(HAND["query"], HAND["query_labels"], ShardList(shards))
+
+
+def test_a_gathering_executor_scores_a_small_gallery_in_one_pass_with_the_same_numbers(monkeypatch):
+    """InProcess(gather_bytes) reads a gallery that fits whole and runs the in-memory metrics on it; one too big
+    for its budget is still scored shard by shard. Both give the sharded numbers."""
+    from bict_ray.retrieval import sharded
+    from bict_ray.retrieval.sharded import InProcess
+
+    problem = tied_problem(4)
+    source = ShardList.split(problem["gallery"], problem["gallery_labels"], problem["gallery_ids"], 16)
+    args = (problem["query"], problem["query_labels"], source)
+    expected = sharded_retrieval_metrics(*args, query_ids=problem["query_ids"])
+    passes = []
+    real = sharded.positives_pass
+    monkeypatch.setattr(sharded, "positives_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    gathered = sharded_retrieval_metrics(*args, query_ids=problem["query_ids"], executor=InProcess(1 << 20))
+    assert gathered == pytest.approx(expected, abs=1e-6) and passes == []
+    too_small = InProcess(gather_bytes=problem["gallery"].nbytes - 1)
+    assert sharded_retrieval_metrics(*args, query_ids=problem["query_ids"], executor=too_small) == expected
+    assert len(passes) == source.num_shards

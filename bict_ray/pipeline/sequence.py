@@ -32,7 +32,7 @@ from bict_ray.distributed.train import train_embedding_model, train_upgrade_tran
 from bict_ray.errors import NotFoundError
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 from bict_ray.retrieval.shard import ShardList
-from bict_ray.retrieval.sharded import IN_PROCESS
+from bict_ray.retrieval.sharded import IN_PROCESS_GATHERING
 from bict_ray.storage.artifacts import ArtifactError, load_artifact
 from bict_ray.storage.gallery import is_committed, open_gallery
 from bict_ray.storage.rundir import RunDir
@@ -69,8 +69,8 @@ class SequenceRunner:
         self.validation = SequenceEmbeddings(rows_per_shard=config.gallery.rows_per_shard) if dataset.val else None
         # ~20 evaluations a step: in this process unless the gallery is spread (a Ray Data pipeline costs seconds)
         gallery = config.gallery
-        self.executor = IN_PROCESS if gallery.concurrency == 1 else RayDataExecutor(gallery.concurrency,
-                                                                                      gallery.cpus_per_task)
+        self.executor = (IN_PROCESS_GATHERING if gallery.concurrency == 1
+                         else RayDataExecutor(gallery.concurrency, gallery.cpus_per_task))
 
     def run(self, on_step=None) -> dict:
         """Train, upgrade and evaluate every step. ``on_step(t, tests)`` gets each step's validation tests (what
@@ -97,7 +97,7 @@ class SequenceRunner:
             selecting = None
             if self.validation is not None:
                 selecting = self._timed(f"evaluate validation step {t}", lambda: step_tests(
-                    self.validation, t, config.eval.ks, config.eval.map_at))
+                    self.validation, t, config.eval.ks, config.eval.map_at, IN_PROCESS_GATHERING))
                 results["validation"]["steps"].append({"step": t, "tests": selecting})
                 self._log_step(t, selecting, "validation")
             if testing:

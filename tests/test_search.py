@@ -246,3 +246,15 @@ def test_merge_topk_refuses_parts_for_different_queries():
     other = (np.zeros((3, 3), np.float32), np.zeros((3, 3), np.int64))
     with pytest.raises(ValueError, match=r"part 1: scores \(3, 3\) and ids \(3, 3\) must both be \(2, k_i\)"):
         merge_topk([part, other], 2)
+
+
+def test_the_tile_sgemm_is_one_whose_scores_do_not_depend_on_row_positions():
+    """A BLAS that scores a pair differently in another row of the tile would make merged shard lists differ from
+    the global one: the probe refuses it, and the search then uses torch's sgemm."""
+    def position_dependent(query, block, out):
+        np.matmul(query, block.T, out=out)
+        out[1::4] = np.nextafter(out[1::4], np.float32(np.inf))  # one row in four off by an ulp, as Haswell's was
+
+    assert not search._scores_independent_of_position(position_dependent, 32)
+    assert search._scores_independent_of_position(search._torch_sgemm, 32)
+    assert search._position_exact_sgemm(32) in (search._numpy_sgemm, search._torch_sgemm)

@@ -262,7 +262,7 @@ class _TopKKernel:
             query = np.concatenate([query, np.zeros((QUERY_ROW_MULTIPLE - rows % QUERY_ROW_MULTIPLE, query.shape[1]),
                                                     np.float32)])
         tile = _reused(scratch, "tile", len(query) * SEARCH_GALLERY_TILE, np.float32).reshape(len(query), -1)
-        query_t, tile_t = torch.from_numpy(query), torch.from_numpy(tile)
+        sgemm = _position_exact_sgemm(query.shape[1])
         padded = None
         for first in range(start, stop, SEARCH_GALLERY_TILE):
             last = min(first + SEARCH_GALLERY_TILE, stop)
@@ -272,7 +272,7 @@ class _TopKKernel:
                 padded[: last - first] = block
                 padded[last - first :] = 0
                 block = padded
-            torch.mm(query_t, torch.from_numpy(block).T, out=tile_t)
+            sgemm(query, block, tile)
             self._check(self.lib.bict_topk_update(
                 tile.ctypes.data, rows, last - first, SEARCH_GALLERY_TILE, tie_key.ctypes.data, first, k, capacity,
                 *state,
@@ -313,6 +313,49 @@ def _topk_kernel() -> _TopKKernel | None:
                     "about 20%% slower; reinstall the package with g++ available to build it"
                 )
         return _kernel[0]
+
+
+def _numpy_sgemm(query: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
+    np.matmul(query, block.T, out=out)
+
+
+def _torch_sgemm(query: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
+    torch.mm(torch.from_numpy(query), torch.from_numpy(block).T, out=torch.from_numpy(out))
+
+
+_sgemm_lock = threading.Lock()
+_sgemm_by_dim: dict[int, object] = {}
+
+
+def _position_exact_sgemm(dim: int):
+    """The tile sgemm for ``dim``-d rows: numpy's BLAS where it scores a pair the same in every row and column of a
+    tile, else torch's (MKL on x86-64), probed once per dim.
+
+    Merged shard lists equal the global one only if a pair's score does not depend on where its rows sit in the
+    tile. numpy's OpenBLAS, the faster of the two on the CPUs measured (BENCHMARKS.md), has that property with its
+    SkylakeX kernels but not with the Haswell ones that some machines pin (OPENBLAS_CORETYPE), where the same pair
+    differs in its last bit from one row of a block to another; MKL's did not in any shape tried.
+    """
+    with _sgemm_lock:
+        if dim not in _sgemm_by_dim:
+            _sgemm_by_dim[dim] = _numpy_sgemm if _scores_independent_of_position(_numpy_sgemm, dim) else _torch_sgemm
+        return _sgemm_by_dim[dim]
+
+
+def _scores_independent_of_position(sgemm, dim: int, rows: int = 2 * QUERY_ROW_MULTIPLE) -> bool:
+    """Whether ``sgemm`` gives the same scores for query rows moved within a block and gallery rows moved within
+    a tile (the shapes the search uses)."""
+    rng = np.random.default_rng(0)
+    query = rng.standard_normal((rows, dim)).astype(np.float32)
+    tile = rng.standard_normal((SEARCH_GALLERY_TILE, dim)).astype(np.float32)
+    reference = np.empty((rows, SEARCH_GALLERY_TILE), np.float32)
+    moved = np.empty_like(reference)
+    sgemm(query, tile, reference)
+    for shift_rows, shift_tile in ((5, 0), (0, 7), (QUERY_ROW_MULTIPLE + 3, 333)):
+        sgemm(np.roll(query, shift_rows, axis=0), np.roll(tile, shift_tile, axis=0), moved)
+        if not np.array_equal(np.roll(np.roll(reference, shift_rows, axis=0), shift_tile, axis=1), moved):
+            return False
+    return True
 
 
 def _search_tiled(kernel: _TopKKernel, query, gallery, k: int, tie_key, threads: int):

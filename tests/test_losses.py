@@ -6,13 +6,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from bict_ray.core.losses import (BCTLoss, CompatibleTrainingLoss, ContrastiveLoss, L2Loss, RACTLoss, build_compat_loss,
-                             check_finite, synthesise_old_classifier, transform_loss)
+                                  check_finite, masked_cross_entropy, synthesise_old_classifier, transform_loss)
+from bict_ray.core.models import classifier_logits
 
 E = math.e
 
 
 def _t(rows):
     return torch.tensor(rows, dtype=torch.float32)
+
+
+# --- classes a model does not train on are out of the softmax ------------------------------------------------
+
+def test_masked_cross_entropy_by_hand_with_zero_gradient_on_the_masked_row():
+    # 3 classes, class 1 masked out; linear classifier rows w0 = (1, 0), w1 = (0, 1), w2 = (-1, 0)
+    weight = _t([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]).requires_grad_()
+    features = _t([[1.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 2])
+    mask = torch.tensor([True, False, True])
+    value = masked_cross_entropy(classifier_logits("linear", weight, features, 1.0), labels, mask)
+    # logits (1, 0, -1) and (0, 2, 0); over classes {0, 2} only: -log(e/(e + 1/e)) and -log(1/2)
+    torch.testing.assert_close(value, torch.tensor((math.log(1 + E ** -2) + math.log(2)) / 2))
+    value.backward()
+    assert torch.equal(weight.grad[1], torch.zeros(2))  # exactly: the row is out of the softmax
+    # dL/dlogits = (p - onehot) / N with p = (1 - q, 0, q), q = e^-2 / (1 + e^-2), for sample 0, (1/2, 0, 1/2) for 1
+    q = E ** -2 / (1 + E ** -2)
+    torch.testing.assert_close(weight.grad, _t([[-q / 2, 0.5], [0.0, 0.0], [q / 2, -0.5]]))
+
+
+def test_masked_cross_entropy_refuses_bad_masks_and_labels_outside_them():
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"class mask must be a \(C,\) bool tensor for logits \(N, C\)"):
+        masked_cross_entropy(logits, torch.tensor([0, 1]), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"class mask must be"):
+        masked_cross_entropy(logits, torch.tensor([0, 1]), torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match=r"model: labels \[1\] are classes outside the class mask \(allowed: \[0, 2\]"):
+        masked_cross_entropy(logits, torch.tensor([0, 1]), torch.tensor([True, False, True]), "model")
+
+
+def test_new_model_cross_entropy_leaves_unseen_classes_out():
+    logits = _t([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]]).requires_grad_()
+    labels = torch.tensor([0, 2])
+    loss = CompatibleTrainingLoss(0.0, None, class_mask=torch.tensor([True, False, True]))
+    out = loss(logits, torch.randn(2, 4), labels)
+    torch.testing.assert_close(out["ce"], torch.tensor((math.log(1 + E ** -2) + math.log(2)) / 2))
+    out["total"].backward()
+    assert torch.equal(logits.grad[:, 1], torch.zeros(2))
+    # no mask: all rows, exactly the plain CE
+    plain = CompatibleTrainingLoss(0.0, None)(logits, torch.randn(2, 4), labels)["ce"]
+    assert torch.equal(plain, F.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match=r"model cross-entropy: class mask must be a \(C,\) bool tensor"):
+        CompatibleTrainingLoss(0.0, None, class_mask=torch.ones(4, dtype=torch.bool))(logits, torch.randn(2, 4), labels)
+    with pytest.raises(ValueError, match="class_mask must be a"):
+        CompatibleTrainingLoss(0.0, None, class_mask=torch.ones(3))
+
+
+def test_transform_cross_entropy_runs_over_the_new_models_classes_only():
+    # the new model trained on classes 0 and 1; row 2 is untrained and points where psi's output does
+    weight, labels = _t([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0])
+    psi_out = _t([[1.0, 0.0]]).requires_grad_()
+    out = transform_loss(psi_out, psi_out.detach(), labels, weight, "cosine", 2.0, alpha=1.0, beta=1.0,
+                         class_mask=torch.tensor([True, True, False]))
+    torch.testing.assert_close(out["ce"], torch.tensor(math.log(1 + E ** -2)))
+    unmasked = transform_loss(psi_out, psi_out.detach(), labels, weight, "cosine", 2.0, alpha=1.0, beta=1.0)
+    torch.testing.assert_close(unmasked["ce"], torch.tensor(math.log(2 + E ** -2)))
+    with pytest.raises(ValueError, match=r"transform: labels \[2\] are classes outside the class mask"):
+        transform_loss(psi_out, psi_out.detach(), torch.tensor([2]), weight, "cosine", 2.0, 1.0, 1.0,
+                       class_mask=torch.tensor([True, True, False]))
 
 
 # --- synthesised old classifier -------------------------------------------------------------------------------
@@ -58,9 +118,10 @@ def test_bct_by_hand():
 
 
 def test_bct_masks_classes_the_old_model_never_saw():
-    loss = BCTLoss(_t([[1.0, 0.0], [0.0, 1.0]]), scale=2.0, valid_mask=torch.tensor([True, False]))
+    # row 2 is untrained (invalid) and happens to point where sample 0 does: it must not be in the softmax
+    loss = BCTLoss(_t([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), scale=2.0, valid_mask=torch.tensor([True, True, False]))
     features = _t([[3.0, 0.0], [0.3, -0.7]]).requires_grad_()
-    value = loss(features, torch.tensor([0, 1]))
+    value = loss(features, torch.tensor([0, 2]))  # sample 1's class has no valid row: out of the mean
     torch.testing.assert_close(value, torch.tensor(math.log(1 + E ** -2)))
     value.backward()
     assert torch.equal(features.grad[1], torch.zeros(2))
@@ -144,6 +205,62 @@ def test_contrastive_single_class_batch_is_zero(loss):
 def test_contrastive_refuses_mismatched_dims(loss):
     with pytest.raises(ValueError, match=f"{loss.name}: new feature dim 4 does not match old features dim 2"):
         loss(torch.randn(3, 4), LABELS, ref_emb=torch.randn(3, 2))
+
+
+# --- scales: what one lambda means for each loss -------------------------------------------------------------
+
+def _same_angles_in(dim, *blocks, seed=0):
+    """The rows of each (n, 4) block embedded isometrically in R^dim: zero-padded, then one random rotation."""
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed),
+                                              dtype=torch.float64))
+    return [F.pad(block.double(), (0, dim - block.shape[1])) @ rotation for block in blocks]
+
+
+@pytest.mark.parametrize("kind", ["bct", "l2", "contrastive", "ract"])
+def test_compat_losses_depend_on_angles_not_on_the_embedding_dim(kind):
+    torch.manual_seed(0)
+    new, old, rows = torch.randn(12, 4), torch.randn(12, 4), torch.randn(3, 4)
+    new = new * torch.rand(12, 1) * 10  # un-normalised features of any norm
+    labels = torch.tensor([0, 1, 2] * 4)
+    values = []
+    for dim in (8, 512):
+        n, o, w = _same_angles_in(dim, new, old, rows)
+        loss = build_compat_loss(kind, old_weight=w) if kind == "bct" else build_compat_loss(kind)
+        values.append(loss(n, labels, ref_emb=o))
+    torch.testing.assert_close(values[0], values[1])
+
+
+def test_l2_is_two_minus_two_cos_whatever_the_dim():
+    angle = 1.0  # radians
+    for dim in (8, 512):
+        new, old = _same_angles_in(dim, _t([[1.0, 0.0, 0.0, 0.0]]) * 7.0,
+                                   _t([[math.cos(angle), math.sin(angle), 0.0, 0.0]]))
+        value = L2Loss()(new, torch.tensor([0]), ref_emb=old)
+        torch.testing.assert_close(value, torch.tensor(2 - 2 * math.cos(angle), dtype=torch.float64))
+
+
+def test_compat_losses_are_of_order_one_for_unrelated_features():
+    # at initialisation new and old features are unrelated: l2 ~ 2, bct ~ log(C), contrastive ~ log(1 + K)
+    torch.manual_seed(0)
+    dim, classes = 512, 10
+    old_weight = torch.randn(classes, dim)
+
+    def values(n):
+        new, old, labels = torch.randn(n, dim), torch.randn(n, dim), torch.arange(n) % classes
+        negatives = n - n // classes  # other-class samples of each sample
+        return ({kind: float(build_compat_loss(kind, **({"old_weight": old_weight} if kind == "bct" else {}))(
+            new, labels, ref_emb=old)) for kind in ("bct", "l2", "contrastive", "ract")}, negatives)
+
+    small, k_small = values(40)
+    large, k_large = values(320)
+    assert small["l2"] == pytest.approx(2.0, abs=0.05)
+    assert small["bct"] == pytest.approx(math.log(classes), abs=0.3)
+    assert small["contrastive"] == pytest.approx(math.log(1 + k_small), abs=0.3)
+    # contrastive is the one whose value depends on the batch: it grows like log(batch size)
+    assert large["contrastive"] - small["contrastive"] == pytest.approx(math.log((1 + k_large) / (1 + k_small)),
+                                                                      abs=0.1)
+    assert large["ract"] - small["ract"] == pytest.approx(math.log((1 + 2 * k_large) / (1 + 2 * k_small)), abs=0.1)
+    assert large["l2"] == pytest.approx(small["l2"], abs=0.05)
 
 
 # --- total loss, factory, gradients ---------------------------------------------------------------------------

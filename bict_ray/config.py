@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from bict_ray import presets
-from bict_ray.core.data import DATA_KINDS
+from bict_ray.core.closed_form import FIT_METHODS
+from bict_ray.core.data import DATA_KINDS, PROTOCOLS
 from bict_ray.core.embed import PRECISIONS
 from bict_ray.core.losses import COMPAT_LOSSES
 from bict_ray.core.models import BACKBONES, CLASSIFIERS
@@ -25,7 +26,10 @@ from bict_ray.core.splits import SCENARIOS
 from bict_ray.errors import ConfigError
 
 
-BASELINES = ("independent_psi",)  # lambda = 0 plus psi: forward-only, FCT-style without side information
+# The arms a run can compare with BiCT (bict_ray.pipeline.arms), each on the run's own phi_1, gallery v1 and splits:
+# bct_chained (phi_t compatible with phi_{t-1}, gallery never upgraded), bct_anchored (every phi_t compatible with
+# phi_1, gallery never upgraded), independent_psi (lambda = 0, then psi), linear_psi (psi fitted in closed form)
+ARMS = ("bct_chained", "bct_anchored", "independent_psi", "linear_psi")
 
 
 @dataclass
@@ -72,6 +76,9 @@ class ScenarioConfig:
     classes: list[list[int]] | None = None
     fractions: list[float] | None = None
     seed: int = 0
+    # open set: these classes are held out of every model's (and psi's) training and of the validation set, and the
+    # test queries and gallery hold only them (docs/PROTOCOL.md, "Retrieval protocols"). None: closed set
+    test_classes: list[int] | None = None
 
     def __post_init__(self):
         _check_choice("scenario.kind", self.kind, SCENARIOS)
@@ -92,6 +99,17 @@ class ScenarioConfig:
                     f"scenario.fractions has {len(self.fractions)} values but scenario.steps is {self.steps}")
             for t, frac in enumerate(self.fractions):
                 _check_range(f"scenario.fractions[{t}]", frac, 0.0, 1.0, low_open=True)
+        if self.test_classes is not None:
+            # the upper bound needs the dataset: load_dataset checks it
+            if not self.test_classes:
+                raise ConfigError("scenario.test_classes is empty: list the held-out classes, or null for a closed set")
+            if len(set(self.test_classes)) != len(self.test_classes) or min(self.test_classes) < 0:
+                raise ConfigError(f"scenario.test_classes must be distinct class ids >= 0, got {self.test_classes}")
+            for t, subset in enumerate(self.classes or [], 1):
+                trained = sorted(set(subset) & set(self.test_classes))
+                if trained:
+                    raise ConfigError(f"scenario.classes[{t - 1}] (model {t}) has test class(es) {trained}: "
+                                      "scenario.test_classes are held out of every model's training")
 
 
 @dataclass
@@ -119,11 +137,15 @@ class CompatConfig:
 
     loss: str = "bct"  # a key of COMPAT_LOSSES (bict_ray/core/losses.py): bct, l2, contrastive, ract, ...
     lam: float = 1.0  # 0 = independent training
+    # which old model phi_t is trained compatible with: "previous" (phi_{t-1}: BiCT, and BCT chained) or "first"
+    # (phi_1: BCT anchored, the BCT paper's choice for a gallery that is never upgraded)
+    reference: str = "previous"
     synthesise_new_classes: bool = True  # bct: pseudo old classifier rows for classes phi_t never saw
     temperature: float = 0.1  # contrastive / ract
 
     def __post_init__(self):
         _check_choice("compat.loss", self.loss, COMPAT_LOSSES)
+        _check_choice("compat.reference", self.reference, ("previous", "first"))
         if self.lam < 0:
             raise ConfigError(f"compat.lam must be >= 0, got {self.lam}")
         if self.temperature <= 0:
@@ -171,15 +193,24 @@ class TransformConfig:
     beta: float = 1.0
     source: str = "gallery"  # gallery: s(x) as the gallery stores it | model: phi_t(x)
     enabled: bool = True  # False = BCT only: the gallery is never upgraded
+    # "sgd": trained on Ray Train with the loss above; "lstsq" / "procrustes": a linear psi (layers: 0) fitted in
+    # closed form on the same training pairs (bict_ray.core.closed_form), in seconds
+    fit: str = "sgd"
 
     def __post_init__(self):
         _check_choice("transform.source", self.source, ("gallery", "model"))
+        _check_choice("transform.fit", self.fit, ("sgd", *FIT_METHODS))
+        if self.fit != "sgd" and self.layers != 0:
+            raise ConfigError(f"transform.fit={self.fit} fits a linear psi: set transform.layers=0 "
+                              f"(got {self.layers})")
         if self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
             raise ConfigError(
                 f"transform.alpha and transform.beta must be >= 0 and not both 0, got {self.alpha}, {self.beta}")
-        for name in ("hidden", "layers", "epochs", "batch_size"):
+        for name in ("hidden", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transform.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layers < 0:
+            raise ConfigError(f"transform.layers must be >= 0 (0: a linear psi), got {self.layers}")
 
 
 @dataclass
@@ -207,8 +238,15 @@ class GalleryConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval evaluation: the test split is both query and gallery, self-matches excluded by id."""
+    """Retrieval evaluation of the test split (docs/PROTOCOL.md). ``protocol``: leave_one_out (the test split is
+    both query and gallery, self-matches excluded by id) | query_gallery (separate query and gallery sets)."""
 
+    protocol: str = "leave_one_out"
+    # query_gallery on data without query and gallery sets of its own: this share of each test class (seeded by
+    # data.seed) is the query set, the rest the gallery. A fifth, as data.test_fraction: the gallery keeps four
+    # fifths of the test images, so a query meets nearly the positives and distractors leave-one-out gives it, and
+    # a fifth is still 2000 queries on Fashion-MNIST's test split
+    query_fraction: float = 0.2
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     map_at: int | None = None  # None = exact mAP over the whole gallery
     partial_refresh: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -218,6 +256,8 @@ class EvalConfig:
     test: bool = True
 
     def __post_init__(self):
+        _check_choice("eval.protocol", self.protocol, PROTOCOLS)
+        _check_range("eval.query_fraction", self.query_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"eval.ks must be positive integers, got {self.ks}")
         for frac in self.partial_refresh:
@@ -252,13 +292,14 @@ class Config:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    # extra sequences trained in the same run for comparison; BCT only (phi_t against the never-upgraded
-    # gallery) needs no extra training and is always reported as the `backward` test
-    baselines: list[str] = field(default_factory=list)
+    # arms compared with BiCT in the same run (ARMS), sharing its phi_1, gallery v1 and splits; results.json "arms"
+    arms: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        for name in self.baselines:
-            _check_choice("baselines", name, BASELINES)
+        for name in self.arms:
+            _check_choice("arms", name, ARMS)
+        if len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"arms lists an arm twice: {self.arms}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,7 +29,7 @@ def main() -> None:
         overrides += ["data.kind=npz", f"data.root={args.data}"]
     config = load_config("configs/smoke.yaml", overrides)
     ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=True)
-    data = load_dataset(config.data)
+    data = load_dataset(config.data, config.eval, config.scenario)
     old_classes = config.scenario.classes[0]
     old_train = data.train.subset(np.flatnonzero(np.isin(data.train.labels, old_classes)))
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -77,3 +77,22 @@ def test_an_object_storage_run_directory_is_refused_not_made_a_local_folder(tmp_
     assert main(["splits", "-c", "smoke", "--out", "s3://bucket/run"]) == 2
     assert "s3://bucket/run: URIs are not supported for run directories" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ("", "--seeds '': no seed given"),
+    ("0,,1", "--seeds '0,,1': item 2 is empty"),
+    ("0,a", "item 2 'a' is not an integer >= 0"),
+    ("1.5", "item 1 '1.5' is not an integer >= 0"),
+    ("-1", "item 1 '-1' is not an integer >= 0"),
+    ("0,1,0", "seeds must be distinct: 0 given more than once"),
+])
+def test_sequence_seeds_are_parsed_and_bad_lists_refused_before_anything_runs(seeds, message, tmp_path, capsys):
+    from bict_ray.cli.sequence import parse_seeds
+
+    assert parse_seeds(" 2, 0,11") == [2, 0, 11]
+    out = tmp_path / "seeds"
+    assert main(["sequence", "-c", "smoke", "--seeds", seeds, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bict-ray sequence: error: ") and message in err and "Traceback" not in err
+    assert not out.exists()

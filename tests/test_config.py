@@ -74,6 +74,18 @@ def test_run_dir_refuses_another_config_and_keeps_its_own(tmp_path):
     assert yaml.safe_load(before)["train"]["num_workers"] == 1
 
 
+
+def test_a_run_dir_made_before_a_key_existed_resumes_at_its_default_and_only_there(tmp_path):
+    run = tmp_path / "run"
+    RunDir.create(run, load_config(None))
+    older = yaml.safe_load((run / "config.yaml").read_text())
+    del older["compat"]["reference"]  # a key this run directory predates
+    older["baselines"] = []  # and one the config no longer has
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    RunDir.create(run, load_config(None))
+    with pytest.raises(ConfigError, match=r"compat\.reference: None there, 'first' now"):
+        RunDir.create(run, load_config(None, ["compat.reference=first"]))
+
 def test_a_choice_registered_by_its_owner_is_valid_in_the_config(monkeypatch):
     """A new compat loss is one registration in core.losses: the config checks against that registry itself."""
     from bict_ray.core import losses

@@ -133,3 +133,48 @@ def test_partial_refresh_refuses_versions_whose_shard_ids_differ(tmp_path):
     resharded = committed(tmp_path, "v2_resharded", embedded(12), rows_per_shard=10)
     with pytest.raises(GalleryError, match="shard 0 holds 10 and 9 rows"):
         PartialRefresh(resharded, old, np.ones(40, dtype=bool))
+
+
+def test_separate_gallery_embeddings_serve_the_self_tests(tmp_path):
+    # eval.protocol=query_gallery: phi_s(G) is phi_s of the gallery images (ids 100..139), not the queries (0..39)
+    data, phi, v = two_steps(tmp_path)
+    gallery = {t: embedded(20 + t) for t in (1, 2)}
+    for e in gallery.values():
+        e.ids = e.ids + 100
+    data.gallery_embedded = gallery
+    tests = step_tests(data, 2)
+    expected = {"old_self": (phi[1], gallery[1]), "new_self": (phi[2], gallery[2]),
+                "backward_prev": (phi[2], gallery[1])}
+    # and not what the queries as gallery (leave-one-out) would give
+    one_set = {"old_self": phi[1], "new_self": phi[2], "backward_prev": phi[1]}
+    for name, (query, g) in expected.items():
+        assert tests[name] == pytest.approx(in_memory(query, g), abs=1e-12), name
+        assert tests[name]["mAP"] != pytest.approx(in_memory(query, one_set[name])["mAP"]), name
+
+
+def tiny(vectors, labels, ids):
+    return Embedded(np.asarray(vectors, dtype=np.float32), np.asarray(labels), np.asarray(ids))
+
+
+# two queries and a gallery of four rows in 2-D; gallery row 0 is the first query's vector exactly
+TINY_QUERIES = ([[1, 0], [0, 1]], [0, 1])
+TINY_GALLERY = tiny([[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1]], [0, 1, 0, 1], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("query_ids, mAP, r1", [
+    # separate sets: no query is in the gallery, so none is excluded. Query 0 ranks rows 0+, 1-, 2+ (AP = (1/1 + 2/3)
+    # / 2 = 5/6), query 1 ranks 3+, 2-, 1+ (AP 5/6); both find a positive first
+    ([100, 101], 5 / 6, 1.0),
+    # the queries are gallery rows 0 and 3 (one set, leave-one-out): those rows leave their own query's ranking. Query
+    # 0 ranks 1-, 2+ (AP 1/2), query 1 ranks 2-, 1+ (AP 1/2); neither finds a positive first
+    ([0, 3], 0.5, 0.0),
+])
+def test_self_exclusion_is_by_id_on_a_hand_made_case(tmp_path, query_ids, mAP, r1):
+    queries = tiny(*TINY_QUERIES, query_ids)
+    data = SequenceEmbeddings(queries={1: queries, 2: queries}, gallery_embedded={1: TINY_GALLERY, 2: TINY_GALLERY},
+                              galleries={1: committed(tmp_path, "v1", TINY_GALLERY, rows_per_shard=3)},
+                              rows_per_shard=3)
+    tests = step_tests(data, 2, ks=(1, 2))
+    for name in ("old_self", "new_self", "backward_prev", "backward", "forward", "deployed_before"):
+        assert tests[name]["mAP"] == pytest.approx(mAP, abs=1e-6), name
+        assert tests[name]["R@1"] == r1 and tests[name]["R@2"] == 1.0 and tests[name]["num_queries"] == 2, name

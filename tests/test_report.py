@@ -31,8 +31,13 @@ def results_3_steps():
                    "R@1": [[0.5, None, None], [0.55, 0.68, None], [0.433, 0.6, 0.773]]},
         "partial_refresh": [{"step": s, "fraction": f, "mAP": 0.3 + 0.3 * f + 0.01 * s, "R@1": 0.5}
                             for s in (2, 3) for f in (0.0, 0.5, 1.0)],
-        "baselines": {"independent_psi": {"lam": 0.0, "steps": [step(2, 0.4, 0.62, 0.1, 0.1, 0.55, 0.4),
-                                                                 step(3, 0.46, 0.70, 0.05, 0.05, 0.613, 0.55)]}},
+        "arms": {"bict": {"meaning": "this run", "steps": [step(3, 0.459, 0.683, 0.333, 0.401, 0.673, 0.459),
+                                                           step(2, 0.400, 0.600, 0.450, 0.420, 0.580, 0.400)]},
+                 "independent_psi": {"meaning": "λ = 0, then ψ",
+                                     "steps": [step(2, 0.4, 0.62, 0.1, 0.1, 0.55, 0.4),
+                                               step(3, 0.46, 0.70, 0.05, 0.05, 0.613, 0.55)],
+                                     "validation": {"steps": [step(2, 0.4, 0.62, 0.1, 0.1, 0.5, 0.4),
+                                                              step(3, 0.46, 0.70, 0.05, 0.05, 0.6, 0.55)]}}},
         "timings": {"train": 30.0, "upgrade": 10.0},
     }
 
@@ -94,7 +99,8 @@ def test_report_states_what_bict_buys_from_the_numbers(full_report):
     assert "Forward > backward held at every step (t = 2, 3)." in text
     assert "Forward > old self held at every step (t = 2, 3)." in text
     assert "forward is 1.0 points below it" in text  # new self 68.3
-    assert "last-step forward mAP is 6.0 points higher (67.3% vs 61.3%)" in text  # against independent_psi
+    assert ("Over `independent_psi` (λ = 0, then ψ), on the same φ_1, gallery v1 and splits: BiCT's last-step "
+            "retrieval is 6.0 points higher (67.3% vs 61.3%).") in text
 
 
 def test_report_holds_every_section_and_table(full_report):
@@ -102,7 +108,10 @@ def test_report_holds_every_section_and_table(full_report):
     # BCT's criterion, reported per step: 42.0 vs 40.0 held at step 2, 40.1 vs 45.9 failed at step 3
     assert "On this run it held at t = 2 and did **not** hold at t = 3." in text
     assert "| 3 | 40.1 | 45.9 | -5.8 | no |" in text
-    assert "| independent_psi | 0 | 3 | 46.0 | 70.0 | 5.0 | 61.3 | +56.3 |" in text
+    # one column per arm, the retrieval each serves; validation only where every arm has it (bict has none here)
+    assert "| step | bict | independent_psi |" in text and "| 3 | 67.3 | 61.3 |" in text
+    assert "Served retrieval at each step, validation" not in text
+    assert "| independent_psi | 3 | 46.0 | 70.0 | 5.0 | 5.0 | 61.3 | 55.0 |" in text
     assert "| phi_2 | 45.0 | 58.0 |  |" in text  # null matrix cell left blank
     assert "| 50% | 47.0 | 48.0 |" in text  # partial refresh: 0.3 + 0.15 + 0.01 * step
     assert '"compat_loss": "bct"' in text  # tune best config
@@ -125,11 +134,11 @@ def test_report_plots_are_valid_pngs(full_report):
 def test_missing_optional_parts_are_skipped(tmp_path):
     results = results_3_steps()
     del results["matrix"], results["partial_refresh"]
-    results["baselines"], results["timings"] = None, {}  # null and empty count as absent
+    results["arms"], results["timings"] = None, {}  # null and empty count as absent
     run_dir = write_run(tmp_path / "run", results)
     text = write_report(run_dir).read_text()
     assert "a gain of +34.0 points" in text
-    for heading in ("## Baselines", "## Compatibility matrix", "## Partial refresh", "## λ search", "## Timings"):
+    for heading in ("## Arms", "## Compatibility matrix", "## Partial refresh", "## λ search", "## Timings"):
         assert heading not in text
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["steps.png"]
 
@@ -161,7 +170,9 @@ def test_missing_or_unreadable_results_name_the_file(tmp_path):
      r"'steps\[0\]\.tests\.backward\.mAP' must be a fraction"),
     (lambda r: r["steps"][0].update(step=2), r"step 2 appears twice"),
     (lambda r: r["matrix"]["mAP"].pop(), r"'matrix\.mAP' must be 3 rows"),
-    (lambda r: r["baselines"]["independent_psi"].pop("lam"), r"missing key 'baselines\.independent_psi\.lam'"),
+    (lambda r: r["arms"]["independent_psi"].pop("steps"), r"missing key 'arms\.independent_psi\.steps'"),
+    (lambda r: r["arms"]["independent_psi"]["validation"]["steps"][0]["tests"].pop("forward"),
+     r"missing key 'arms\.independent_psi\.validation\.steps\[0\]\.tests\.forward'"),
     (lambda r: r.update(steps=[]), r"'steps' is empty"),
 ])
 def test_malformed_results_name_the_key(tmp_path, break_it, message):

@@ -46,8 +46,8 @@ def run_extract(args) -> int:
 
     config = config_from_args(args)
     ensure_ray(config.ray)
-    version, stats = extract_gallery(args.model, load_dataset(config.data).test, args.out, config=config.gallery,
-                                     progress=_progress)
+    images = load_dataset(config.data, config.eval, config.scenario).gallery  # the protocol's gallery set
+    version, stats = extract_gallery(args.model, images, args.out, config=config.gallery, progress=_progress)
     print(f"extracted {version.path}: {_stats_line(stats)}; lineage {' -> '.join(version.lineage)}")
     return 0
 
@@ -79,9 +79,9 @@ def run_evaluate(args) -> int:
     model = load_artifact(args.model)
     if model.card.kind != "embedding":
         raise InputError(f"{args.model} is not an embedding model (kind={model.card.kind!r})")
-    test = load_dataset(config.data).test
-    query = embed_images(model.module, test.images, config.gallery.batch_size)
-    metrics = evaluate_gallery(query, test.labels, gallery, query_ids=test.ids, ks=config.eval.ks,
+    queries = load_dataset(config.data, config.eval, config.scenario).query  # the protocol's query set
+    query = embed_images(model.module, queries.images, config.gallery.batch_size)
+    metrics = evaluate_gallery(query, queries.labels, gallery, query_ids=queries.ids, ks=config.eval.ks,
                                map_at=config.eval.map_at, concurrency=config.gallery.concurrency,
                                cpus_per_task=config.gallery.cpus_per_task)
     result = {"query_model": model.card.name, "gallery": gallery.path, "gallery_lineage": gallery.lineage,

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     config = config_from_args(args)
     run_dir = RunDir.create(args.out or f"runs/{config.name}", config)
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(config.data, config.eval, config.scenario)
     splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes, dataset.val)
     num_val = 0 if dataset.val is None else len(dataset.val)
     print(f"dataset: {dataset.source} ({len(dataset.train)} train, {num_val} validation, {len(dataset.test)} test, "

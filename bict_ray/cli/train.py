@@ -32,7 +32,7 @@ def run(args) -> int:
         raise InputError(f"--step must be in 2..{steps} for stage {args.stage}, got {args.step}")
     ensure_ray(config.ray)
     run_dir = RunDir.create(args.out or f"runs/{config.name}", config)
-    runner = SequenceRunner(config, run_dir, load_dataset(config.data), print)
+    runner = SequenceRunner(config, run_dir, load_dataset(config.data, config.eval, config.scenario), print)
     if args.stage == "upgrade":
         # psi trains on the gallery's representation: the earlier transforms must exist too
         runner.load_trained(t, transforms_up_to=t - 1 if config.transform.source == "gallery" else 1)

@@ -2,7 +2,13 @@
 
 Every loader returns the same thing, a :class:`Dataset` of a train and a test :class:`ImageSet` with uint8
 images (N, C, H, W), global int64 labels and int64 sample ids that are unique across both splits (train first),
-so a gallery row can always be traced back to its image.
+so a gallery row can always be traced back to its image. Data with query and gallery sets of its own (npz keys
+``x_query``/``y_query``/``x_gallery``/``y_gallery``, ImageFolder ``query/`` and ``gallery/`` beside ``train/``)
+has them as its test split, queries first.
+
+:func:`load_dataset` then applies the run's retrieval protocol (``PROTOCOLS``, docs/PROTOCOL.md): the open-set
+``scenario.test_classes`` leave train and validation and are all the test split keeps, and ``Dataset.query`` and
+``Dataset.gallery`` are the test split as the protocol searches it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 from bict_ray.errors import DataError
 
 if TYPE_CHECKING:  # the config sits above core: it checks its choices against the lists defined here
-    from bict_ray.config import DataConfig
+    from bict_ray.config import DataConfig, EvalConfig, ScenarioConfig
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_ENV = "BICT_FASHION_MNIST_ROOT"
@@ -26,6 +32,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_USER_IMAGE_SIZE = 32
+IMAGE_FOLDER_SETS = ("train", "query", "gallery")  # the subtrees of an ImageFolder root with its own test sets
+NPZ_QUERY_GALLERY = ("x_query", "y_query", "x_gallery", "y_gallery")
+# eval.protocol: leave_one_out (the test split is query and gallery, self-matches excluded by id) | query_gallery
+# (two disjoint parts of it: the data's own query and gallery sets, else a seeded per-class split)
+PROTOCOLS = ("leave_one_out", "query_gallery")
 
 
 @dataclass
@@ -46,17 +57,36 @@ class ImageSet:
 @dataclass
 class Dataset:
     """train: what models train on; val: held out of the training images, selects (None without one); test:
-    reported."""
+    reported.
+
+    query, gallery: the test split as ``protocol`` searches it: under leave_one_out both are ``test`` itself (one
+    object), under query_gallery two disjoint parts of it whose union is ``test``; ids stay unique, so a query is
+    excluded by id from a gallery that holds its image and from no other. :func:`load_dataset` sets them; a loader
+    sets them only for data with sets of its own. test_classes: the open-set classes, absent from train and val
+    and the only ones in test (None: closed set).
+    """
 
     train: ImageSet
     test: ImageSet
     classes: list[str]
     source: str  # where it was found, for `bict-ray env` and the run's record
     val: ImageSet | None = None
+    query: ImageSet | None = None
+    gallery: ImageSet | None = None
+    protocol: str = "leave_one_out"
+    test_classes: list[int] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def check_protocol(self, protocol: str, test_classes: list[int] | None) -> None:
+        """Refuse to be searched under another protocol or open set than the one its sets were cut for."""
+        wanted = (protocol, None if test_classes is None else sorted(test_classes))
+        if (self.protocol, self.test_classes) != wanted:
+            raise DataError(f"the dataset was loaded for eval.protocol={self.protocol}, scenario.test_classes="
+                            f"{self.test_classes}, and this run has {wanted[0]}, {wanted[1]}: load it with "
+                            "load_dataset(config.data, config.eval, config.scenario)")
 
     @property
     def channels(self) -> int:
@@ -67,12 +97,28 @@ class Dataset:
         return self.train.images.shape[2]
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the dataset that ``cfg.kind`` names (one of ``DATA_KINDS``), with ids assigned and the smoke limits
-    applied."""
+def load_dataset(cfg: DataConfig, evaluation: EvalConfig | None = None,
+                 scenario: ScenarioConfig | None = None) -> Dataset:
+    """Load the dataset that ``cfg.kind`` names (one of ``DATA_KINDS``), with ids assigned, the open-set
+    ``scenario.test_classes`` applied, the smoke limits, the validation set, and the query and gallery sets of
+    ``evaluation.protocol`` (without ``evaluation``: leave_one_out; without ``scenario``: a closed set)."""
+    protocol = evaluation.protocol if evaluation is not None else "leave_one_out"
+    test_classes = scenario.test_classes if scenario is not None else None
     dataset = DATA_KINDS[cfg.kind](cfg)
+    # the data's own query set, by id: the steps below convert, filter and limit the test split, and the
+    # protocol's sets are cut from what is left of it
+    own_queries = None if dataset.query is None else dataset.query.ids
     dataset = _conform(dataset, cfg)
-    return _validation(_limit(dataset, cfg), cfg)
+    if test_classes is not None:
+        dataset = _open_set(dataset, test_classes)
+    dataset = _validation(_limit(dataset, cfg), cfg)
+    if protocol == "leave_one_out":
+        dataset.query = dataset.gallery = dataset.test
+    else:
+        dataset.query, dataset.gallery = _query_gallery(dataset.test, own_queries, evaluation.query_fraction,
+                                                        cfg.seed, test_classes)
+    dataset.protocol = protocol
+    return dataset
 
 
 def find_fashion_mnist(root: str | None = None) -> Path | None:
@@ -102,8 +148,10 @@ def load_fashion_mnist(root: str | None = None, download_root: str | None = None
 def load_npz(path: str, cfg: DataConfig) -> Dataset:
     """An ``.npz`` with ``images`` (N, H, W) or (N, H, W, C) or (N, C, H, W) uint8 and ``labels`` (N,) ints.
 
-    Optional ``test_images``/``test_labels`` give the test split; otherwise ``cfg.test_fraction`` of each class
-    is held out (seeded). Optional ``classes`` names the classes.
+    Optional ``test_images``/``test_labels`` give the test split, or ``x_query``/``y_query`` and
+    ``x_gallery``/``y_gallery`` (all four, shaped as ``images``/``labels``) separate query and gallery sets, which
+    together are the test split; otherwise ``cfg.test_fraction`` of each class is held out (seeded). Optional
+    ``classes`` names the classes.
     """
     file = Path(path)
     if not file.is_file():
@@ -118,7 +166,27 @@ def load_npz(path: str, cfg: DataConfig) -> Dataset:
             raise DataError(f"npz file {file} has no '{key}' array (it has: {', '.join(content) or 'nothing'})")
     images = _to_nchw(content["images"], f"{file}:images")
     labels = _check_labels(content["labels"], len(images), f"{file}:labels")
-    if "test_images" in content:
+    num_queries = None
+    own_sets = [key for key in NPZ_QUERY_GALLERY if key in content]
+    if own_sets:
+        missing = [key for key in NPZ_QUERY_GALLERY if key not in content]
+        if missing:
+            raise DataError(f"npz file {file} has {', '.join(own_sets)} but no {', '.join(missing)}: separate query "
+                            f"and gallery sets need all of {', '.join(NPZ_QUERY_GALLERY)}")
+        if "test_images" in content:
+            raise DataError(f"npz file {file} has both test_images and x_query/x_gallery: its test split is either "
+                            "test_images/test_labels or the query and gallery sets")
+        sets = []
+        for x, y in (("x_query", "y_query"), ("x_gallery", "y_gallery")):
+            set_images = _to_nchw(content[x], f"{file}:{x}")
+            if set_images.shape[1:] != images.shape[1:]:
+                raise DataError(f"{file}:{x} holds images of shape {set_images.shape[1:]}, images of "
+                                f"{images.shape[1:]}: every set needs the same (C, H, W)")
+            sets.append((set_images, _check_labels(content[y], len(set_images), f"{file}:{y}")))
+        (query_x, query_y), (gallery_x, gallery_y) = sets
+        test_images, test_labels = np.concatenate([query_x, gallery_x]), np.concatenate([query_y, gallery_y])
+        num_queries = len(query_y)
+    elif "test_images" in content:
         test_images = _to_nchw(content["test_images"], f"{file}:test_images")
         test_labels = _check_labels(content.get("test_labels"), len(test_images), f"{file}:test_labels")
     else:
@@ -129,43 +197,44 @@ def load_npz(path: str, cfg: DataConfig) -> Dataset:
     classes = [str(c) for c in content["classes"]] if "classes" in content else [str(c) for c in range(num_classes)]
     if len(classes) < 2:
         raise DataError(f"npz file {file} has {len(classes)} class(es); retrieval needs at least 2")
-    return _assemble(images, labels, test_images, test_labels, classes, str(file))
+    return _assemble(images, labels, test_images, test_labels, classes, str(file), num_queries)
 
 
 def load_image_folder(path: str, cfg: DataConfig) -> Dataset:
-    """An ImageFolder tree: one sub-folder per class, numbered in sorted folder order; any size, grey or RGB."""
-    from PIL import Image, UnidentifiedImageError
+    """An ImageFolder tree: one sub-folder per class, numbered in sorted folder order; any size, grey or RGB.
 
+    A root holding ``query/`` or ``gallery/`` is read as three subtrees, ``train/``, ``query/`` and ``gallery/``,
+    each with one sub-folder per class (classes numbered in sorted order of the names found in any of them): the
+    query and gallery sets, together the test split. Otherwise ``cfg.test_fraction`` of each class is held out.
+    """
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise DataError(f"image folder {root} has {len(class_dirs)} class folder(s); it needs at least 2 "
-                        "(one sub-folder per class)")
-    size = cfg.image_size or DEFAULT_USER_IMAGE_SIZE
-    files, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DataError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        files += found
-        labels += [label] * len(found)
-    mode = None if cfg.channels is None else ("L" if cfg.channels == 1 else "RGB")
-    if mode is None:
-        mode = "L" if all(_is_grey(f) for f in files[:: max(1, len(files) // 16)]) else "RGB"
-    images = np.empty((len(files), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
-    for i, file in enumerate(files):
-        try:
-            with Image.open(file) as img:
-                pixels = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"cannot read image {file}: {err}") from None
-        images[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
-    labels = np.asarray(labels, dtype=np.int64)
-    train_idx, test_idx = _holdout(labels, cfg.test_fraction, cfg.seed)
-    return _assemble(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
-                     [d.name for d in class_dirs], str(root))
+    subtrees = [name for name in IMAGE_FOLDER_SETS if (root / name).is_dir()]
+    if "query" not in subtrees and "gallery" not in subtrees:
+        class_dirs = _class_dirs(root)
+        classes = sorted(class_dirs)
+        files, labels = _class_files(class_dirs, classes)
+        images = _read_images(files, cfg)
+        train_idx, test_idx = _holdout(labels, cfg.test_fraction, cfg.seed)
+        return _assemble(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], classes,
+                         str(root))
+    missing = [f"{name}/" for name in IMAGE_FOLDER_SETS if name not in subtrees]
+    if missing:
+        raise DataError(f"image folder {root} has {', '.join(f'{n}/' for n in subtrees)} but no "
+                        f"{', '.join(missing)}: separate query and gallery sets need train/, query/ and gallery/ "
+                        "side by side, each with one sub-folder per class")
+    trees = {name: _class_dirs(root / name, least=1) for name in IMAGE_FOLDER_SETS}
+    classes = sorted(set().union(*trees.values()))
+    if len(classes) < 2:
+        raise DataError(f"image folder {root} has {len(classes)} class folder name(s) across train/, query/ and "
+                        "gallery/; it needs at least 2")
+    parts = {name: _class_files(trees[name], classes) for name in IMAGE_FOLDER_SETS}
+    images = _read_images([f for files, _ in parts.values() for f in files], cfg)
+    ends = np.cumsum([len(files) for files, _ in parts.values()])
+    (train_y, query_y, gallery_y) = (labels for _, labels in parts.values())
+    return _assemble(images[: ends[0]], train_y, images[ends[0]:], np.concatenate([query_y, gallery_y]), classes,
+                     str(root), num_queries=len(query_y))
 
 
 # data.kind -> loader; a new format is a loader taking the DataConfig, and one line here
@@ -225,13 +294,58 @@ def _read_idx(path: Path | None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
-def _assemble(train_x, train_y, test_x, test_y, classes, source) -> Dataset:
+def _assemble(train_x, train_y, test_x, test_y, classes, source, num_queries: int | None = None) -> Dataset:
+    """num_queries: the data's own query set is the first ``num_queries`` test images, its gallery the rest."""
     train_y = np.asarray(train_y, dtype=np.int64)
     test_y = np.asarray(test_y, dtype=np.int64)
     train_ids = np.arange(len(train_y), dtype=np.int64)
     test_ids = np.arange(len(train_y), len(train_y) + len(test_y), dtype=np.int64)
-    return Dataset(ImageSet(np.ascontiguousarray(train_x), train_y, train_ids),
-                   ImageSet(np.ascontiguousarray(test_x), test_y, test_ids), list(classes), source)
+    dataset = Dataset(ImageSet(np.ascontiguousarray(train_x), train_y, train_ids),
+                      ImageSet(np.ascontiguousarray(test_x), test_y, test_ids), list(classes), source)
+    if num_queries is not None:
+        dataset.query = dataset.test.subset(np.arange(num_queries))
+        dataset.gallery = dataset.test.subset(np.arange(num_queries, len(test_y)))
+    return dataset
+
+
+def _class_dirs(folder: Path, least: int = 2) -> dict[str, Path]:
+    """The class sub-folders of ``folder`` by name; at least ``least`` of them."""
+    found = {p.name: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if len(found) < least:
+        raise DataError(f"image folder {folder} has {len(found)} class folder(s); it needs at least {least} "
+                        "(one sub-folder per class)")
+    return found
+
+
+def _class_files(class_dirs: dict[str, Path], classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """The image files under each class folder (sorted) and their labels, the class's index in ``classes``."""
+    files, labels = [], []
+    for name in sorted(class_dirs):
+        found = sorted(p for p in class_dirs[name].rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder {class_dirs[name]} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [classes.index(name)] * len(found)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _read_images(files: list[Path], cfg: DataConfig) -> np.ndarray:
+    """(N, C, H, W) uint8, resized to data.image_size; grey when data.channels says so or every sampled file is."""
+    from PIL import Image, UnidentifiedImageError
+
+    size = cfg.image_size or DEFAULT_USER_IMAGE_SIZE
+    mode = None if cfg.channels is None else ("L" if cfg.channels == 1 else "RGB")
+    if mode is None:
+        mode = "L" if all(_is_grey(f) for f in files[:: max(1, len(files) // 16)]) else "RGB"
+    images = np.empty((len(files), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
+    for i, file in enumerate(files):
+        try:
+            with Image.open(file) as img:
+                pixels = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"cannot read image {file}: {err}") from None
+        images[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
+    return images
 
 
 def _conform(dataset: Dataset, cfg: DataConfig) -> Dataset:
@@ -288,18 +402,59 @@ def _validation(dataset: Dataset, cfg: DataConfig) -> Dataset:
 
 # added to data.seed for the validation holdout
 VALIDATION_SEED_OFFSET = 7919
+# added to data.seed for the query/gallery split of the test split
+QUERY_SEED_OFFSET = 104729
 
 
-def _holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices per class: ``fraction`` of each class (at least one image) is held out (the test or the
-    validation set); returns (kept, held out)."""
+def _open_set(dataset: Dataset, test_classes: list[int]) -> Dataset:
+    """Open set: ``test_classes`` leave the training images (so every model's split, psi's training pairs and the
+    validation set drawn from them) and are all the test split keeps."""
+    where = f"scenario.test_classes {test_classes}"
+    unknown = sorted(c for c in test_classes if c >= dataset.num_classes)
+    if unknown:
+        raise DataError(f"{where} names class(es) {unknown} that do not exist "
+                        f"(the dataset has classes 0..{dataset.num_classes - 1})")
+    held_out = np.isin(dataset.train.labels, test_classes)
+    if held_out.all():
+        raise DataError(f"{where} hold every training image: no model would have anything to train on")
+    kept = np.isin(dataset.test.labels, test_classes)
+    if not kept.any():
+        raise DataError(f"{where}: the test split holds no image of these classes")
+    dataset.train = dataset.train.subset(np.flatnonzero(~held_out))
+    dataset.test = dataset.test.subset(np.flatnonzero(kept))
+    dataset.test_classes = sorted(test_classes)
+    return dataset
+
+
+def _query_gallery(test: ImageSet, own_queries: np.ndarray | None, fraction: float, seed: int,
+                   test_classes: list[int] | None) -> tuple[ImageSet, ImageSet]:
+    """eval.protocol=query_gallery: the test split cut into a query and a gallery set, disjoint by id: the data's
+    own sets (``own_queries``: the query set's ids), else ``fraction`` of each class as queries (seeded)."""
+    if own_queries is None:
+        gallery_idx, query_idx = _holdout(test.labels, fraction, seed + QUERY_SEED_OFFSET,
+                                          " in the test split; eval.protocol=query_gallery splits each class into "
+                                          "queries and gallery, so it needs at least 2")
+    else:
+        is_query = np.isin(test.ids, own_queries)
+        query_idx, gallery_idx = np.flatnonzero(is_query), np.flatnonzero(~is_query)
+    for name, index in (("query", query_idx), ("gallery", gallery_idx)):
+        if not len(index):
+            kept = "" if test_classes is None else f" of scenario.test_classes {test_classes}"
+            raise DataError(f"eval.protocol=query_gallery: the {name} set holds no image{kept}")
+    return test.subset(query_idx), test.subset(gallery_idx)
+
+
+def _holdout(labels: np.ndarray, fraction: float, seed: int,
+             needs: str = "; each class needs at least 2 (one to train on, one to search for)",
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices per class: ``fraction`` of each class (at least one image) is held out (the test, the
+    validation or the query set); returns (kept, held out). needs: why a class of one image is refused."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         if len(members) < 2:
-            raise DataError(f"class {c} has {len(members)} image(s); each class needs at least 2 "
-                            "(one to train on, one to search for)")
+            raise DataError(f"class {c} has {len(members)} image(s){needs}")
         n_test = min(len(members) - 1, max(1, round(fraction * len(members))))
         test.append(members[:n_test])
         train.append(members[n_test:])

@@ -4,8 +4,9 @@ Both are rebuilt from a plain JSON-able ``spec`` dict (what a model card stores)
 ``torch.load(..., weights_only=True)``. Plain torch; no Ray.
 
 Class indices are *global* dataset labels: every phi_t has ``num_classes`` = all classes of the dataset, even when
-it trains on a subset. Rows of classes it never saw simply get no positive training signal, and the new model's
-backward-compatible loss can index the old classifier with the same labels.
+it trains on a subset, so the new model's backward-compatible loss can index the old classifier with the same
+labels. The losses keep the rows of classes a model does not train on out of its softmax
+(``bict_ray.core.losses.masked_cross_entropy``): those rows get exactly zero gradient from the loss.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class EmbeddingNet(nn.Module):
 class UpgradeTransform(nn.Module):
     """psi_{t->t+1}: maps (N, d_in) old embeddings to (N, d_out) vectors in the new space (un-normalised).
 
-    MLP: ``layers`` hidden blocks Linear-BatchNorm1d-ReLU of width ``hidden``, then Linear to d_out.
+    MLP: ``layers`` hidden blocks Linear-BatchNorm1d-ReLU of width ``hidden``, then Linear to d_out; ``layers=0`` is
+    a linear map (``hidden`` unused), the form a closed-form fit produces (``bict_ray.core.closed_form``).
     When d_in == d_out it is residual, ``x + mlp(x)``, with the last Linear zero-initialised, so an untrained
     psi is exactly the identity and cannot destroy the gallery it is applied to. With d_in != d_out there is
     no identity to start from and the last layer keeps torch's default init.
@@ -162,9 +164,9 @@ class UpgradeTransform(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, hidden: int = 512, layers: int = 2):
         super().__init__()
-        for key, value in (("d_in", d_in), ("d_out", d_out), ("hidden", hidden), ("layers", layers)):
-            if value < 1:
-                raise InputError(f"UpgradeTransform {key} must be >= 1, got {value}")
+        for key, value, least in (("d_in", d_in, 1), ("d_out", d_out, 1), ("hidden", hidden, 1), ("layers", layers, 0)):
+            if value < least:
+                raise InputError(f"UpgradeTransform {key} must be >= {least}, got {value}")
         self.spec = {"d_in": int(d_in), "d_out": int(d_out), "hidden": int(hidden), "layers": int(layers)}
         blocks: list[nn.Module] = []
         width = d_in

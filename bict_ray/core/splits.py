@@ -3,6 +3,10 @@
 - class growth: model t sees every training image of the classes in its subset;
 - data growth: model t sees a fraction of each class's training images, nested so phi_{t+1} sees a superset.
 
+In an open set (``scenario.test_classes``) no model sees those classes: the loader has dropped their images from
+the training pool, the default class subsets leave them out, and a training or validation set that still holds
+them is refused.
+
 Splits are seeded, written to ``RUN_DIR/splits/`` and read back on resume; a run directory whose saved splits
 were made for another scenario is refused rather than silently re-split.
 """
@@ -37,14 +41,17 @@ class ModelSplit:
 
 def make_splits(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> list[ModelSplit]:
     """One :class:`ModelSplit` per model of the sequence, deterministic under ``scenario.seed``."""
+    _refuse_test_classes(scenario, train, "the training set")
     return SCENARIOS[scenario.kind](scenario, train, num_classes)
 
 
-def default_class_subsets(steps: int, num_classes: int) -> list[list[int]]:
-    """Evenly growing class subsets ending with every class, e.g. 3 steps of 10 classes: 4, 7, 10."""
-    first = min(num_classes, max(2, num_classes - (steps - 1) * (num_classes // steps)))
-    sizes = np.linspace(first, num_classes, steps).round().astype(int)
-    return [list(range(int(n))) for n in sizes]
+def default_class_subsets(steps: int, num_classes: int, held_out=()) -> list[list[int]]:
+    """Evenly growing class subsets ending with every class not ``held_out``, e.g. 3 steps of 10 classes: 4, 7,
+    10 (the first 4, 7 and 10 of the classes kept, in order)."""
+    kept = [c for c in range(num_classes) if c not in set(held_out)]
+    first = min(len(kept), max(2, len(kept) - (steps - 1) * (len(kept) // steps)))
+    sizes = np.linspace(first, len(kept), steps).round().astype(int)
+    return [kept[: int(n)] for n in sizes]
 
 
 def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: ImageSet, num_classes: int,
@@ -52,6 +59,8 @@ def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: Im
     """Read the run's saved splits, or make and save them (with the validation set's ids, ``validation_ids.npy``);
     refuse splits saved for another scenario, training set or validation set."""
     folder = Path(run_dir) / SPLITS_DIR
+    if validation is not None:
+        _refuse_test_classes(scenario, validation, "the validation set")  # it selects: it must never see them
     splits = make_splits(scenario, train, num_classes)
     fingerprint = _fingerprint(scenario, train, validation)
     if (folder / "splits.json").is_file():
@@ -79,7 +88,7 @@ def load_or_make_splits(run_dir: str | Path, scenario: ScenarioConfig, train: Im
 
 
 def _class_growth(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> list[ModelSplit]:
-    subsets = scenario.classes or default_class_subsets(scenario.steps, num_classes)
+    subsets = scenario.classes or default_class_subsets(scenario.steps, num_classes, scenario.test_classes or ())
     present = set(np.unique(train.labels).tolist())
     splits = []
     for t, subset in enumerate(subsets, 1):
@@ -112,9 +121,20 @@ def _data_growth(scenario: ScenarioConfig, train: ImageSet, num_classes: int) ->
 SCENARIOS = {"class_growth": _class_growth, "data_growth": _data_growth}
 
 
+def _refuse_test_classes(scenario: ScenarioConfig, images: ImageSet, what: str) -> None:
+    seen = sorted(set(np.unique(images.labels).tolist()) & set(scenario.test_classes or ()))
+    if seen:
+        raise DataError(f"{what} holds images of scenario.test_classes {seen}, which no model may train or select "
+                        "on: load the dataset with the scenario, load_dataset(config.data, config.eval, "
+                        "config.scenario)")
+
+
 def _scenario_dict(scenario: ScenarioConfig) -> dict:
-    return {"kind": scenario.kind, "steps": scenario.steps, "classes": scenario.classes,
-            "fractions": scenario.fractions, "seed": scenario.seed}
+    record = {"kind": scenario.kind, "steps": scenario.steps, "classes": scenario.classes,
+              "fractions": scenario.fractions, "seed": scenario.seed}
+    if scenario.test_classes is not None:  # only when set: closed-set run directories keep their fingerprints
+        record["test_classes"] = scenario.test_classes
+    return record
 
 
 def _fingerprint(scenario: ScenarioConfig, train: ImageSet, validation: ImageSet | None) -> str:

@@ -29,13 +29,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from bict_ray.config import Config
+from bict_ray.core.closed_form import fit_linear_transform
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, model_features, preprocess, upgrade_embeddings
 from bict_ray.storage.artifacts import Artifact, ModelCard, load_artifact, module_from_state, save_artifact
 from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTrainingLoss, check_finite, compat_loss_for,
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
-from bict_ray.errors import AlreadyExistsError, TrainingError
+from bict_ray.errors import AlreadyExistsError, InputError, TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # per unseen class, how many images the pseudo old classifier averages (enough for a stable mean direction)
@@ -86,10 +87,16 @@ class EmbeddingStage:
     momentum: float
     backbone_weights: str | None = None
     compat: CompatSetup | None = None
+    class_mask: torch.Tensor | None = None  # (num_classes,) bool, the classes of the split; None: all
 
     def build(self, device: torch.device) -> StageParts:
         images, labels = _resolve(self.data)
         model = EmbeddingNet.from_spec(self.spec, backbone_weights=self.backbone_weights)
+        if self.class_mask is not None:
+            with torch.no_grad():
+                # rows of classes outside the split get no gradient (out of the CE's softmax): zero rather than
+                # random, so the saved classifier scores a class it never saw 0 instead of above learned ones at random
+                model.classifier.weight[~self.class_mask] = 0
         # copies: arrays from the object store are read-only, and torch wants writable memory
         dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels))
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.optimisation.batch_size, shuffle=True,
@@ -99,7 +106,8 @@ class EmbeddingStage:
             old = module_from_state(self.compat.parent_card, _resolve(self.compat.parent_state)).to(device)
             old.requires_grad_(False)
             compat = compat_loss_for(self.compat.loss, self.compat.context).to(device)
-        criterion = CompatibleTrainingLoss(self.compat.lam if compat is not None else 0.0, compat)
+        criterion = CompatibleTrainingLoss(self.compat.lam if compat is not None else 0.0, compat,
+                                           self.class_mask).to(device)
         name = self.name
 
         def run_epoch(model, loader, optimizer, epoch):
@@ -114,6 +122,9 @@ class EmbeddingStage:
                         ref = old(x)[0]
                 losses = criterion(logits, features, y, ref)
                 _optimise(losses, optimizer, f"{name} epoch {epoch + 1} step {step + 1}", sums, len(y))
+                if criterion.class_mask is not None:
+                    # rows of classes outside the split are untrained, not candidates: predict among the split's
+                    logits = logits.masked_fill(~criterion.class_mask, -float("inf"))
                 sums["correct"] += float((logits.argmax(1) == y).sum())
             return sums
 
@@ -138,6 +149,7 @@ class TransformStage:
     alpha: float
     beta: float
     optimisation: Optimisation
+    class_mask: torch.Tensor | None = None  # (C,) bool, the classes the target model trained on; None: all
 
     def build(self, device: torch.device) -> StageParts:
         source, target = _resolve(self.pairs)
@@ -148,6 +160,7 @@ class TransformStage:
         drop_last = len(dataset) > batch_size  # BatchNorm needs more than one sample per batch
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
         new_weight = self.new_weight.to(device)
+        class_mask = None if self.class_mask is None else self.class_mask.to(device)
         stage = self
 
         def run_epoch(model, loader, optimizer, epoch):
@@ -156,7 +169,8 @@ class TransformStage:
             for step, (s, t, y) in enumerate(loader):
                 s, t, y = s.to(device), t.to(device), y.to(device)
                 out = model(s)
-                losses = transform_loss(out, t, y, new_weight, stage.classifier, stage.scale, stage.alpha, stage.beta)
+                losses = transform_loss(out, t, y, new_weight, stage.classifier, stage.scale, stage.alpha, stage.beta,
+                                        class_mask)
                 _optimise(losses, optimizer, f"{stage.name} epoch {epoch + 1} step {step + 1}", sums, len(y))
                 with torch.no_grad():
                     sums["cos_sim"] += float(F.cosine_similarity(out, t, dim=1).sum())
@@ -180,7 +194,7 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
     are unchanged bit for bit. Returns the saved artifact (``out_dir`` gets weights.pt + model.json).
     """
     out_dir = Path(out_dir)
-    stage = embedding_stage(config, version, train_set, num_classes, parent)
+    stage = embedding_stage(config, version, train_set, num_classes, parent, classes_seen)
     history, state, workers = _fit(config, out_dir, stage, run_name)
     model = EmbeddingNet.from_spec(stage.spec)
     model.load_state_dict(state)
@@ -196,9 +210,10 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
 
 
 def embedding_stage(config: Config, version: int, train_set: ImageSet, num_classes: int,
-                    parent: Artifact | None = None) -> EmbeddingStage:
+                    parent: Artifact | None = None, classes_seen: list[int] | None = None) -> EmbeddingStage:
     """The stage that trains phi_<version>. The images go to the object store once; with a ``parent`` the frozen
-    old model and, for a loss that needs it (bct), its classifier with synthesised rows come along."""
+    old model and, for a loss that needs it (bct), its classifier with synthesised rows come along.
+    ``classes_seen``: the classes of the split, the only ones in the CE's softmax (None: all ``num_classes``)."""
     spec = {"backbone": config.model.backbone, "in_channels": int(train_set.images.shape[1]),
             "image_size": int(train_set.images.shape[2]), "embedding_dim": config.model.embedding_dim,
             "num_classes": num_classes, "classifier": config.model.classifier, "scale": config.model.scale}
@@ -207,7 +222,8 @@ def embedding_stage(config: Config, version: int, train_set: ImageSet, num_class
         name=f"phi_{version}", spec=spec, data=ray.put((train_set.images, train_set.labels)),
         optimisation=Optimisation(train.epochs, train.batch_size, train.lr, train.weight_decay,
                                   seed=train.seed + version, threads=_threads(config)),
-        momentum=train.momentum, backbone_weights=config.model.weights)
+        momentum=train.momentum, backbone_weights=config.model.weights,
+        class_mask=_class_mask(classes_seen, num_classes))
     if parent is not None:
         _check_parent(parent, spec)
         old = parent.card.spec
@@ -242,7 +258,8 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
         new_weight=target.module.classifier.weight.detach().clone(),
         classifier=target.card.spec["classifier"], scale=target.card.spec["scale"], alpha=tf.alpha, beta=tf.beta,
         optimisation=Optimisation(tf.epochs, tf.batch_size, tf.lr, tf.weight_decay,
-                                  seed=config.train.seed + 1000 + version, threads=_threads(config)))
+                                  seed=config.train.seed + 1000 + version, threads=_threads(config)),
+        class_mask=_class_mask(target.card.classes_seen, target.card.spec["num_classes"]))
     history, state, workers = _fit(config, out_dir, stage, run_name)
     psi = UpgradeTransform.from_spec(spec)
     psi.load_state_dict(state)
@@ -250,6 +267,32 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
         "trained_on": [a.card.name for a in source_chain], "input": tf.source, "alpha": tf.alpha, "beta": tf.beta,
         "epochs": tf.epochs, "num_train": len(train_set), "metrics": history[-1] if history else {},
         "history": history, "workers": workers})
+    save_artifact(out_dir, psi, card)
+    return load_artifact(out_dir)
+
+
+def fit_linear_upgrade_transform(config: Config, out_dir: str | Path, source: int, target: Artifact,
+                                 train_set: ImageSet, source_chain: list[Artifact]) -> Artifact:
+    """psi_{source->target} as a linear map fitted in closed form (``config.transform.fit``: lstsq | procrustes) on
+    the pairs ``train_upgrade_transform`` trains on, extracted by the same Ray task; no Ray Train, seconds."""
+    out_dir = Path(out_dir)
+    if (out_dir / "model.json").exists():
+        raise AlreadyExistsError(f"{out_dir} already holds a fitted psi_{source}_{target.card.version}; "
+                                 "it is never overwritten")
+    method = config.transform.fit
+    started = time.perf_counter()
+    stored, features = ray.get(_extract_pairs.options(scheduling_strategy="DEFAULT").remote(
+        [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
+        config.train.batch_size * 4))
+    psi = fit_linear_transform(stored, features, method)
+    fitted = upgrade_embeddings([psi], stored)
+    targets = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    cosine = float(np.mean(np.sum(fitted * targets, axis=1)))
+    card = ModelCard("transform", f"psi_{source}_{target.card.version}", source=f"phi_{source}",
+                     target=target.card.name, training={
+                         "trained_on": [a.card.name for a in source_chain], "input": config.transform.source,
+                         "fit": method, "num_train": len(train_set), "train_cosine": cosine,
+                         "seconds": round(time.perf_counter() - started, 3)})
     save_artifact(out_dir, psi, card)
     return load_artifact(out_dir)
 
@@ -459,6 +502,18 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet):
         parent.card, parent.state, ray.put(train_set.images[index])))
     return synthesise_old_classifier(weight, seen, torch.tensor(features),
                                      torch.from_numpy(train_set.labels[index]), parent.card.spec["classifier"])
+
+
+def _class_mask(classes: list[int] | None, num_classes: int) -> torch.Tensor | None:
+    """(num_classes,) bool, True at ``classes`` (global labels); None (all classes) for None."""
+    if classes is None:
+        return None
+    outside = sorted(c for c in classes if not 0 <= c < num_classes)
+    if outside:
+        raise InputError(f"classes {outside} are outside the dataset's {num_classes} classes")
+    mask = torch.zeros(num_classes, dtype=torch.bool)
+    mask[list(classes)] = True
+    return mask
 
 
 @ray.remote(num_cpus=1)

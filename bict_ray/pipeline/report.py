@@ -7,6 +7,7 @@ in [0, 1]; everything shown is in percent, differences in percentage points.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -28,7 +29,7 @@ _TEST_LEGEND = "".join(f"- **{test.label}**: {test.query} queries against {test.
                        for test in NAMED_TESTS)
 # the same colour for a test in every plot
 _COLOURS = {"old_self": "tab:gray", "new_self": "tab:green", "backward": "tab:orange", "forward": "tab:blue"}
-_BASELINE_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red") * 4
+_ARM_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:red") * 4
 _TRIAL_METRICS = {"mean_forward_mAP": ("mean forward", "tab:blue"),
                   "mean_backward_mAP": ("mean backward", "tab:orange"),
                   "mean_new_self_mAP": ("mean new self", "tab:green")}
@@ -71,10 +72,28 @@ def markdown_step_table(results: dict[str, Any], metric: str = "mAP") -> str:
     return _markdown_table(_MARKDOWN_HEADERS, rows)
 
 
+def seeds_table(results: dict[str, Any], metric: str = "mAP") -> str:
+    """A plain-text table of ``metric`` as mean ± std over the seeds of a run over seeds (percent, 1 decimal), one
+    row per upgrade step; std is the sample standard deviation (ddof = 1)."""
+    _check_results(results, "results")
+    summary = _field(results, "seeds", "", "results", dict)
+    headers = _TEXT_HEADERS[:-1]  # no forward − backward: the spread of a difference is not the difference of spreads
+    rows = [[str(entry["step"])] + [_mean_std(_field(entry["tests"][test], metric, f"seeds.steps.{test}", "results"))
+                                    for test in TESTS]
+            for entry in _ordered(summary["steps"])]
+    widths = [max(len(top), len(bottom), *(len(row[i]) for row in rows)) for i, (top, bottom) in enumerate(headers)]
+    seeds = summary["seeds"]
+    return "\n".join([
+        f"{metric} (%) at each upgrade step t, mean ± std over {len(seeds)} seeds (train.seed = "
+        f"{', '.join(map(str, seeds))})",
+        *("  ".join(header[line].rjust(width) for header, width in zip(headers, widths)).rstrip() for line in (0, 1)),
+        *("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)])
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from the run's results; returns the report's path.
 
-    Optional parts (matrix, partial refresh, baselines, timings, tune/) are skipped when absent and checked
+    Optional parts (matrix, partial refresh, arms, timings, tune/) are skipped when absent and checked
     when present. Local directories only.
     """
     run_dir = Path(run_dir)
@@ -82,16 +101,17 @@ def write_report(run_dir: str | Path) -> Path:
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     steps = _ordered(results["steps"])
-    baselines = results.get("baselines") or {}
+    arms = results.get("arms") or {}
 
     sections = [_run_section(results["run"]),
-                "## What BiCT buys\n\n" + _bict_findings(steps, baselines),
+                *_seeds_sections(results, plots),
+                "## What BiCT buys\n\n" + _bict_findings(steps, arms),
                 _steps_section(results, plots),
                 _bct_criterion_section(steps)]
     if results.get("validation"):
         sections.append(_validation_section(results["validation"]))
-    if baselines:
-        sections.append(_baselines_section(steps, baselines))
+    if arms:
+        sections.append(_arms_section(arms))
     if results.get("matrix"):
         sections.append(_matrix_section(results["matrix"], plots))
     if results.get("partial_refresh"):
@@ -117,7 +137,8 @@ def plot_lambda_search(trials_csv: str | Path, png: str | Path) -> None:
 def _run_section(run: dict[str, Any]) -> str:
     lines = [f"# BiCT report: {run['name']}", ""]
     for key, label in (("dataset", "dataset"), ("scenario", "upgrade scenario"), ("steps", "models in sequence"),
-                       ("models", "models"), ("created", "created")):
+                       ("models", "models"), ("protocol", "retrieval protocol"),
+                       ("test_classes", "open-set test classes (held out of training)"), ("created", "created")):
         if key in run:
             value = ", ".join(map(str, run[key])) if isinstance(run[key], list) else run[key]
             lines.append(f"- {label}: {value}")
@@ -126,8 +147,9 @@ def _run_section(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _bict_findings(steps: list[dict], baselines: dict[str, Any]) -> str:
-    """Sentences computed from the mAP numbers: what the ψ-upgraded gallery bought over BCT alone, stated honestly."""
+def _bict_findings(steps: list[dict], arms: dict[str, Any]) -> str:
+    """Sentences computed from the mAP numbers: what the ψ-upgraded gallery bought over BCT alone and over every
+    other arm of the run, stated honestly."""
     last = steps[-1]
     t = last["step"]
     forward, backward, new_self = (_score_of(last, test) for test in ("forward", "backward", "new_self"))
@@ -142,13 +164,15 @@ def _bict_findings(steps: list[dict], baselines: dict[str, Any]) -> str:
     gap = forward - new_self
     lines.append(f"New self (φ_{t} against a gallery re-extracted with φ_{t}, which privacy forbids) reaches "
                  f"{_pct(new_self)}%; forward is {abs(gap) * 100:.1f} points {'above' if gap > 0 else 'below'} it.")
-    for name, baseline in baselines.items():
-        theirs = {entry["step"]: entry for entry in baseline["steps"]}.get(t)
-        if theirs is not None:
-            difference = forward - _score_of(theirs, "forward")
-            lines.append(f"Against the `{name}` baseline (λ = {baseline['lam']:g}), this run's last-step forward "
-                         f"mAP is {abs(difference) * 100:.1f} points {'higher' if difference > 0 else 'lower'} "
-                         f"({_pct(forward)}% vs {_pct(_score_of(theirs, 'forward'))}%).")
+    for name, arm in arms.items():
+        theirs = {entry["step"]: entry for entry in arm["steps"]}.get(t)
+        if name in ("bict", "bct_chained") or theirs is None:
+            continue  # BiCT itself, and BCT chained: the backward line above
+        difference = forward - _score_of(theirs, "forward")
+        lines.append(f"Over `{name}` ({arm.get('meaning', name)}), on the same φ_1, gallery v1 and splits: BiCT's "
+                     f"last-step retrieval is {abs(difference) * 100:.1f} points "
+                     f"{'higher' if difference > 0 else 'lower'} ({_pct(forward)}% vs "
+                     f"{_pct(_score_of(theirs, 'forward'))}%).")
     return lines[0] + "\n\n" + "\n".join(f"- {line}" for line in lines[1:])
 
 
@@ -163,12 +187,39 @@ def _every_step(steps: list[dict], better: str, worse: str) -> str:
 
 
 def _steps_section(results: dict[str, Any], plots: Path) -> str:
-    _plot_steps(_ordered(results["steps"]), results.get("baselines") or {}, plots / "steps.png")
+    _plot_steps(_ordered(results["steps"]), results.get("arms") or {}, plots / "steps.png")
     return "\n\n".join([
         "## Tests at each upgrade step", _TEST_LEGEND.rstrip(),
         "### mAP (%)", markdown_step_table(results, "mAP"),
         "### Recall@1 (%)", markdown_step_table(results, "R@1"),
         "![mAP at each upgrade step](plots/steps.png)"])
+
+
+def _seeds_sections(results: dict[str, Any], plots: Path) -> list[str]:
+    """The "Spread over seeds" section of a run over seeds (bict_ray/pipeline/seeds.py); none for a single run."""
+    summary = results.get("seeds")
+    if not summary:
+        return []
+    seeds, steps = summary["seeds"], _ordered(summary["steps"])
+    _plot_seeds(steps, len(seeds), plots / "seeds.png")
+    n = len(seeds)
+    rows = [[str(entry["step"]), test.label, _mean_std(entry["tests"][test.name]["mAP"]),
+             _interval(entry["tests"][test.name]["mAP"]["ci95"]),
+             ", ".join(_pct(value) for value in entry["tests"][test.name]["mAP"]["values"])]
+            for entry in steps for test in NAMED_TESTS]
+    spread = ("With one seed there is no spread to estimate: std is shown as 0 and there is no interval."
+              if n == 1 else
+              f"Below, each test's mAP as mean ± std, the sample standard deviation over the seeds (ddof = 1), and "
+              f"the 95% Student t interval of the mean, mean ± t(0.975, {n - 1}) · std / √{n}. The error bars of "
+              "the plot are ± one standard deviation.")
+    return ["\n\n".join([
+        "## Spread over seeds",
+        f"Every score in this report is the **mean over {n} seeds** (train.seed = {', '.join(map(str, seeds))}). "
+        "Each seed trains every model and ψ again (initialisation, data order); the images, the training splits "
+        "and the test split are the same for all of them. Each seed's own run, with its compatibility matrix and "
+        f"timings, is in {', '.join(f'`{run}/`' for run in summary['runs'])}. {spread}",
+        _markdown_table(("step", "test", "mAP (%) mean ± std", "95% interval", "per seed"), rows),
+        "![mAP over seeds, mean ± std](plots/seeds.png)"])]
 
 
 def _validation_section(validation: dict[str, Any]) -> str:
@@ -198,16 +249,37 @@ def _bct_criterion_section(steps: list[dict]) -> str:
             f"against itself (backward prev > old self, mAP). On this run it {verdict}.\n\n{table}")
 
 
-def _baselines_section(steps: list[dict], baselines: dict[str, Any]) -> str:
-    rows = []
-    for name, lam, entries in [("this run (BiCT)", None, steps)] + [
-            (name, baseline["lam"], _ordered(baseline["steps"])) for name, baseline in baselines.items()]:
-        for entry in entries:
-            rows.append([name, "" if lam is None else f"{lam:g}", str(entry["step"]),
-                         *(_pct(_score_of(entry, test)) for test in ("old_self", "new_self", "backward", "forward")),
-                         _points(_score_of(entry, "forward") - _score_of(entry, "backward"))])
-    return "## Baselines (mAP, %)\n\n" + _markdown_table(
-        ("method", "λ", "step", "old self", "new self", "backward", "forward", "forward − backward"), rows)
+def _arms_section(arms: dict[str, Any]) -> str:
+    """One column per arm: the retrieval each arm serves after step t (φ_t against its deployed gallery, the
+    ``forward`` test: v1 for the BCT arms), on test and on validation; then every test of each arm at the last step."""
+    names = list(arms)
+    legend = "".join(f"- **{name}**: {arms[name].get('meaning', '')}\n" for name in names)
+    parts = ["## Arms (mAP, %)",
+             "Every arm on this run's φ_1, gallery v1 and splits (the same bytes), so a difference is the method's. "
+             "The number is what the service serves after step t: φ_t queries against the gallery the arm deploys "
+             "(upgraded by ψ, or v1 for BCT only).", legend.rstrip()]
+    for split, label in (("steps", "test"), ("validation", "validation")):
+        series = {name: _arm_split(arms[name], split) for name in names}
+        if any(entries is None for entries in series.values()):
+            continue
+        steps = sorted({e["step"] for entries in series.values() for e in entries})
+        by_step = {name: {e["step"]: e for e in entries} for name, entries in series.items()}
+        rows = [[str(t), *(_pct(_score_of(by_step[name][t], "forward")) if t in by_step[name] else ""
+                           for name in names)] for t in steps]
+        parts += [f"### Served retrieval at each step, {label}", _markdown_table(("step", *names), rows)]
+    last = {name: _ordered(arms[name]["steps"])[-1] for name in names if arms[name]["steps"]}
+    if last:
+        rows = [[name, str(entry["step"]), *(_pct(_score_of(entry, test)) for test in TESTS)]
+                for name, entry in last.items()]
+        parts += ["### Every test of each arm at its last step, test",
+                  _markdown_table(("arm", "step", *(test.label for test in NAMED_TESTS)), rows)]
+    return "\n\n".join(parts)
+
+
+def _arm_split(arm: dict[str, Any], split: str) -> list[dict] | None:
+    if split == "steps":
+        return _ordered(arm["steps"])
+    return _ordered(arm["validation"]["steps"]) if arm.get("validation") else None
 
 
 def _matrix_section(matrix: dict[str, Any], plots: Path) -> str:
@@ -270,21 +342,43 @@ def _timings_section(timings: dict[str, float]) -> str:
 
 # --- plots -----------------------------------------------------------------------------------------------------
 
-def _plot_steps(steps: list[dict], baselines: dict[str, Any], path: Path) -> None:
+def _plot_steps(steps: list[dict], arms: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
     ts = [e["step"] for e in steps]
     for test, label in (("new_self", "new self (backfill, forbidden)"), ("forward", "forward (BiCT)"),
                         ("backward", "backward (BCT only)"), ("old_self", "old self")):
         ax.plot(ts, [_score_of(e, test) * 100 for e in steps], marker="o", color=_COLOURS[test], label=label)
-    for (name, baseline), colour in zip(baselines.items(), _BASELINE_COLOURS):
-        entries = _ordered(baseline["steps"])
+    # BiCT and BCT chained are the forward and backward lines already
+    others = {name: arm for name, arm in arms.items() if name not in ("bict", "bct_chained")}
+    for (name, arm), colour in zip(others.items(), _ARM_COLOURS):
+        entries = _ordered(arm["steps"])
         ax.plot([e["step"] for e in entries], [_score_of(e, "forward") * 100 for e in entries], marker="s",
-                linestyle="--", color=colour, label=f"{name} forward (λ={baseline['lam']:g})")
-    ax.set_xticks(sorted({*ts, *(e["step"] for b in baselines.values() for e in b["steps"])}))
+                linestyle="--", color=colour, label=f"{name} (served)")
+    ax.set_xticks(sorted({*ts, *(e["step"] for arm in others.values() for e in arm["steps"])}))
     ax.set_xlabel(r"upgrade step t (query model $\varphi_t$)")
     ax.set_ylabel("mAP (%)")
     ax.set_title("Retrieval at each upgrade step")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _plot_seeds(steps: list[dict], n: int, path: Path) -> None:
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    tests = (("new_self", "new self (backfill, forbidden)"), ("forward", "forward (BiCT)"),
+             ("backward", "backward (BCT only)"), ("old_self", "old self"))
+    for index, (test, label) in enumerate(tests):
+        # shifted apart a little so that overlapping bars stay readable
+        shift = (index - (len(tests) - 1) / 2) * 0.04
+        ax.errorbar([e["step"] + shift for e in steps], [e["tests"][test]["mAP"]["mean"] * 100 for e in steps],
+                    yerr=[e["tests"][test]["mAP"]["std"] * 100 for e in steps], marker="o", capsize=4,
+                    color=_COLOURS[test], label=label)
+    ax.set_xticks([e["step"] for e in steps])
+    ax.set_xlabel(r"upgrade step t (query model $\varphi_t$)")
+    ax.set_ylabel("mAP (%)")
+    ax.set_title(f"Retrieval at each upgrade step over {n} seeds (mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     fig.savefig(path, dpi=120)
@@ -402,16 +496,25 @@ def _check_results(results: Any, source: str) -> None:
         _step_number(_field(_mapping(entry, where, source), "step", where, source), f"{where}.step", source)
         for key in ("fraction", *REPORT_METRICS):
             _score(_field(entry, key, where, source), f"{where}.{key}", source)
-    for name, baseline in _optional(results, "baselines", dict, source).items():
-        where = f"baselines.{name}"
-        _number(_field(_mapping(baseline, where, source), "lam", where, source), f"{where}.lam", source)
-        _check_steps(_field(baseline, "steps", where, source, list), f"{where}.steps", source)
+    for name, arm in _optional(results, "arms", dict, source).items():
+        where = f"arms.{name}"
+        _check_steps(_field(_mapping(arm, where, source), "steps", where, source, list), f"{where}.steps", source)
+        validation = _optional(arm, "validation", dict, source)
+        if validation:
+            _check_steps(_field(validation, "steps", f"{where}.validation", source, list),
+                         f"{where}.validation.steps", source)
     for stage, seconds in _optional(results, "timings", dict, source).items():
         if _number(seconds, f"timings.{stage}", source) < 0:
             raise InputError(f"{source}: 'timings.{stage}' must be seconds >= 0, got {seconds!r}")
+    seeds = _optional(results, "seeds", dict, source)
+    if seeds:
+        _check_seeds(seeds, source)
 
 
-def _check_steps(steps: list, where: str, source: str) -> None:
+def _check_steps(steps: list, where: str, source: str, check_scores=None) -> None:
+    """A list of ``{"step", "tests": {test: scores}}`` entries, each step once, every test there; ``check_scores(scores,
+    at, source)`` checks one test's dict (default: every REPORT_METRICS score a fraction)."""
+    check_scores = check_scores or _check_scores
     if not steps:
         raise InputError(f"{source}: '{where}' is empty: there is no upgrade step to report")
     seen = set()
@@ -423,9 +526,58 @@ def _check_steps(steps: list, where: str, source: str) -> None:
         seen.add(step)
         tests = _field(entry, "tests", at, source, dict)
         for test in TESTS:
-            scores = _field(tests, test, f"{at}.tests", source, dict)
-            for metric in REPORT_METRICS:
-                _score(_field(scores, metric, f"{at}.tests.{test}", source), f"{at}.tests.{test}.{metric}", source)
+            check_scores(_field(tests, test, f"{at}.tests", source, dict), f"{at}.tests.{test}", source)
+
+
+def _check_scores(scores: dict, at: str, source: str) -> None:
+    for metric in REPORT_METRICS:
+        _score(_field(scores, metric, at, source), f"{at}.{metric}", source)
+
+
+def _check_seeds(summary: dict, source: str) -> None:
+    """results["seeds"] of a run over seeds: the seeds, their runs, and a spread entry per step, test and metric."""
+    seeds = _field(summary, "seeds", "seeds", source, list)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise InputError(f"{source}: 'seeds.seeds' must be a non-empty list of integers, got {seeds!r}")
+    runs = _field(summary, "runs", "seeds", source, list)
+    if len(runs) != len(seeds) or not all(isinstance(run, str) for run in runs):
+        raise InputError(f"{source}: 'seeds.runs' must name one run directory per seed ({len(seeds)}), got {runs!r}")
+    parts = [("seeds.steps", _field(summary, "steps", "seeds", source, list))]
+    if _optional(summary, "validation", dict, source):
+        parts.append(("seeds.validation.steps", _field(summary["validation"], "steps", "seeds.validation", source,
+                                                       list)))
+    for where, steps in parts:
+        _check_steps(steps, where, source, functools.partial(_check_spreads, n=len(seeds)))
+
+
+def _check_spreads(metrics: dict, at: str, source: str, n: int) -> None:
+    """One test's ``{metric: spread}`` of a run over ``n`` seeds."""
+    for metric in REPORT_METRICS:
+        _field(metrics, metric, at, source, dict)
+    for metric, spread in metrics.items():
+        _check_spread(_mapping(spread, f"{at}.{metric}", source), metric, f"{at}.{metric}", n, source)
+
+
+def _check_spread(spread: dict, metric: str, where: str, n: int, source: str) -> None:
+    mean = _number(_field(spread, "mean", where, source), f"{where}.mean", source)
+    if metric in REPORT_METRICS:
+        _score(mean, f"{where}.mean", source)
+    if _number(_field(spread, "std", where, source), f"{where}.std", source) < 0:
+        raise InputError(f"{source}: '{where}.std' must be >= 0, got {spread['std']!r}")
+    if _field(spread, "n", where, source) != n:
+        raise InputError(f"{source}: '{where}.n' must be the number of seeds, {n}, got {spread['n']!r}")
+    values = _field(spread, "values", where, source, list)
+    if len(values) != n:
+        raise InputError(f"{source}: '{where}.values' must hold one value per seed ({n}), got {len(values)}")
+    for index, value in enumerate(values):
+        _number(value, f"{where}.values[{index}]", source)
+    interval = _field(spread, "ci95", where, source)
+    if interval is not None:
+        if not isinstance(interval, list) or len(interval) != 2:
+            raise InputError(f"{source}: '{where}.ci95' must be null or [low, high], got {interval!r}")
+        low, high = (_number(v, f"{where}.ci95", source) for v in interval)
+        if not low <= mean <= high:
+            raise InputError(f"{source}: '{where}.ci95' {interval!r} must hold the mean {mean!r}")
 
 
 def _check_matrix(matrix: dict, source: str) -> None:
@@ -523,6 +675,14 @@ def _pct(value: float | None) -> str:
 
 def _points(difference: float) -> str:
     return f"{difference * 100:+.1f}"
+
+
+def _mean_std(spread: dict) -> str:
+    return f"{spread['mean'] * 100:.1f} ± {spread['std'] * 100:.1f}"
+
+
+def _interval(interval: list[float] | None) -> str:
+    return "—" if interval is None else f"[{interval[0] * 100:.1f}, {interval[1] * 100:.1f}]"
 
 
 def _markdown_table(headers, rows) -> str:

@@ -13,7 +13,6 @@ every step, so a long run shows its numbers as they come.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -28,8 +27,9 @@ from bict_ray.core.splits import load_or_make_splits
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
-from bict_ray.distributed.train import train_embedding_model, train_upgrade_transform
+from bict_ray.distributed.train import fit_linear_upgrade_transform, train_embedding_model, train_upgrade_transform
 from bict_ray.errors import NotFoundError
+from bict_ray.pipeline.arms import ARM_MEANINGS, TRAINED_ARMS, chained_steps
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 from bict_ray.retrieval.shard import ShardList
 from bict_ray.retrieval.sharded import IN_PROCESS_GATHERING
@@ -45,20 +45,27 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     """
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
-    dataset = dataset or load_dataset(config.data)
+    dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
     runner = SequenceRunner(config, run_dir, dataset, log)
     results = runner.run(on_step)
-    for name in config.baselines:
-        results["baselines"][name] = _run_baseline(name, config, run_dir, dataset, log)
-        runner.write(results)
+    if config.arms:
+        results["arms"] = {"bict": _arm_entry(results)}
+        for name in config.arms:
+            results["arms"][name] = _run_arm(name, runner, results, log)
+            runner.write(results)
     return results
 
 
 class SequenceRunner:
-    def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log):
+    """One sequence in one run directory. ``shared``: the run an arm belongs to, whose phi_1..phi_``shared_models``
+    and gallery v1 this one reads instead of training and extracting its own (bict_ray.pipeline.arms)."""
+
+    def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log, *,
+                 shared: SequenceRunner | None = None, shared_models: int = 0):
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
-        self.splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes,
-                                          dataset.val)
+        self.shared, self.shared_models = shared, shared_models if shared is not None else 0
+        self.splits = shared.splits if shared is not None else load_or_make_splits(
+            run_dir.path, config.scenario, dataset.train, dataset.num_classes, dataset.val)
         self.timings: dict[str, float] = {}
         self.gallery_nodes: dict[str, list[str]] = {}  # gallery version -> Ray nodes its pipeline ran on
         self.models, self.transforms = {}, {}
@@ -77,21 +84,20 @@ class SequenceRunner:
         selects), or its test results when the dataset has no validation set."""
         config, steps = self.config, self.config.scenario.steps
         results = {"run": self._run_info(), "steps": [], "matrix": None, "partial_refresh": [],
-                   "baselines": {}, "timings": self.timings, "gallery_nodes": self.gallery_nodes}
+                   "timings": self.timings, "gallery_nodes": self.gallery_nodes}
         if self.validation is not None:
             results["validation"] = {"steps": []}
         testing = config.eval.test
         for t in range(1, steps + 1):
             self.models[t] = self.train_model(t)
             if testing:
-                self.embedded.queries[t] = self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
+                self._timed(f"embed test set phi_{t}", lambda: self._embed_queries(t))
             if t > 1 and config.transform.enabled:
                 self.transforms[t] = self.train_transform(t)
-            if t == 1 or config.transform.enabled:
-                if testing:
-                    self._gallery(t)
-                if self.validation is not None:
-                    self._timed(f"embed validation set phi_{t}", lambda: self._embed_validation(t))
+            if testing and (t == 1 or config.transform.enabled):
+                self._gallery(t)
+            if self.validation is not None:
+                self._timed(f"embed validation set phi_{t}", lambda: self._embed_validation(t))
             if t == 1:
                 continue
             selecting = None
@@ -134,14 +140,19 @@ class SequenceRunner:
         tmp.replace(self.run_dir.results_path)
 
     def train_model(self, t: int):
+        if t <= self.shared_models:
+            self.log(f"[sequence] phi_{t}: shared with {self.shared.run_dir.path}")
+            return self.shared.models[t]
         folder = self.run_dir.model_dir(t)
         existing = self._trained_already(folder, f"phi_{t}")
         if existing is not None:
             return existing
         split, train = self._training_split(t)
-        parent = self.models.get(t - 1)
-        what = "independently" if parent is None or self.config.compat.lam == 0 else \
-            f"backward-compatible with phi_{t - 1} ({self.config.compat.loss}, lambda={self.config.compat.lam:g})"
+        reference = 1 if self.config.compat.reference == "first" else t - 1
+        # lambda = 0 is independent training: no old model to load, none recorded as the parent
+        parent = self.models.get(reference) if self.config.compat.lam > 0 else None
+        what = "independently" if parent is None else \
+            f"backward-compatible with phi_{reference} ({self.config.compat.loss}, lambda={self.config.compat.lam:g})"
         self.log(f"[sequence] training phi_{t} {what} on {len(train)} images of classes {split.classes}")
         return self._timed(f"train phi_{t}", lambda: train_embedding_model(
             self.config, folder, t, train, split.classes, self.dataset.num_classes, parent=parent,
@@ -157,8 +168,12 @@ class SequenceRunner:
             chain = [self.models[1], *(self.transforms[s] for s in range(2, t))]
         else:
             chain = [self.models[t - 1]]
-        self.log(f"[sequence] training psi_{t - 1}_{t} on {len(train)} training images "
-                 f"({' -> '.join(a.card.name for a in chain)} to phi_{t})")
+        fit = self.config.transform.fit
+        self.log(f"[sequence] {'training' if fit == 'sgd' else f'fitting ({fit})'} psi_{t - 1}_{t} on {len(train)} "
+                 f"training images ({' -> '.join(a.card.name for a in chain)} to phi_{t})")
+        if fit != "sgd":
+            return self._timed(f"fit psi_{t - 1}_{t}", lambda: fit_linear_upgrade_transform(
+                self.config, folder, t - 1, self.models[t], train, chain))
         return self._timed(f"train psi_{t - 1}_{t}", lambda: train_upgrade_transform(
             self.config, folder, t - 1, self.models[t], train, chain, run_name=self._ray_name(f"psi_{t - 1}_{t}")))
 
@@ -177,17 +192,19 @@ class SequenceRunner:
         return split, self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
 
     def _gallery(self, t: int) -> None:
-        out = str(self.run_dir.gallery_dir(t))
-        if is_committed(out):
+        out = str(self._gallery_dir(t))
+        if t == 1 and self.shared is not None:
+            self.log(f"[sequence] gallery v1: shared with {self.shared.run_dir.path}")
+        elif is_committed(out):
             self.log(f"[sequence] gallery v{t}: committed already, skipped")
         elif t == 1:
-            self.log(f"[sequence] extracting gallery v1 with phi_1 ({len(self.dataset.test)} images)")
+            self.log(f"[sequence] extracting gallery v1 with phi_1 ({len(self.dataset.gallery)} images)")
             _, stats = self._timed("extract gallery v1", lambda: extract_gallery(
-                self.models[1], self.dataset.test, out, config=self.config.gallery, progress=self._progress))
+                self.models[1], self.dataset.gallery, out, config=self.config.gallery, progress=self._progress))
             self.log(f"[sequence] gallery v1: {stats.rows} rows in {stats.shards} shards, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes["v1"] = sorted(stats.nodes)
         else:
-            source = open_gallery(str(self.run_dir.gallery_dir(t - 1)))
+            source = open_gallery(str(self._gallery_dir(t - 1)))
             _, stats = self._timed(f"upgrade gallery v{t}", lambda: upgrade_gallery(
                 source, self.transforms[t], out, config=self.config.gallery, progress=self._progress))
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
@@ -195,15 +212,29 @@ class SequenceRunner:
             self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)
         self.embedded.galleries[t] = open_gallery(out)
 
-    def _embed_queries(self, t: int) -> Embedded:
-        test = self.dataset.test
-        return Embedded(embed_images(self.models[t].module, test.images), test.labels, test.ids)
+    def _gallery_dir(self, t: int) -> Path:
+        """Where gallery version t lives: this run's, or v1 of the run an arm shares it with."""
+        return (self.shared or self).run_dir.gallery_dir(t) if t == 1 else self.run_dir.gallery_dir(t)
+
+    def _embed_queries(self, t: int) -> None:
+        """phi_t of the protocol's query set and, where the gallery is another set (query_gallery), phi_t of the
+        gallery images: the self tests' phi_t(G)."""
+        self.dataset.check_protocol(self.config.eval.protocol, self.config.scenario.test_classes)
+        module, query, gallery = self.models[t].module, self.dataset.query, self.dataset.gallery
+        self.embedded.queries[t] = Embedded(embed_images(module, query.images), query.labels, query.ids)
+        if gallery is not query:
+            self.embedded.gallery_embedded[t] = Embedded(embed_images(module, gallery.images), gallery.labels,
+                                                         gallery.ids)
 
     def _embed_validation(self, t: int) -> None:
         """phi_t's queries of the validation set, and its gallery version t: phi_1's embeddings at t = 1, then
-        psi_{t-1->t} applied to version t - 1, as the gallery pipelines compute them."""
+        psi_{t-1->t} applied to version t - 1, as the gallery pipelines compute them (none with BCT only).
+        Leave-one-out over the whole validation set under every eval.protocol: it selects, and splitting it would
+        halve what it selects on."""
         val, data = self.dataset.val, self.validation
         data.queries[t] = Embedded(embed_images(self.models[t].module, val.images), val.labels, val.ids)
+        if t > 1 and t not in self.transforms:
+            return  # BCT only: the gallery stays v1
         if t == 1:
             stored = data.queries[1].embeddings
         else:
@@ -229,7 +260,8 @@ class SequenceRunner:
                 "scenario": config.scenario.kind, "steps": config.scenario.steps,
                 "models": [f"phi_{t}" for t in range(1, config.scenario.steps + 1)],
                 "classes": [s.classes for s in self.splits], "compat_loss": config.compat.loss,
-                "lam": config.compat.lam, "transform": config.transform.enabled,
+                "lam": config.compat.lam, "transform": config.transform.enabled, "protocol": config.eval.protocol,
+                **({"test_classes": config.scenario.test_classes} if config.scenario.test_classes else {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def _log_step(self, t: int, tests: dict, split: str) -> None:
@@ -237,18 +269,32 @@ class SequenceRunner:
         self.log(f"[sequence] step {t} {split} mAP: {parts}")
 
 
-def _run_baseline(name: str, config: Config, run_dir: RunDir, dataset: Dataset, log) -> dict:
-    """independent_psi: lambda = 0 (no backward compatibility) plus psi, in RUN_DIR/baselines/<name>."""
-    baseline = copy.deepcopy(config)
-    baseline.baselines = []
-    baseline.compat.lam = 0.0
-    baseline.eval.matrix = False
-    baseline.eval.partial_refresh = []
-    log(f"[sequence] baseline {name}: the same sequence with lambda = 0")
-    sub = SequenceRunner(baseline, RunDir.create(run_dir.path / "baselines" / name, baseline), dataset,
-                          lambda line: log(line.replace("[sequence]", f"[{name}]")))
-    results = sub.run()
-    return {"lam": 0.0, "steps": results["steps"], "timings": results["timings"]}
+def _run_arm(name: str, runner: SequenceRunner, results: dict, log) -> dict:
+    """One arm beside the run of ``runner`` (bict_ray.pipeline.arms): bct_chained from its tests, the others as a
+    sequence in RUN_DIR/arms/<name>/ sharing its phi_1 (and more, per arm) and gallery v1."""
+    if name == "bct_chained":
+        entry = {"meaning": ARM_MEANINGS[name], "steps": chained_steps(results["steps"])}
+        if "validation" in results:
+            entry["validation"] = {"steps": chained_steps(results["validation"]["steps"])}
+        return entry
+    arm = TRAINED_ARMS[name]
+    config = arm.config(runner.config)
+    shared = arm.shares(config.scenario.steps)
+    log(f"[sequence] arm {name}: {arm.meaning}; phi_1..phi_{shared} and gallery v1 shared with this run")
+    sub = SequenceRunner(config, RunDir.create(runner.run_dir.path / "arms" / name, config), runner.dataset,
+                         lambda line: log(line.replace("[sequence]", f"[{name}]")), shared=runner,
+                         shared_models=shared)
+    arm_results = sub.run()
+    return {**_arm_entry(arm_results), "meaning": arm.meaning, "run_dir": f"arms/{name}",
+            "shared": {m.card.name: m.card.sha256 for m in (runner.models[t] for t in range(1, shared + 1))},
+            "timings": arm_results["timings"]}
+
+
+def _arm_entry(results: dict) -> dict:
+    entry = {"meaning": ARM_MEANINGS["bict"], "steps": results["steps"]}
+    if "validation" in results:
+        entry["validation"] = results["validation"]
+    return entry
 
 
 def _missing(folder: Path, name: str):

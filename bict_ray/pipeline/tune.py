@@ -154,7 +154,8 @@ def _step_metrics(step: int, history: list[dict]) -> dict[str, float]:
 
 
 def _trial_config(base: Config, params: dict[str, Any]) -> Config:
-    raw = base.to_dict()
+    """A trial's config: the base with the trial's parameters, and no arms (a trial selects lambda; arms compare)."""
+    raw = {**base.to_dict(), "arms": []}
     for key, value in params.items():
         apply_override(raw, f"{key}={json.dumps(value)}")
     return from_dict(Config, raw)

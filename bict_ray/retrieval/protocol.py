@@ -1,6 +1,8 @@
 """The evaluation protocol of an upgrade sequence (docs/PROTOCOL.md), every test through the sharded driver.
 
-The test split is both query and gallery (leave-one-out: self-matches are excluded by sample id). For step t:
+The queries and the gallery G are the test split as the retrieval protocol cuts it (``eval.protocol``,
+``bict_ray.core.data.PROTOCOLS``): under leave_one_out both are the whole test split (self-matches are excluded by
+sample id), under query_gallery two disjoint sets. For step t:
 
 - old_self        phi_{t-1} / phi_{t-1}(G)
 - new_self        phi_t / phi_t(G)         (the backfill upper bound; forbidden in production, computed for evaluation)
@@ -11,9 +13,10 @@ The test split is both query and gallery (leave-one-out: self-matches are exclud
 - deployed_before phi_{t-1} / v_{t-1}      (the system before this step)
 
 Every test runs ``bict_ray.retrieval.sharded.sharded_retrieval_metrics`` with the executor it is given. A gallery
-version v_t is read from its shards (a committed ``GalleryVersion``, never whole into memory); a query set that
-serves as a gallery (phi_s(G): the test split embedded by model s, held in memory anyway as queries) is cut into
-shards of ``rows_per_shard`` rows, so that both run the same code.
+version v_t is read from its shards (a committed ``GalleryVersion``, never whole into memory); phi_s(G), the
+gallery images embedded by model s and held in memory (``SequenceEmbeddings.gallery_embedded``; under
+leave_one_out the queries themselves), is cut into shards of ``rows_per_shard`` rows, so that both run the same
+code.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ TESTS = tuple(test.name for test in NAMED_TESTS)
 
 @dataclass
 class Embedded:
-    """(N, D) float32 L2-normalised embeddings of the test split, aligned with ``labels`` and ``ids``."""
+    """(N, D) float32 L2-normalised embeddings of a set of images (queries or gallery), aligned with ``labels`` and
+    ``ids``."""
 
     embeddings: np.ndarray
     labels: np.ndarray
@@ -68,15 +72,19 @@ class Embedded:
 
 @dataclass
 class SequenceEmbeddings:
-    """What the protocol compares: per model t, its query embeddings, and per step t, gallery version v_t.
+    """What the protocol compares: per model t, its query embeddings and its embeddings of the gallery images,
+    and per step t, gallery version v_t.
 
     galleries: shard sources with a ``dim`` (committed ``GalleryVersion``s); partial refresh also reads their
-    ``shard_rows``. rows_per_shard: the shards a query set is cut into when it serves as a gallery.
+    ``shard_rows``. gallery_embedded: phi_t(G) where the gallery is another set than the queries
+    (eval.protocol=query_gallery); a model absent from it has its queries as phi_t(G) (leave_one_out).
+    rows_per_shard: the shards phi_t(G) is cut into when it serves as a gallery.
     """
 
-    queries: dict[int, Embedded] = field(default_factory=dict)  # phi_t(test images)
+    queries: dict[int, Embedded] = field(default_factory=dict)  # phi_t(query images)
     galleries: dict[int, ShardSource] = field(default_factory=dict)  # gallery version v_t, as stored
     rows_per_shard: int = 4096
+    gallery_embedded: dict[int, Embedded] = field(default_factory=dict)  # phi_t(gallery images), when not queries
 
 
 def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None,
@@ -90,9 +98,10 @@ def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None,
 
 
 def query_gallery(data: SequenceEmbeddings, s: int) -> ShardList:
-    """phi_s(G), the test split embedded by model s, as a gallery: the query set cut into shards."""
-    q = data.queries[s]
-    return ShardList.split(q.embeddings, q.labels, q.ids, data.rows_per_shard)
+    """phi_s(G), the gallery images embedded by model s, cut into shards: ``gallery_embedded[s]``, else
+    (leave-one-out) the query set."""
+    g = data.gallery_embedded.get(s, data.queries[s])
+    return ShardList.split(g.embeddings, g.labels, g.ids, data.rows_per_shard)
 
 
 def deployed_gallery(data: SequenceEmbeddings, t: int) -> ShardSource:

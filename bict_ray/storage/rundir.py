@@ -25,6 +25,7 @@ RUNTIME_KEYS = frozenset({
     "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
     "gallery.use_gpu", "gallery.batch_size",
     "eval.test",  # what is evaluated, not what is trained: a search's best trial is tested after selection
+    "arms",  # arms run beside the run, each in its own directory: one can be added to a finished run
 })
 
 
@@ -44,7 +45,8 @@ class RunDir:
         run_dir = cls(path)
         saved = run_dir.path / "config.yaml"
         if saved.is_file():
-            differences = config_differences(yaml.safe_load(saved.read_text()) or {}, config.to_dict())
+            differences = config_differences(yaml.safe_load(saved.read_text()) or {}, config.to_dict(),
+                                             Config().to_dict())
             if differences:
                 raise ConfigError(
                     f"run directory {run_dir.path} was made with another config ({'; '.join(differences)}); "
@@ -68,16 +70,23 @@ class RunDir:
         return self.path / "results.json"
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ between two config dicts, ignoring RUNTIME_KEYS."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
+                       prefix: str = "") -> list[str]:
+    """Keys whose values differ between two config dicts, ignoring RUNTIME_KEYS. With ``defaults`` (the config's
+    defaults, same shape), a key that ``saved`` lacks and ``current`` holds at its default is no difference: a run
+    directory made before the key existed ran what its default does. A key ``current`` lacks is read by nothing."""
     differences = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         dotted = prefix + key
         if dotted in RUNTIME_KEYS:
             continue
         a, b = saved.get(key), current.get(key)
+        if key not in current or (key not in saved and key in defaults and b == defaults[key]):
+            continue  # a key no longer read, or one added since at the value older runs behaved as
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += config_differences(a, b, dotted + ".")
+            differences += config_differences(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else {},
+                                              dotted + ".")
         elif a != b:
             differences.append(f"{dotted}: {a!r} there, {b!r} now")
     return differences

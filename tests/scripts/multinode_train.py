@@ -22,7 +22,7 @@ def main(out: str) -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         config = load_config("configs/smoke.yaml", ["train.num_workers=2", "train.epochs=1"])
-        data = load_dataset(config.data)
+        data = load_dataset(config.data, config.eval, config.scenario)
         classes = [0, 1, 2, 3, 4]
         train = data.train.subset(np.flatnonzero(np.isin(data.train.labels, classes)))
         model = train_embedding_model(config, f"{out}/models/phi_1", 1, train, classes, data.num_classes)

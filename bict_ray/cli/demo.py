@@ -1,7 +1,7 @@
 """`bict-ray demo`: the main job on the embedded default (Fashion-MNIST, configs/demo.yaml).
 
-1. the BiCT sequence phi_1 -> phi_2 -> phi_3 (class growth 4 -> 7 -> 10) on the full data, with BCT only (the
-   never-upgraded gallery) reported beside it;
+1. the BiCT sequence phi_1 -> phi_2 -> phi_3 (class growth 4 -> 7 -> 10) on the full data, with the arms of
+   configs/demo.yaml (BCT only chained and anchored, a closed-form linear psi) beside it on the same phi_1 and v1;
 2. a small lambda search on Ray Tune over whole sequences on a reduced slice of the data; its lambda = 0 trial is
    the independent-training + psi baseline;
 3. the report (tables and plots) in RUN_DIR/report.md.

@@ -196,8 +196,12 @@ class TransformConfig:
     # "sgd": trained on Ray Train with the loss above; "lstsq" / "procrustes": a linear psi (layers: 0) fitted in
     # closed form on the same training pairs (bict_ray.core.closed_form), in seconds
     fit: str = "sgd"
+    # psi's training budget in data: this share of each class of phi_t's training images gives the pairs psi learns
+    # from (seeded, the same images for every lambda and seed); 1.0 = all of them. The lambda study crosses it
+    pair_fraction: float = 1.0
 
     def __post_init__(self):
+        _check_range("transform.pair_fraction", self.pair_fraction, 0.0, 1.0, low_open=True)
         _check_choice("transform.source", self.source, ("gallery", "model"))
         _check_choice("transform.fit", self.fit, ("sgd", *FIT_METHODS))
         if self.fit != "sgd" and self.layers != 0:

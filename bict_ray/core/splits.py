@@ -45,6 +45,18 @@ def make_splits(scenario: ScenarioConfig, train: ImageSet, num_classes: int) -> 
     return SCENARIOS[scenario.kind](scenario, train, num_classes)
 
 
+def per_class_share(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded ``fraction`` of each class's rows, at least one row per class (fraction 1: all)."""
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        chosen.append(members[: max(1, round(fraction * len(members)))])
+    return np.sort(np.concatenate(chosen))
+
+
 def default_class_subsets(steps: int, num_classes: int, held_out=()) -> list[list[int]]:
     """Evenly growing class subsets ending with every class not ``held_out``, e.g. 3 steps of 10 classes: 4, 7,
     10 (the first 4, 7 and 10 of the classes kept, in order)."""

@@ -23,7 +23,7 @@ import numpy as np
 from bict_ray.config import Config
 from bict_ray.core.data import Dataset, load_dataset
 from bict_ray.core.embed import embed_images, upgrade_embeddings
-from bict_ray.core.splits import load_or_make_splits
+from bict_ray.core.splits import load_or_make_splits, per_class_share
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
@@ -125,6 +125,13 @@ class SequenceRunner:
         self.write(results)
         return results
 
+    def run_first(self) -> None:
+        """Only what every later stage builds on: phi_1 and, when the test split is evaluated, gallery v1 (and the
+        splits, made on construction). What runs that share them start from (the lambda study's bases)."""
+        self.models[1] = self.train_model(1)
+        if self.config.eval.test:
+            self._gallery(1)
+
     def load_trained(self, models_up_to: int, transforms_up_to: int = 1) -> None:
         """Load phi_1..phi_m and psi_1_2..psi_{n-1}_n from the run directory; each must exist (stage-wise jobs)."""
         for s in range(1, models_up_to + 1):
@@ -163,7 +170,7 @@ class SequenceRunner:
         existing = self._trained_already(folder, f"psi_{t - 1}_{t}")
         if existing is not None:
             return existing
-        _, train = self._training_split(t)
+        train = self._transform_pairs(t)
         if self.config.transform.source == "gallery":
             chain = [self.models[1], *(self.transforms[s] for s in range(2, t))]
         else:
@@ -190,6 +197,13 @@ class SequenceRunner:
         """Model t's split and its training images (psi_{t-1->t} trains on the same images as phi_t)."""
         split = self.splits[t - 1]
         return split, self.dataset.train.subset(np.searchsorted(self.dataset.train.ids, split.train_ids))
+
+    def _transform_pairs(self, t: int):
+        """The images whose pairs psi_{t-1->t} learns from: phi_t's training images, or ``transform.pair_fraction``
+        of each class of them, drawn by the scenario's seed (the same images whatever lambda or train.seed)."""
+        _, train = self._training_split(t)
+        share = per_class_share(train.labels, self.config.transform.pair_fraction, self.config.scenario.seed + t)
+        return train if len(share) == len(train) else train.subset(share)
 
     def _gallery(self, t: int) -> None:
         out = str(self._gallery_dir(t))

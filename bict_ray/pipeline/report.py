@@ -1,8 +1,9 @@
 """The human report of a BiCT run: per-step tables, plots and RUN_DIR/report.md (docs/PROTOCOL.md).
 
-Reads RUN_DIR/results.json and, when a λ search ran, RUN_DIR/tune/trials.csv and RUN_DIR/tune/best_config.json;
-writes RUN_DIR/report.md and its PNGs under RUN_DIR/plots/. Scores in results.json (and trials.csv) are fractions
-in [0, 1]; everything shown is in percent, differences in percentage points.
+Reads RUN_DIR/results.json and, when a λ search ran, RUN_DIR/tune/trials.csv and RUN_DIR/tune/best_config.json
+(with its Pareto front after a multi-objective search); writes RUN_DIR/report.md and its PNGs under RUN_DIR/plots/.
+Scores in results.json (and trials.csv) are fractions in [0, 1]; everything shown is in percent, differences in
+percentage points.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.colors import LogNorm, SymLogNorm
 from matplotlib.figure import Figure
 
 from bict_ray.errors import InputError
@@ -35,6 +37,13 @@ _TRIAL_METRICS = {"mean_forward_mAP": ("mean forward", "tab:blue"),
                   "mean_new_self_mAP": ("mean new self", "tab:green")}
 _TRIAL_COLUMNS = ("trial_id", "lam", "compat_loss", *_TRIAL_METRICS, "last_forward_mAP")
 _JSON_NAMES = {dict: "object", list: "array", str: "string"}
+# a search objective's test in words, for the axes of the Pareto plot: (name, queries, gallery)
+_OBJECTIVE_WORDS = {"old_self": ("old self", "old queries, old gallery"),
+                    "new_self": ("new self", "new queries, re-extracted gallery"),
+                    "backward": ("backward", "new queries, old gallery"),
+                    "backward_prev": ("backward prev", "new queries, previous model's gallery"),
+                    "forward": ("forward", "new queries, ψ-upgraded gallery"),
+                    "deployed_before": ("deployed before", "old queries, gallery before the upgrade")}
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -132,6 +141,18 @@ def write_report(run_dir: str | Path) -> Path:
 def plot_lambda_search(trials_csv: str | Path, png: str | Path) -> None:
     """The lambda plot of a search on its own (what `bict-ray tune` leaves beside trials.csv)."""
     _plot_lambda(_read_trials(Path(trials_csv)), Path(png))
+
+
+def plot_pareto(trials_csv: str | Path, best: dict[str, Any] | str | Path, png: str | Path) -> None:
+    """The Pareto plot of a two-objective search (what `bict-ray tune` leaves beside trials.csv as pareto.png):
+    every trial's two objectives on validation, the front selected on validation as a step line, and each front
+    configuration's test scores, measured once after the selection. ``best``: best_config.json, or its contents."""
+    source = "best config" if isinstance(best, dict) else str(best)
+    best = best if isinstance(best, dict) else _read_json(Path(best))
+    objectives, _ = _pareto_objectives(best, source)
+    if len(objectives) != 2:
+        raise InputError(f"{source}: the Pareto plot draws two objectives, got {len(objectives)}")
+    _plot_pareto(_read_objective_trials(Path(trials_csv), objectives), best, Path(png))
 
 
 def _run_section(run: dict[str, Any]) -> str:
@@ -311,16 +332,15 @@ def _tune_section(tune_dir: Path, plots: Path) -> str | None:
     trials_path, best_path = tune_dir / "trials.csv", tune_dir / "best_config.json"
     parts = []
     if best_path.is_file():
-        try:
-            best = json.loads(best_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{best_path}: not valid JSON ({err})") from None
-        chosen = {k: v for k, v in best.items() if k not in ("validation", "test")}
+        best = _read_json(best_path)
+        chosen = {k: v for k, v in best.items() if k not in ("validation", "test", "pareto")}
         parts += ["### Best config", f"Selected on the {best.get('selected_on', 'unknown')} set.",
                   "```json\n" + json.dumps(chosen, indent=2, sort_keys=True) + "\n```"]
         if best.get("test"):
             parts += ["The selected configuration on the test split, evaluated once after the selection (mAP, %):",
                       _steps_table(best["test"], "mAP", "test", str(best_path))]
+        if best.get("pareto"):
+            parts += _pareto_parts(best, trials_path, plots, str(best_path))
     if trials_path.is_file():
         trials = _read_trials(trials_path)
         _plot_lambda(trials, plots / "lambda.png")
@@ -330,6 +350,29 @@ def _tune_section(tune_dir: Path, plots: Path) -> str | None:
         parts = ["![search over λ](plots/lambda.png)", *parts, f"### Trials ({len(trials)})",
                  _markdown_table(headers, rows)]
     return "\n\n".join(["## λ search (Ray Tune)", *parts]) if parts else None
+
+
+def _pareto_parts(best: dict[str, Any], trials_path: Path, plots: Path, source: str) -> list[str]:
+    """The Pareto front of a multi-objective search: a table of its configurations, validation beside test, and
+    the plot when there are two objectives."""
+    objectives, modes = _pareto_objectives(best, source)
+    headers = ["trial", "params", *(f"{_metric_header(m)} val / test (%)" for m in objectives)]
+    rows = []
+    for entry in best["pareto"]:
+        scores = entry.get("scores", {})
+        rows.append([str(entry["trial_id"]), ", ".join(f"{k} = {_param(v)}" for k, v in entry["params"].items()),
+                     *(f"{_pct(scores.get('validation', {}).get(m))} / {_pct(scores.get('test', {}).get(m))}"
+                       for m in objectives)])
+    parts = ["### Pareto front",
+             f"{len(best['pareto'])} configuration(s) on the Pareto front of "
+             f"{', '.join(f'{mode} {metric}' for metric, mode in zip(objectives, modes))}, selected on the "
+             "validation set; each was then tested once (test only reports, it chose nothing). The best config "
+             "above is the front configuration best on the first objective.",
+             _markdown_table(headers, rows)]
+    if len(objectives) == 2 and trials_path.is_file():
+        _plot_pareto(_read_objective_trials(trials_path, objectives), best, plots / "pareto.png")
+        parts.append("![Pareto front, selected on validation](plots/pareto.png)")
+    return parts
 
 
 def _timings_section(timings: dict[str, float]) -> str:
@@ -451,6 +494,66 @@ def _plot_lambda(trials, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     fig.savefig(path, dpi=120)
+
+
+def _plot_pareto(trials, best: dict[str, Any], path: Path) -> None:
+    (x, y), (x_mode, _) = best["objectives"], best["modes"]
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    shown = trials[np.isfinite(trials[x]) & np.isfinite(trials[y])]
+    if "lam" in shown.columns and shown["lam"].notna().any():
+        lam = shown["lam"].astype(float)
+        positive = lam[lam > 0]
+        norm = None
+        if len(positive) and positive.max() > 10 * positive.min():  # a wide λ range: colour it on a log scale
+            norm = (SymLogNorm(linthresh=float(positive.min()), vmin=float(lam.min()), vmax=float(lam.max()))
+                    if (lam == 0).any() else LogNorm(vmin=float(positive.min()), vmax=float(positive.max())))
+        points = ax.scatter(shown[x] * 100, shown[y] * 100, c=lam, cmap="viridis", norm=norm, s=40, zorder=2,
+                            label=f"trials on validation ({len(shown)})")
+        fig.colorbar(points, ax=ax, label="λ (backward-compatibility loss weight)")
+    else:
+        ax.scatter(shown[x] * 100, shown[y] * 100, color="tab:gray", s=40, zorder=2,
+                   label=f"trials on validation ({len(shown)})")
+    front = sorted(best["pareto"], key=lambda entry: entry["scores"]["validation"][x])
+    fx = [entry["scores"]["validation"][x] * 100 for entry in front]
+    fy = [entry["scores"]["validation"][y] * 100 for entry in front]
+    # the boundary of what the front dominates: each point's value holds toward the worse end of x
+    ax.step(fx, fy, where="pre" if x_mode == "max" else "post", color="black", linewidth=1.2, zorder=3,
+            label=f"Pareto front on validation ({len(front)})")
+    ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4)
+    tested = [(vx, vy, entry["scores"]["test"][x] * 100, entry["scores"]["test"][y] * 100)
+              for vx, vy, entry in zip(fx, fy, front)
+              if all(_finite(entry.get("scores", {}).get("test", {}).get(m)) for m in (x, y))]
+    for vx, vy, tx, ty in tested:
+        ax.plot([vx, tx], [vy, ty], linestyle=":", color="tab:red", linewidth=0.8, alpha=0.7, zorder=4)
+    if tested:
+        ax.scatter([t[2] for t in tested], [t[3] for t in tested], marker="X", s=90, color="tab:red", zorder=5,
+                   label="front configurations on test (once, after the selection)")
+    ax.set_xlabel(_objective_label(x, x_mode))
+    ax.set_ylabel(_objective_label(y, best["modes"][1]))
+    ax.set_title(f"Pareto front of {len(trials)} trials, selected on validation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.savefig(path, dpi=120)
+
+
+def _objective_label(metric: str, mode: str) -> str:
+    """A search objective in words, on two lines: "backward mAP (new queries, old gallery)" over
+    "mean over the steps (%)"."""
+    kind, test = next(((k, metric[len(k):-len("_mAP")]) for k in ("mean_", "last_")
+                       if metric.startswith(k)), ("", metric[:-len("_mAP")]))
+    name, pair = _OBJECTIVE_WORDS.get(test, (test.replace("_", " "), ""))
+    when = {"mean_": "mean over the steps", "last_": "at the last step", "": "at the last reported step"}[kind]
+    better = ", lower is better" if mode == "min" else ""
+    return f"{name} mAP ({pair})\n{when} (%{better})" if pair else f"{name} mAP\n{when} (%{better})"
+
+
+def _param(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metric_header(metric: str) -> str:
+    return metric.replace("_mAP", " mAP").replace("_", " ")
 
 
 # --- input checks and helpers ----------------------------------------------------------------------------------
@@ -617,6 +720,56 @@ def _read_trials(path: Path):
         if not pd.api.types.is_numeric_dtype(trials[column]):
             raise InputError(f"{path}: column '{column}' must be numeric")
     return trials.sort_values(["lam", *(["compat_loss"] if "compat_loss" in trials.columns else [])])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+
+
+def _pareto_objectives(best: dict[str, Any], source: str) -> tuple[list[str], list[str]]:
+    """The objectives and modes of a multi-objective search's best config, checked with its ``pareto`` entries."""
+    objectives = _field(best, "objectives", "", source, list)
+    modes = _field(best, "modes", "", source, list)
+    if len(modes) != len(objectives) or not objectives:
+        raise InputError(f"{source}: 'objectives' and 'modes' must be non-empty lists of the same length")
+    for index, entry in enumerate(_field(best, "pareto", "", source, list)):
+        where = f"pareto[{index}]"
+        _field(_mapping(entry, where, source), "trial_id", where, source)
+        _field(entry, "params", where, source, dict)
+        validation = _field(_field(entry, "scores", where, source, dict), "validation", f"{where}.scores", source,
+                            dict)
+        for metric in objectives:
+            _number(_field(validation, metric, f"{where}.scores.validation", source),
+                    f"{where}.scores.validation.{metric}", source)
+    return objectives, modes
+
+
+def _read_objective_trials(path: Path, objectives: list[str]):
+    """trials.csv with a numeric column for each objective (a row may hold NaN: a trial that reported nothing)."""
+    import pandas as pd
+
+    try:
+        trials = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a readable CSV table ({err})") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+    for column in objectives:
+        if column not in trials.columns:
+            raise InputError(f"{path}: no column '{column}' (an objective of the search); found columns "
+                             f"{', '.join(map(str, trials.columns))}")
+        if not pd.api.types.is_numeric_dtype(trials[column]):
+            raise InputError(f"{path}: column '{column}' must be numeric")
+    return trials
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _ordered(steps: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ a driver that held a CPU would starve its own Ray Train workers on a small machi
 
 A search space is a YAML file (``tune_spaces/*.yaml``)::
 
+    searcher: grid                  # optional; grid (Tune's variant generator, the default) or optuna
     metric: mean_forward_mAP        # any metric reported below
     mode: max
     num_samples: 1                  # repeats of the grid / samples of the random space
@@ -17,6 +18,20 @@ A search space is a YAML file (``tune_spaces/*.yaml``)::
     params:                         # dotted config keys -> grid | choice | uniform | loguniform
       compat.lam: {grid: [0.0, 0.5, 1.0, 2.0]}
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # optional
+
+or, a multi-objective search with Optuna's TPE sampler (Ray Tune's ``OptunaSearch``)::
+
+    searcher: optuna
+    seed: 0                         # optional; the sampler's seed, so that the search is reproducible
+    metric: [mean_backward_mAP, mean_forward_mAP]   # two or more objectives ...
+    mode: [max, max]                                # ... and one mode each
+    num_samples: 12                 # trials the sampler proposes
+    params:                         # Optuna samples: choice | uniform | loguniform, no grid
+      compat.lam: {loguniform: [0.03, 10.0]}
+
+A multi-objective search selects the Pareto front on validation (:func:`pareto_front`), tests each front
+configuration once, and keeps ``best_*`` on the front trial best on the first objective; ASHA is refused there
+(it stops trials on one metric).
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from bict_ray.retrieval.protocol import TESTS
 from bict_ray.storage.rundir import RunDir
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+SEARCHERS = ("grid", "optuna")  # grid: Tune's basic variant generator; optuna: Tune's OptunaSearch (TPE)
 # what a search may optimise: each test's mAP at the step just evaluated, its mean over the steps so far, its last
 METRICS = tuple(f"{kind}{test}_mAP" for test in TESTS for kind in ("mean_", "last_", ""))
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # the driver's own footprint; its Train workers ask for their CPUs themselves
@@ -44,47 +60,106 @@ TRIAL_MEMORY_BYTES = 256 * 1024**2  # the driver's own footprint; its Train work
 @dataclass
 class SearchSpace:
     params: dict[str, dict[str, Any]]
-    metric: str = "mean_forward_mAP"
-    mode: str = "max"
+    metric: str | list[str] = "mean_forward_mAP"  # a list (with searcher optuna): a multi-objective search
+    mode: str | list[str] = "max"  # one per metric when metric is a list
     num_samples: int = 1
     max_concurrent_trials: int | None = None
     scheduler: dict[str, Any] | None = None
     name: str = "search"
+    searcher: str = "grid"
+    seed: int = 0  # the Optuna sampler's seed
+
+    @property
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.metric) if self.multi_objective else [self.metric]
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.mode) if isinstance(self.mode, list) else [self.mode]
 
 
 def load_space(path: str | Path, base: Config) -> SearchSpace:
     """Read and check a search-space YAML (a path or a shipped preset's name) against the config it will override."""
     path = presets.resolve(path, "space")
     raw = yaml.safe_load(path.read_text()) or {}
-    allowed = {"params", "metric", "mode", "num_samples", "max_concurrent_trials", "scheduler", "name"}
+    allowed = {"params", "metric", "mode", "num_samples", "max_concurrent_trials", "scheduler", "name", "searcher",
+               "seed"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in search space {path}; valid keys: "
                           f"{', '.join(sorted(allowed))}")
+    searcher = raw.get("searcher", "grid")
+    if searcher not in SEARCHERS:
+        raise ConfigError(f"search space {path}: searcher must be one of {', '.join(SEARCHERS)}, got {searcher!r}")
+    seed = raw.get("seed", 0)
+    if "seed" in raw and searcher != "optuna":
+        raise ConfigError(f"search space {path}: seed is the Optuna sampler's seed and needs searcher: optuna "
+                          f"(searcher is {searcher})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"search space {path}: seed must be an integer >= 0, got {seed!r}")
     space = SearchSpace(params=raw.get("params") or {}, metric=raw.get("metric", "mean_forward_mAP"),
                         mode=raw.get("mode", "max"), num_samples=int(raw.get("num_samples", 1)),
                         max_concurrent_trials=raw.get("max_concurrent_trials"), scheduler=raw.get("scheduler"),
-                        name=raw.get("name", path.stem))
+                        name=raw.get("name", path.stem), searcher=searcher, seed=seed)
     if not space.params:
         raise ConfigError(f"search space {path} has no params")
-    if space.metric not in METRICS:
-        raise ConfigError(f"search space {path}: metric {space.metric!r} is not reported; choose one of "
-                          f"{', '.join(METRICS)}")
-    if space.mode not in ("max", "min"):
-        raise ConfigError(f"search space {path}: mode must be max or min, got {space.mode!r}")
+    _check_objectives(space, path)
     for key, spec in space.params.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
             raise ConfigError(f"search space {path}: params.{key} must be one of "
                               f"{{{' | '.join(k + ': ...' for k in SEARCH_KINDS)}}}, got {spec!r}")
+        if searcher == "optuna" and "grid" in spec:
+            raise ConfigError(f"search space {path}: params.{key} is a grid, and searcher optuna samples its "
+                              f"points: give it as choice, uniform or loguniform (or use searcher: grid)")
         for value in _sample_values(spec):  # every value the space can produce must make a valid config
             _trial_config(base, {key: value})
     if space.scheduler is not None and space.scheduler.get("type") != "asha":
         raise ConfigError(f"search space {path}: scheduler.type must be asha, got {space.scheduler.get('type')!r}")
+    if space.scheduler is not None and space.multi_objective:
+        raise ConfigError(f"search space {path}: scheduler asha stops trials on one metric, and metric is a list "
+                          f"(a multi-objective search): remove the scheduler, or give one metric")
     return space
 
 
+def _check_objectives(space: SearchSpace, path: Path) -> None:
+    """metric and mode: one of each, or (searcher optuna only) two lists of the same length."""
+    metric, mode = space.metric, space.mode
+    if isinstance(metric, list):
+        if space.searcher != "optuna":
+            raise ConfigError(f"search space {path}: metric is a list {metric!r} (a multi-objective search), which "
+                              f"needs searcher: optuna (searcher is {space.searcher})")
+        if len(metric) < 2:
+            raise ConfigError(f"search space {path}: metric as a list needs two or more objectives, got {metric!r}; "
+                              f"give one metric as a string")
+        if not isinstance(mode, list):
+            raise ConfigError(f"search space {path}: metric is a list of {len(metric)}, so mode must be a list of "
+                              f"{len(metric)} too (max or min for each), got {mode!r}")
+        if len(mode) != len(metric):
+            raise ConfigError(f"search space {path}: metric and mode must be lists of the same length, got "
+                              f"{len(metric)} metric(s) and {len(mode)} mode(s)")
+        if len(set(map(str, metric))) != len(metric):
+            raise ConfigError(f"search space {path}: metric names an objective twice: {metric!r}")
+    elif isinstance(mode, list):
+        raise ConfigError(f"search space {path}: mode is a list {mode!r} but metric {metric!r} is one; give one "
+                          f"mode, or a list of metrics with searcher: optuna")
+    for index, name in enumerate(space.objectives):
+        where = f"metric[{index}]" if space.multi_objective else "metric"
+        if name not in METRICS:
+            raise ConfigError(f"search space {path}: {where} {name!r} is not reported; choose one of "
+                              f"{', '.join(METRICS)}")
+    for index, value in enumerate(space.modes):
+        where = f"mode[{index}]" if space.multi_objective else "mode"
+        if value not in ("max", "min"):
+            raise ConfigError(f"search space {path}: {where} must be max or min, got {value!r}")
+
+
 def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: bool = False, log=print) -> dict:
-    """Run (or with ``resume`` continue) the search; write trials.csv, best_config.json and lambda.png under out/tune."""
+    """Run (or with ``resume`` continue) the search; write trials.csv, best_config.json and lambda.png under out/tune
+    (and, for a multi-objective search of two objectives, pareto.png)."""
     import ray
     from ray import tune
 
@@ -109,17 +184,30 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
         if (storage / space.name).exists():
             raise ConfigError(f"{storage / space.name} already holds a search; use --resume, or another --out")
         concurrency = space.max_concurrent_trials or _default_concurrency(config, ray.cluster_resources())
-        log(f"[tune] {space.name}: {_describe(space)}; objective {space.mode} {space.metric}; "
-            f"{concurrency} trial(s) at a time")
+        objective = ", ".join(f"{mode} {metric}" for metric, mode in zip(space.objectives, space.modes))
+        log(f"[tune] {space.name}: {_describe(space)}; {space.searcher} searcher; "
+            f"objective{'s' if space.multi_objective else ''} {objective}; {concurrency} trial(s) at a time")
+        # TuneConfig takes one metric: a multi-objective search gives its list to the searcher alone
+        metric, mode = (None, None) if space.multi_objective else (space.metric, space.mode)
         tuner = tune.Tuner(
             trainable, param_space={k: _tune_domain(v) for k, v in space.params.items()},
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                                        max_concurrent_trials=concurrency,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=space.num_samples,
+                                        max_concurrent_trials=concurrency, search_alg=_search_alg(space),
                                         scheduler=_scheduler(space, config)),
             run_config=tune.RunConfig(name=space.name, storage_path=str(storage), verbose=1))
     grid = tuner.fit()
     summary = _summarise(grid, space, tune_dir, log)
     return _test_best(config, summary, tune_dir, log)
+
+
+def _search_alg(space: SearchSpace):
+    """None (Tune's basic variant generator: grids, random samples) or Optuna's TPE through Tune's OptunaSearch,
+    which takes a list of metrics and modes for a multi-objective search."""
+    if space.searcher != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=space.metric, mode=space.mode, seed=space.seed)
 
 
 def _trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
@@ -166,11 +254,12 @@ def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
 
     from bict_ray.pipeline.report import plot_lambda_search
 
-    rows = []
+    rows, configs = [], {}
     for result in grid:
         if result.metrics is None:
             continue
         row = {"trial_id": result.metrics.get("trial_id", Path(result.path).name)}
+        configs[row["trial_id"]] = result.config
         row.update({_column(k): v for k, v in result.config.items()})
         row.update({k: result.metrics.get(k) for k in METRICS if k in result.metrics})
         row["steps_reported"] = result.metrics.get("training_iteration")
@@ -180,14 +269,72 @@ def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
         raise RuntimeError(f"no trial of {space.name} reported a result; see the logs under {tune_dir / 'ray'}")
     trials = pd.DataFrame(rows).sort_values("lam" if "lam" in rows[0] else "trial_id")
     trials.to_csv(tune_dir / "trials.csv", index=False)
+    if "lam" in trials.columns:
+        plot_lambda_search(tune_dir / "trials.csv", tune_dir / "lambda.png")
+    if space.multi_objective:
+        return _summarise_front(trials.to_dict("records"), configs, space, tune_dir, log)
     best = grid.get_best_result(metric=space.metric, mode=space.mode, filter_nan_and_inf=True)
     summary = {"metric": space.metric, "mode": space.mode, "best_params": best.config,
                "best_value": best.metrics.get(space.metric), "best_trial": best.metrics.get("trial_id"),
                "best_run_dir": str(tune_dir / "trials" / str(best.metrics.get("trial_id"))),
                "trials": len(rows)}
-    if "lam" in trials.columns:
-        plot_lambda_search(tune_dir / "trials.csv", tune_dir / "lambda.png")
     log(f"[tune] {len(rows)} trials; best {space.metric} = {summary['best_value']:.4f} with {best.config}")
+    log(f"[tune] trials: {tune_dir / 'trials.csv'}")
+    return summary
+
+
+def pareto_front(rows: list[dict], objectives: list[str], modes: list[str]) -> list[dict]:
+    """The rows on the Pareto front of ``objectives`` (each maximised or minimised as its mode in ``modes`` says), in
+    the order given.
+
+    A row is on the front when no other row is at least as good on every objective and strictly better on one; two
+    rows equal on every objective are both on it. A row missing an objective, or with a NaN or infinite value for
+    one, takes no part (it neither is on the front nor dominates)."""
+    if len(objectives) != len(modes) or not objectives:
+        raise ValueError(f"one mode per objective: {len(objectives)} objective(s), {len(modes)} mode(s)")
+    if any(mode not in ("max", "min") for mode in modes):
+        raise ValueError(f"modes must be max or min, got {modes!r}")
+
+    def point(row: dict) -> tuple[float, ...] | None:
+        values = []
+        for metric, mode in zip(objectives, modes):
+            value = row.get(metric)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                return None
+            if not math.isfinite(value):
+                return None
+            values.append(value if mode == "max" else -value)  # larger is better from here on
+        return tuple(values)
+
+    scored = [(row, p) for row in rows if (p := point(row)) is not None]
+    return [row for row, p in scored
+            if not any(all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p)) for _, q in scored)]
+
+
+def _summarise_front(rows: list[dict], configs: dict[str, dict], space: SearchSpace, tune_dir: Path, log) -> dict:
+    """The summary of a multi-objective search: its Pareto front on validation, best first on the first objective;
+    ``best_*`` name the front trial best on the first objective (the first of them on a tie)."""
+    objectives, modes = space.objectives, space.modes
+    front = pareto_front(rows, objectives, modes)
+    if not front:
+        raise RuntimeError(f"no trial of {space.name} reported a finite value for every objective "
+                           f"({', '.join(objectives)}); see the logs under {tune_dir / 'ray'}")
+    sign = 1.0 if modes[0] == "max" else -1.0
+    front = sorted(front, key=lambda row: -sign * float(row[objectives[0]]))  # stable: trial order on a tie
+    pareto = [{"trial_id": row["trial_id"], "params": configs[row["trial_id"]],
+               "run_dir": str(tune_dir / "trials" / str(row["trial_id"])),
+               "scores": {"validation": {metric: float(row[metric]) for metric in objectives}}} for row in front]
+    best = pareto[0]
+    summary = {"metric": objectives[0], "mode": modes[0], "objectives": objectives, "modes": modes,
+               "best_params": best["params"], "best_value": best["scores"]["validation"][objectives[0]],
+               "best_trial": best["trial_id"], "best_run_dir": best["run_dir"], "trials": len(rows),
+               "pareto": pareto}
+    log(f"[tune] {len(rows)} trials; {len(pareto)} on the Pareto front of {', '.join(objectives)} (validation):")
+    for entry in pareto:
+        values = ", ".join(f"{metric} {value:.4f}" for metric, value in entry["scores"]["validation"].items())
+        log(f"[tune]   {entry['trial_id']}: {values} with {entry['params']}")
     log(f"[tune] trials: {tune_dir / 'trials.csv'}")
     return summary
 
@@ -195,14 +342,54 @@ def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
 def _test_best(config: Config, summary: dict, tune_dir: Path, log) -> dict:
     """The selected configuration on the test split, once, after the selection: its trial resumed (the models and
     transforms it trained are reused) with the test evaluation on. Writes both beside each other into
-    best_config.json, with ``selected_on``."""
+    best_config.json, with ``selected_on``. After a multi-objective search, every configuration on the front (chosen
+    on validation alone) is tested once so, and each ``pareto`` entry gets its ``validation`` and ``test`` steps and
+    its objectives on test beside those on validation (``scores``); test only reports."""
     from bict_ray.pipeline.sequence import run_sequence
 
+    if "pareto" in summary:
+        return _test_front(config, summary, tune_dir, log)
     best = _trial_config(config, summary["best_params"])
     log(f"[tune] testing the selected configuration {summary['best_params']} once, in {summary['best_run_dir']}")
     results = run_sequence(best, summary["best_run_dir"], log=lambda line: log(f"[best] {line}"))
     summary = {**summary, "selected_on": "validation", "validation": results["validation"]["steps"],
                "test": results["steps"]}
+    return _write_best(summary, tune_dir, log)
+
+
+def _test_front(config: Config, summary: dict, tune_dir: Path, log) -> dict:
+    from bict_ray.pipeline.report import plot_pareto
+    from bict_ray.pipeline.sequence import run_sequence
+
+    pareto = []
+    for entry in summary["pareto"]:
+        log(f"[tune] testing front configuration {entry['params']} once, in {entry['run_dir']}")
+        results = run_sequence(_trial_config(config, entry["params"]), entry["run_dir"],
+                               log=lambda line, trial=entry["trial_id"]: log(f"[front {trial}] {line}"))
+        tested = _objectives_of(results["steps"], summary["objectives"])
+        pareto.append({**entry, "scores": {**entry["scores"], "test": tested},
+                       "validation": results["validation"]["steps"], "test": results["steps"]})
+    best = pareto[0]  # the front trial best on the first objective
+    summary = {**summary, "pareto": pareto, "selected_on": "validation", "validation": best["validation"],
+               "test": best["test"]}
+    if len(summary["objectives"]) == 2:
+        plot_pareto(tune_dir / "trials.csv", summary, tune_dir / "pareto.png")
+    else:
+        log(f"[tune] no pareto.png: the plot draws two objectives, this search has {len(summary['objectives'])}")
+    return _write_best(summary, tune_dir, log)
+
+
+def _objectives_of(steps: list[dict], objectives: list[str]) -> dict[str, float | None]:
+    """The objectives computed from a run's steps as a trial computes them from its reports (_step_metrics)."""
+    ordered = sorted(steps, key=lambda entry: entry["step"])
+    if not ordered:
+        return {}
+    history = [{name: scores["mAP"] for name, scores in entry["tests"].items()} for entry in ordered]
+    metrics = _step_metrics(ordered[-1]["step"], history)
+    return {metric: metrics.get(metric) for metric in objectives}  # None: a test the run did not evaluate
+
+
+def _write_best(summary: dict, tune_dir: Path, log) -> dict:
     # written last: its presence means the search and the selected configuration's test are complete
     (tune_dir / "best_config.json").write_text(json.dumps(summary, indent=2))
     log(f"[tune] best: {tune_dir / 'best_config.json'}")

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from bict_ray.cli.sequence import parse_seeds
     from bict_ray.config import load_config
-    from bict_ray.pipeline.lambda_study import LambdaStudy, PsiBudget, run_lambda_study, study_markdown
+    from bict_ray.pipeline.lambda_study import SEEDS, LambdaStudy, PsiBudget, run_lambda_study, study_markdown
 
     if args.quick:
         config = load_config(args.config or "smoke", [*QUICK_OVERRIDES, *args.overrides])
@@ -40,7 +40,7 @@ def run(args) -> int:
         config = load_config(args.config or DEFAULT_CONFIG,
                              [*([] if args.config else SEARCH_OVERRIDES), *args.overrides])
     lams = _parse_lams(args.lams or (QUICK["lams"] if args.quick else None))
-    seeds = parse_seeds(args.seeds or (QUICK["seeds"] if args.quick else "0,1,2"))
+    seeds = parse_seeds(args.seeds or (QUICK["seeds"] if args.quick else ",".join(map(str, SEEDS))))
     budget_text = args.psi_budgets or (QUICK["budgets"] if args.quick else None)
     if budget_text is None:
         own = PsiBudget(config.transform.pair_fraction, config.transform.epochs)

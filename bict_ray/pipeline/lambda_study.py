@@ -129,7 +129,9 @@ def run_lambda_study(config: Config, study: LambdaStudy, out: str | Path, *, log
         f"{', '.join(map(str, study.seeds))} × ψ budgets {', '.join(b.name for b in budgets)}), "
         f"{concurrency} at a time")
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config.to_dict(), root=str(root)), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
+        # the dataset once into the object store: every trial reads the same images instead of loading its own
+        tune.with_parameters(_trial, base=config.to_dict(), root=str(root), dataset=dataset),
+        {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
     storage = root / "tune"
     if tune.Tuner.can_restore(str(storage / study.name)):
         log(f"[study] resuming the search in {storage / study.name}")
@@ -159,12 +161,11 @@ def _base_config(config: Config, seed: int) -> Config:
     return seeded
 
 
-def _trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
+def _trial(params: dict[str, Any], base: dict[str, Any], root: str, dataset) -> None:
     """One trial: the sequence at (λ, seed, ψ budget), reading phi_1, gallery v1 and the splits of its seed's base,
     evaluated on validation (reported to Tune after each step) and on test."""
     from ray import tune
 
-    from bict_ray.core.data import load_dataset
     from bict_ray.pipeline.sequence import SequenceRunner
 
     budget = PsiBudget.parse(params["psi"])
@@ -172,7 +173,6 @@ def _trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
         "compat.lam": params["compat.lam"], "train.seed": params["train.seed"], **budget.overrides()})
     seed, name = config.train.seed, trial_name(config.compat.lam, config.train.seed, budget)
     log = lambda line: print(f"[{name}] {line}")  # noqa: E731
-    dataset = load_dataset(config.data, config.eval, config.scenario)
     base_config = _base_config(from_dict(Config, copy.deepcopy(base)), seed)
     shared = SequenceRunner(base_config, RunDir(Path(root) / "bases" / f"seed_{seed}"), dataset, log)
     shared.load_trained(1)

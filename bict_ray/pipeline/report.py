@@ -37,13 +37,8 @@ _TRIAL_METRICS = {"mean_forward_mAP": ("mean forward", "tab:blue"),
                   "mean_new_self_mAP": ("mean new self", "tab:green")}
 _TRIAL_COLUMNS = ("trial_id", "lam", "compat_loss", *_TRIAL_METRICS, "last_forward_mAP")
 _JSON_NAMES = {dict: "object", list: "array", str: "string"}
-# a search objective's test in words, for the axes of the Pareto plot: (name, queries, gallery)
-_OBJECTIVE_WORDS = {"old_self": ("old self", "old queries, old gallery"),
-                    "new_self": ("new self", "new queries, re-extracted gallery"),
-                    "backward": ("backward", "new queries, old gallery"),
-                    "backward_prev": ("backward prev", "new queries, previous model's gallery"),
-                    "forward": ("forward", "new queries, ψ-upgraded gallery"),
-                    "deployed_before": ("deployed before", "old queries, gallery before the upgrade")}
+# a search objective's test in words, for the axes of the Pareto plot: name -> (label, its queries and gallery)
+_OBJECTIVE_WORDS = {test.name: (test.label, f"{test.query} queries, {test.gallery}") for test in NAMED_TESTS}
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -538,7 +533,8 @@ def _plot_pareto(trials, best: dict[str, Any], path: Path) -> None:
 
 
 def _objective_label(metric: str, mode: str) -> str:
-    """A search objective in words, on two lines: "backward mAP (new queries, old gallery)" over
+    """A search objective in words, on two lines: "backward (BCT only) mAP (φ_t queries, the never-upgraded gallery
+    v1)" over
     "mean over the steps (%)"."""
     kind, test = next(((k, metric[len(k):-len("_mAP")]) for k in ("mean_", "last_")
                        if metric.startswith(k)), ("", metric[:-len("_mAP")]))
@@ -706,19 +702,11 @@ def _trial_cell(column: str, value: Any) -> str:
 
 
 def _read_trials(path: Path):
-    import pandas as pd
-
-    try:
-        trials = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a readable CSV table ({err})") from None
+    trials = _read_csv(path)
     if "lam" not in trials.columns or not any(column in trials.columns for column in _TRIAL_METRICS):
         raise InputError(f"{path}: needs a 'lam' column and at least one of {', '.join(_TRIAL_METRICS)}; "
                          f"found columns {', '.join(map(str, trials.columns))}")
-    numeric = ["lam", *(c for c in (*_TRIAL_METRICS, "last_forward_mAP") if c in trials.columns)]
-    for column in numeric:
-        if not pd.api.types.is_numeric_dtype(trials[column]):
-            raise InputError(f"{path}: column '{column}' must be numeric")
+    _check_numeric(trials, ["lam", *(c for c in (*_TRIAL_METRICS, "last_forward_mAP") if c in trials.columns)], path)
     return trials.sort_values(["lam", *(["compat_loss"] if "compat_loss" in trials.columns else [])])
 
 
@@ -751,21 +739,32 @@ def _pareto_objectives(best: dict[str, Any], source: str) -> tuple[list[str], li
 
 def _read_objective_trials(path: Path, objectives: list[str]):
     """trials.csv with a numeric column for each objective (a row may hold NaN: a trial that reported nothing)."""
-    import pandas as pd
-
-    try:
-        trials = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a readable CSV table ({err})") from None
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found") from None
+    trials = _read_csv(path)
     for column in objectives:
         if column not in trials.columns:
             raise InputError(f"{path}: no column '{column}' (an objective of the search); found columns "
                              f"{', '.join(map(str, trials.columns))}")
-        if not pd.api.types.is_numeric_dtype(trials[column]):
-            raise InputError(f"{path}: column '{column}' must be numeric")
+    _check_numeric(trials, objectives, path)
     return trials
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a readable CSV table ({err})") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+
+
+def _check_numeric(table, columns, path: Path) -> None:
+    import pandas as pd
+
+    for column in columns:
+        if not pd.api.types.is_numeric_dtype(table[column]):
+            raise InputError(f"{path}: column '{column}' must be numeric")
 
 
 def _finite(value: Any) -> bool:

@@ -1,4 +1,8 @@
-"""`bict-ray study lambda`: the λ study (λ × seeds × ψ budget over whole sequences, one Ray Tune grid search)."""
+"""`bict-ray study lambda|criterion`: studies over many runs.
+
+lambda     λ × seeds × ψ budget over whole sequences, one Ray Tune grid search, selected on validation
+criterion  BCT's criterion (backward prev > old self) per compatibility loss and training budget, over seeds
+"""
 
 from __future__ import annotations
 
@@ -13,23 +17,33 @@ DEFAULT_BUDGETS = (None, "0.1x2")
 QUICK_OVERRIDES = ["train.epochs=1", "data.limit_train=400", "data.limit_test=200", "eval.matrix=false",
                    "eval.partial_refresh=[]"]
 QUICK = {"lams": "0,1", "seeds": "0,1", "budgets": "1x1"}
+CRITERION_CONFIG = "bct_criterion_open"  # open set, validation, the anchored arm
+CRITERION_SEEDS = "0,1"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("study", help="studies over many runs: the lambda study (Ray Tune grid)")
-    parser.add_argument("kind", choices=("lambda",), help="lambda: λ × seeds × ψ budget, selected on validation")
+    parser = subparsers.add_parser("study", help="studies over many runs: the lambda study (Ray Tune grid), BCT's "
+                                                 "criterion per loss")
+    parser.add_argument("kind", choices=("lambda", "criterion"),
+                        help="lambda: λ × seeds × ψ budget, selected on validation; criterion: backward prev > old "
+                             "self per compatibility loss (default config bct_criterion_open)")
     add_config_args(parser)
     parser.add_argument("--lams", metavar="L,L,...", help="λ values (default 0,0.1,0.3,1,3,10)")
-    parser.add_argument("--seeds", metavar="S,S,...", help="train.seed values (default 0,1,2)")
+    parser.add_argument("--seeds", metavar="S,S,...", help="train.seed values (default 0,1,2; criterion: 0,1)")
     parser.add_argument("--psi-budgets", metavar="FxE,...",
                         help="ψ training budgets, FRACTION of the training pairs x EPOCHS (default: the config's "
                              "own ψ and 0.1x2)")
+    parser.add_argument("--variants", metavar="LOSS:LAM[:KEY=VALUE,...];...",
+                        help="criterion: the variants, separated by ';', the first the base whose phi_1 the others "
+                             "share (default bct:1;bct:1:train.epochs=6;ract:1)")
     parser.add_argument("--quick", action="store_true",
                         help="a minutes-long study on a slice of the smoke preset (what the test suite runs)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.kind == "criterion":
+        return run_criterion(args)
     from bict_ray.cli.sequence import parse_seeds
     from bict_ray.config import load_config
     from bict_ray.pipeline.lambda_study import SEEDS, LambdaStudy, PsiBudget, run_lambda_study, study_markdown
@@ -52,6 +66,28 @@ def run(args) -> int:
     results = run_lambda_study(config, study, out)
     print(study_markdown(results))
     print(f"study: {out}/study.json")
+    return 0
+
+
+def run_criterion(args) -> int:
+    from bict_ray.cli.sequence import parse_seeds
+    from bict_ray.config import load_config
+    from bict_ray.core.data import load_dataset
+    from bict_ray.pipeline.criterion_study import DEFAULT_VARIANTS, criterion_markdown, parse_variant, \
+        run_criterion_study
+
+    if args.lams or args.psi_budgets or args.quick:
+        raise InputError("--lams, --psi-budgets and --quick are the lambda study's; the criterion study takes "
+                         "--variants and --seeds")
+    config_name = args.config or CRITERION_CONFIG
+    variants = [parse_variant(text) for text in (args.variants.split(";") if args.variants else DEFAULT_VARIANTS)]
+    configs = {name: load_config(config_name, [*overrides, *args.overrides]) for name, overrides in variants}
+    base = next(iter(configs.values()))
+    out = args.out or f"runs/{base.name}-criterion"
+    study = run_criterion_study(configs, parse_seeds(args.seeds or CRITERION_SEEDS), out,
+                                dataset=load_dataset(base.data, base.eval, base.scenario))
+    print(criterion_markdown(study))
+    print(f"study: {out}/criterion_study.json")
     return 0
 
 

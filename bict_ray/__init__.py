@@ -53,6 +53,8 @@ _API = {
     "write_gallery": "bict_ray.storage.gallery",
     "load_artifact": "bict_ray.storage.artifacts",
     "save_artifact": "bict_ray.storage.artifacts",
+    "export_faiss": "bict_ray.storage.export",
+    "export_lance": "bict_ray.storage.export",
     # on Ray
     "extract_gallery": "bict_ray.distributed.pipelines",
     "upgrade_gallery": "bict_ray.distributed.pipelines",

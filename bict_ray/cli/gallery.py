@@ -1,8 +1,9 @@
-"""`bict-ray extract | upgrade | evaluate`: the serving half of BiCT, one gallery version at a time.
+"""`bict-ray extract | upgrade | evaluate | export`: the serving half of BiCT, one gallery version at a time.
 
     extract   phi_1 embeds the configured dataset's test split (the gallery) into a new version
     upgrade   G <- psi(G): a new version from the embeddings alone (rerun after a kill to resume)
     evaluate  the test split, embedded by a query model, against a gallery version
+    export    a gallery version as a faiss index or a Lance dataset, what a retrieval service loads
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def register(subparsers) -> None:
     evaluate.add_argument("--model", required=True, help="query model folder, e.g. RUN_DIR/models/phi_2")
     evaluate.add_argument("--out", help="also write the result as JSON to this file")
     evaluate.set_defaults(func=run_evaluate)
+
+    # no config and no Ray: an export reads one version's shards in this process
+    export = subparsers.add_parser("export", help="a gallery version as a faiss index or Lance dataset, for serving")
+    export.add_argument("--gallery", required=True, help="committed gallery version folder or URI")
+    export.add_argument("--format", required=True, choices=["faiss", "lance"], help="faiss index file or Lance dataset")
+    export.add_argument("--out", required=True,
+                        help="new index file or dataset folder (a local path; never overwritten)")
+    export.add_argument("--index", choices=["flat", "ivf"],
+                        help="faiss only: flat (exact, default) or ivf (faster, approximate)")
+    export.add_argument("--nlist", type=int, help="ivf only: number of lists (default about 4*sqrt(rows))")
+    export.add_argument("--nprobe", type=int, help="ivf only: lists searched per query (default ceil(sqrt(nlist)))")
+    export.set_defaults(func=run_export)
 
 
 def run_extract(args) -> int:
@@ -90,6 +103,27 @@ def run_evaluate(args) -> int:
     print(text)
     if args.out:
         _write_text(Path(args.out), text + "\n")
+    return 0
+
+
+def run_export(args) -> int:
+    from bict_ray.storage.export import export_faiss, export_lance
+    from bict_ray.storage.gallery import open_gallery
+
+    # refused rather than ignored: a user asking for IVF settings on a Lance export expects them applied
+    if args.format == "lance" and (args.index is not None or args.nlist is not None or args.nprobe is not None):
+        raise InputError("--index, --nlist and --nprobe apply to --format faiss only")
+    gallery = open_gallery(args.gallery)
+    if args.format == "faiss":
+        index = args.index or "flat"
+        result = export_faiss(gallery, args.out, index=index, nlist=args.nlist, nprobe=args.nprobe,
+                              progress=_progress)
+        kind = f"faiss {index}" + (f" (nlist {result['nlist']}, nprobe {result['nprobe']})" if index == "ivf" else "")
+    else:
+        result = export_lance(gallery, args.out, progress=_progress)
+        kind = "lance"
+    print(f"exported {gallery.path}: {result['rows']} rows x {result['dim']} dims as {kind} to {result['path']} "
+          f"(sidecar {result['sidecar']}) in {result['seconds']:.1f}s; space {result['space']}")
     return 0
 
 

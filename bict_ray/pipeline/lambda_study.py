@@ -309,7 +309,9 @@ def plot_lambda_study(results: dict, png: str | Path) -> None:
                         label=test.replace("_", " "))
         chosen = results["selected"][budget["name"]]["lam"]
         ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"selected on validation (λ={chosen:g})")
-        ax.set_xscale("symlog", linthresh=max(min((lam for lam in lams if lam > 0), default=0.1), 1e-3))
+        linthresh = max(min((lam for lam in lams if lam > 0), default=0.1), 1e-3)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(-0.3 * linthresh, max(lams) * 1.5 if max(lams) > 0 else linthresh)  # no empty λ < 0 half
         ax.set_xlabel("backward-loss weight λ")
         ax.set_ylabel("test mAP (%), mean over steps")
         ax.set_title(f"ψ: {budget['pair_fraction']:g} of the pairs, {budget['psi_epochs']} epoch(s)")

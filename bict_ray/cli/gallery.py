@@ -1,9 +1,11 @@
-"""`bict-ray extract | upgrade | evaluate | export`: the serving half of BiCT, one gallery version at a time.
+"""`bict-ray extract | import-gallery | upgrade | evaluate | export`: the serving half of BiCT, one gallery version
+at a time.
 
-    extract   phi_1 embeds the configured dataset's test split (the gallery) into a new version
-    upgrade   G <- psi(G): a new version from the embeddings alone (rerun after a kill to resume)
-    evaluate  the test split, embedded by a query model, against a gallery version
-    export    a gallery version as a faiss index or a Lance dataset, what a retrieval service loads
+    extract         phi_1 embeds the configured dataset's test split (the gallery) into a new version
+    import-gallery  embeddings made elsewhere (Parquet, .npz, .npy) as a new version in their own space (resumable)
+    upgrade         G <- psi(G): a new version from the embeddings alone (rerun after a kill to resume)
+    evaluate        the test split, embedded by a query model, against a gallery version
+    export          a gallery version as a faiss index or a Lance dataset, what a retrieval service loads
 """
 
 from __future__ import annotations
@@ -24,6 +26,22 @@ def register(subparsers) -> None:
     extract.add_argument("--model", required=True, help="model folder, e.g. RUN_DIR/models/phi_1")
     extract.add_argument("--out", required=True, help="new gallery version folder, e.g. RUN_DIR/gallery/v1")
     extract.set_defaults(func=run_extract)
+
+    imported = subparsers.add_parser(
+        "import-gallery", help="embeddings made elsewhere (Parquet, .npz, .npy) as a new gallery version (resumable)")
+    add_config_args(imported, out=False)
+    imported.add_argument("--from", dest="source", required=True, metavar="PATH_OR_URI",
+                          help="a Parquet file, a folder or glob of them, or an .npz / .npy file")
+    imported.add_argument("--out", required=True, help="new gallery version folder or URI (never overwritten)")
+    imported.add_argument("--space", required=True,
+                          help="the external embedding space the rows are in: the version's space and lineage")
+    imported.add_argument("--id-column", default="id", help="integer id column, unique (default: id)")
+    imported.add_argument("--embedding-column", default="embedding", help="vector column (default: embedding)")
+    imported.add_argument("--label-column", help="integer label column (default: none, every row unlabelled)")
+    imported.add_argument("--normalise", action="store_true",
+                          help="scale rows to unit length (default: a row whose L2 norm is not 1 is an error)")
+    imported.add_argument("--rows-per-shard", type=int, help="rows per output shard (default: gallery.rows_per_shard)")
+    imported.set_defaults(func=run_import)
 
     upgrade = subparsers.add_parser("upgrade", help="upgrade a gallery version with psi (resumable)")
     add_config_args(upgrade, out=False)
@@ -62,6 +80,22 @@ def run_extract(args) -> int:
     images = load_dataset(config.data, config.eval, config.scenario).gallery  # the protocol's gallery set
     version, stats = extract_gallery(args.model, images, args.out, config=config.gallery, progress=_progress)
     print(f"extracted {version.path}: {_stats_line(stats)}; lineage {' -> '.join(version.lineage)}")
+    return 0
+
+
+def run_import(args) -> int:
+    from bict_ray.distributed.cluster import ensure_ray
+    from bict_ray.distributed.import_gallery import import_gallery
+
+    config = config_from_args(args)
+    ensure_ray(config.ray)
+    version, stats = import_gallery(args.source, args.out, space=args.space, id_column=args.id_column,
+                                    embedding_column=args.embedding_column, label_column=args.label_column,
+                                    normalise=args.normalise, rows_per_shard=args.rows_per_shard,
+                                    config=config.gallery, progress=_progress)
+    print(f"imported {args.source} ({stats.files} file(s)) -> {version.path}: {_stats_line(stats)}; "
+          f"{version.dim} dims{', rows normalised on import' if args.normalise else ''}; "
+          f"space {version.space}")
     return 0
 
 

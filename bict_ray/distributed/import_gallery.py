@@ -48,8 +48,8 @@ from bict_ray.config import GalleryConfig
 from bict_ray.distributed.shards import map_shards
 from bict_ray.errors import GalleryError, InputError
 from bict_ray.retrieval.shard import NORM_TOLERANCE
-from bict_ray.storage.gallery import (UNLABELLED, GalleryVersion, GalleryWriter, embeddings_from_column, is_committed,
-                                      shard_name)
+from bict_ray.storage.gallery import (UNLABELLED, GalleryVersion, GalleryWriter, embeddings_from_column,
+                                      first_duplicate, is_committed, shard_name)
 
 PARQUET, NPY, NPZ = "parquet", "npy", "npz"
 # Rows per Parquet read batch inside a task (at most; a shard's rows when fewer): what bounds a task's memory
@@ -688,16 +688,6 @@ def check_unique_ids(plan: ImportPlan, ids: np.ndarray, first_position: int, col
         (file_a, row_a), (file_b, row_b) = (plan.locate(first_position + p) for p in pair)
         raise InputError(f"duplicate id {int(ids[pair[0]])} (column {column!r}): {file_a}, row {row_a} and "
                          f"{file_b}, row {row_b}")
-
-
-def first_duplicate(ids: np.ndarray) -> tuple[int, int] | None:
-    """Positions ``(first, second)`` of the smallest id that occurs more than once, in input order; None if all
-    ids are unique."""
-    order = np.argsort(ids, kind="stable")
-    repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-    if not len(repeated):
-        return None
-    return int(order[repeated[0]]), int(order[repeated[0] + 1])
 
 
 def _vector_storage(values) -> pa.Array:

@@ -49,6 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from bict_ray.errors import InputError
+from bict_ray.retrieval.search import check_positive_int
 from bict_ray.storage.gallery import UNLABELLED, GalleryVersion, open_gallery
 
 FAISS_INDEX_KINDS = ("flat", "ivf")
@@ -177,12 +178,11 @@ def _output_paths(out: str | os.PathLike, gallery: GalleryVersion) -> tuple[str,
 def _check_nlist(nlist: int | None, num_rows: int) -> int:
     if nlist is None:
         return default_nlist(num_rows)
-    if isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or nlist < 1:
-        raise InputError(f"nlist must be a positive integer, got {nlist!r}")
+    nlist = check_positive_int("nlist", nlist)
     if nlist > num_rows:
         raise InputError(f"nlist {nlist} is more than the gallery's {num_rows} rows: k-means needs a row per list "
                          f"(default for this gallery: {default_nlist(num_rows)})")
-    return int(nlist)
+    return nlist
 
 
 def _check_nprobe(nprobe: int | None, nlist: int) -> int:

@@ -673,13 +673,22 @@ def _check_unique_ids(names: list[str], id_arrays: list[np.ndarray]) -> None:
     """Raise naming the first id that appears in two shards (or twice in one)."""
     ids = np.concatenate(id_arrays)
     shard_of = np.repeat(np.arange(len(id_arrays)), [len(a) for a in id_arrays])
-    order = np.argsort(ids, kind="stable")
-    repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-    if len(repeated):
-        first, second = order[repeated[0]], order[repeated[0] + 1]
+    pair = first_duplicate(ids)
+    if pair is not None:
+        first, second = pair
         raise GalleryError(
             f"duplicate id {int(ids[first])} in shards {names[shard_of[first]]} and {names[shard_of[second]]}"
         )
+
+
+def first_duplicate(ids: np.ndarray) -> tuple[int, int] | None:
+    """Positions ``(first, second)`` of the smallest id that occurs more than once, in input order; None if all
+    ids are unique."""
+    order = np.argsort(ids, kind="stable")
+    repeated = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if not len(repeated):
+        return None
+    return int(order[repeated[0]]), int(order[repeated[0] + 1])
 
 
 def _check_lineage(lineage, space) -> None:

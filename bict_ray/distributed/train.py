@@ -246,10 +246,9 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
     """
     out_dir = Path(out_dir)
     version = target.card.version
-    # DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's CPU-less placement group
-    pairs = _extract_pairs.options(scheduling_strategy="DEFAULT").remote(
+    pairs = _extract_pairs.options(**_extraction_options(config)).remote(
         [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
-        config.train.batch_size * 4)
+        config.train.batch_size * 4, _threads(config))
     spec = {"d_in": source_chain[-1].card.dim, "d_out": target.card.dim,
             "hidden": config.transform.hidden, "layers": config.transform.layers}
     tf = config.transform
@@ -281,9 +280,9 @@ def fit_linear_upgrade_transform(config: Config, out_dir: str | Path, source: in
                                  "it is never overwritten")
     method = config.transform.fit
     started = time.perf_counter()
-    stored, features = ray.get(_extract_pairs.options(scheduling_strategy="DEFAULT").remote(
+    stored, features = ray.get(_extract_pairs.options(**_extraction_options(config)).remote(
         [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
-        config.train.batch_size * 4))
+        config.train.batch_size * 4, _threads(config)))
     psi = fit_linear_transform(stored, features, method)
     fitted = upgrade_embeddings([psi], stored)
     targets = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -474,6 +473,14 @@ def _threads(config: Config) -> int | None:
     return config.train.torch_threads or max(1, int(config.train.cpus_per_worker))
 
 
+def _extraction_options(config: Config) -> dict[str, Any]:
+    """Ray options of the tasks that embed training images with frozen models (psi's pairs, the old classifier's
+    synthesis). They run between fits, when a training worker's CPUs are free, so they take as many: at Ray's
+    default of one CPU a task gets OMP_NUM_THREADS=1, and psi's pairs took as long as psi's training.
+    DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's CPU-less placement group."""
+    return {"num_cpus": max(1, int(config.train.cpus_per_worker)), "scheduling_strategy": "DEFAULT"}
+
+
 def _check_parent(parent: Artifact, spec: dict[str, Any]) -> None:
     old = parent.card.spec
     for key in ("num_classes", "in_channels"):
@@ -498,8 +505,8 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet):
     if not picks:
         return weight, seen
     index = np.sort(np.concatenate(picks))
-    features = ray.get(_features.options(scheduling_strategy="DEFAULT").remote(
-        parent.card, parent.state, ray.put(train_set.images[index])))
+    features = ray.get(_features.options(**_extraction_options(config)).remote(
+        parent.card, parent.state, ray.put(train_set.images[index]), _threads(config)))
     return synthesise_old_classifier(weight, seen, torch.tensor(features),
                                      torch.from_numpy(train_set.labels[index]), parent.card.spec["classifier"])
 
@@ -517,13 +524,15 @@ def _class_mask(classes: list[int] | None, num_classes: int) -> torch.Tensor | N
 
 
 @ray.remote(num_cpus=1)
-def _features(card, state, images):
+def _features(card, state, images, threads):
+    torch.set_num_threads(threads)
     return model_features(module_from_state(card, state), images)
 
 
 @ray.remote(num_cpus=1)
-def _extract_pairs(chain, target, images, batch_size):
+def _extract_pairs(chain, target, images, batch_size, threads):
     """(s(x), phi_target(x)) for the training images: s is the source chain as the gallery would store it."""
+    torch.set_num_threads(threads)  # a worker process is reused across tasks: never inherit another's count
     first = module_from_state(*chain[0])
     source = embed_images(first, images, batch_size)
     source = upgrade_embeddings([module_from_state(*c) for c in chain[1:]], source)

@@ -51,8 +51,11 @@ def start_ray(num_cpus: int, attempts: int = 3) -> tuple[bool, float]:
     (``address="local"``); retried, since another instance starting at the same time may take its ports."""
     import ray
 
+    from bict_ray.distributed.cluster import set_train_env_defaults
+
     if ray.is_initialized():
         return False, 0.0
+    set_train_env_defaults()  # the project's settings, so a benchmark measures what a run gets
     for attempt in range(attempts):
         started = time.perf_counter()
         try:

@@ -12,7 +12,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 def ray_session():
     import ray
 
+    from bict_ray.distributed.cluster import set_train_env_defaults
+
     if not ray.is_initialized():
+        set_train_env_defaults()
         # address="local": always a fresh instance of our own, even when a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

@@ -61,6 +61,19 @@ def test_every_ray_start_binds_the_dashboard_to_localhost(name):
     assert not [cmd for cmd in all_commands(config) if "0.0.0.0" in cmd]
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_ray_start_sets_the_projects_train_settings(name):
+    """A cluster's nodes give Ray Train the settings a local run gets (bict_ray.distributed.cluster), so a fit does
+    not idle after its last epoch on a cluster only."""
+    from bict_ray.distributed.cluster import TRAIN_ENV_DEFAULTS
+
+    config = prepared(name)
+    for role in ("head", "worker"):
+        (command,) = [cmd for cmd in config[f"{role}_start_ray_commands"] if "ray start" in cmd]
+        words = shlex.split(command.replace(";", " ; ").split("ray start", 1)[0])
+        assert {f"{key}={value}" for key, value in TRAIN_ENV_DEFAULTS.items()} <= set(words), (role, command)
+
+
 def test_security_group_opens_no_ray_port_to_the_world():
     config = prepared("cluster.yaml")
     for node_type in config["available_node_types"].values():

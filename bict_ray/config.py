@@ -20,6 +20,7 @@ from bict_ray import presets
 from bict_ray.core.closed_form import FIT_METHODS
 from bict_ray.core.data import DATA_KINDS, PROTOCOLS
 from bict_ray.core.embed import PRECISIONS
+from bict_ray.core.external import FACTORY_RE, MODEL_KINDS, OLD_MODEL_KINDS
 from bict_ray.core.losses import COMPAT_LOSSES
 from bict_ray.core.models import BACKBONES, CLASSIFIERS
 from bict_ray.core.splits import SCENARIOS
@@ -129,6 +130,77 @@ class ModelConfig:
             raise ConfigError(f"model.embedding_dim must be >= 1, got {self.embedding_dim}")
         if self.scale <= 0:
             raise ConfigError(f"model.scale must be > 0, got {self.scale}")
+
+
+# The old_model keys each kind requires, and all those it reads: a key set for a kind that does not read it is an
+# error, so that a key meant for another kind is never silently ignored
+_OLD_MODEL_INPUT = ("image_size", "channels", "mean", "std")
+_OLD_MODEL_REQUIRED = {"none": (), "torchscript": ("path", "image_size", "channels"),
+                       "torchvision": ("architecture", "weights", "image_size", "channels"),
+                       "python": ("factory", "image_size", "channels"), "embeddings": ("path",)}
+_OLD_MODEL_KEYS = {"none": (), "torchscript": ("path", *_OLD_MODEL_INPUT),
+                   "torchvision": ("architecture", "weights", "layer", *_OLD_MODEL_INPUT),
+                   "python": ("factory", "kwargs", "weights", *_OLD_MODEL_INPUT),
+                   "embeddings": ("path", "id_column", "embedding_column")}
+
+
+@dataclass
+class OldModelConfig:
+    """The old model phi_old a service already runs, brought from outside instead of trained (docs/OLD_MODEL.md).
+
+    ``kind``: none (the run trains its own phi_1) | torchscript | torchvision | python (loaded by
+    ``bict_ray.core.external.load_old_model``) | embeddings (phi_old's embeddings of the training images only,
+    ``bict_ray.storage.old_embeddings.load_old_embeddings``). Nothing is ever downloaded: every file is local.
+    """
+
+    kind: str = "none"
+    path: str | None = None  # torchscript: the scripted or traced .pt file; embeddings: the Parquet file
+    architecture: str | None = None  # torchvision: a classification model's name (resnet18, resnet50, ...)
+    weights: str | None = None  # torchvision (required), python (optional): a local state_dict file
+    # torchvision: the graph node whose output is the embedding; None = the input of the head's final Linear
+    layer: str | None = None
+    factory: str | None = None  # python: "package.module:callable" returning the torch.nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict)  # python: the factory's keyword arguments
+    id_column: str = "id"  # embeddings: integer ids, matched to the training images' ids
+    embedding_column: str = "embedding"  # embeddings: list<float|double>, fixed_size_list or fixed_shape_tensor
+    # The input the old model was trained on, made from the project's (N, C, H, W) uint8 images: ``channels`` (1 or
+    # 3; 1 -> 3 replicates the gray channel, 3 -> 1 takes the luma), resized (bilinear) to image_size x image_size,
+    # then (x / 255 - mean) / std per channel (1 value or one per channel). mean = std = 0.5 is the project's own
+    # [-1, 1] mapping; a model trained on ImageNet wants [0.485, 0.456, 0.406] and [0.229, 0.224, 0.225]
+    image_size: int | None = None
+    channels: int | None = None
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+
+    def __post_init__(self):
+        _check_choice("old_model.kind", self.kind, OLD_MODEL_KINDS)
+        for name in _OLD_MODEL_REQUIRED[self.kind]:
+            if getattr(self, name) in (None, ""):
+                raise ConfigError(f"old_model.{name} is required for old_model.kind={self.kind}")
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if f.name != "kind" and f.name not in _OLD_MODEL_KEYS[self.kind] and getattr(self, f.name) != default:
+                readers = [kind for kind, keys in _OLD_MODEL_KEYS.items() if f.name in keys]
+                raise ConfigError(f"old_model.{f.name} is not read by old_model.kind={self.kind} (only by "
+                                  f"{', '.join(readers)})")
+        if self.kind == "python" and not FACTORY_RE.match(self.factory):
+            raise ConfigError(f"old_model.factory must look like package.module:callable, got {self.factory!r}")
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise ConfigError(f"old_model.kwargs must be a mapping of argument names to values, got {self.kwargs!r}")
+        if self.kind in MODEL_KINDS:
+            if self.image_size < 1:
+                raise ConfigError(f"old_model.image_size must be >= 1, got {self.image_size}")
+            if self.channels not in (1, 3):
+                raise ConfigError(f"old_model.channels must be 1 or 3, got {self.channels}")
+            for name in ("mean", "std"):
+                values = getattr(self, name)
+                if len(values) not in (1, self.channels):
+                    raise ConfigError(f"old_model.{name} must have 1 or {self.channels} (old_model.channels) "
+                                      f"values, got {values}")
+            if min(self.std) <= 0:
+                raise ConfigError(f"old_model.std must be > 0, got {self.std}")
+        if self.kind == "embeddings" and self.id_column == self.embedding_column:
+            raise ConfigError(f"old_model.id_column and old_model.embedding_column are both {self.id_column!r}")
 
 
 @dataclass
@@ -290,6 +362,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # phi_old from a service instead of a trained phi_1 (kind "none", the default: the run trains its own)
+    old_model: OldModelConfig = field(default_factory=OldModelConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)

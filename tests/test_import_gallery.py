@@ -18,7 +18,8 @@ import bict_ray.distributed.import_gallery as ig
 from bict_ray.cli import main
 from bict_ray.errors import GalleryError, InputError
 from bict_ray.retrieval.shard import NORM_TOLERANCE
-from bict_ray.storage.gallery import UNLABELLED, open_gallery
+from bict_ray.storage import tables
+from bict_ray.storage.gallery import UNLABELLED, first_duplicate, open_gallery
 
 DIM = 6
 
@@ -381,28 +382,28 @@ def test_npy_rows_are_read_by_range(tmp_path):
 
 def test_check_embeddings_names_the_first_bad_row():
     rows = unit(5)
-    ok = ig.check_embeddings(rows, "x.parquet", 100, "vec", dim=DIM, reference="r", normalise=False)
+    ok = tables.check_embeddings(rows, "x.parquet", 100, "vec", dim=DIM, reference="r", normalise=False)
     assert ok.dtype == np.float32 and ok.shape == (5, DIM)
     off = rows.copy()
     off[3] *= 1 + 2 * NORM_TOLERANCE
     with pytest.raises(InputError, match=r"x\.parquet, row 103, column 'vec': embedding has L2 norm 1\.002"):
-        ig.check_embeddings(off, "x.parquet", 100, "vec", dim=DIM, reference="r", normalise=False)
+        tables.check_embeddings(off, "x.parquet", 100, "vec", dim=DIM, reference="r", normalise=False)
     within = rows.copy()
     within[3] *= 1 + NORM_TOLERANCE / 2
-    ig.check_embeddings(within, "x.parquet", 100, "vec", dim=DIM, reference="r", normalise=False)
+    tables.check_embeddings(within, "x.parquet", 100, "vec", dim=DIM, reference="r", normalise=False)
     with pytest.raises(InputError, match=r"expected \(n, 6\)"):
-        ig.check_embeddings(rows[:, :4], "x.parquet", 0, "vec", dim=DIM, reference="r", normalise=True)
+        tables.check_embeddings(rows[:, :4], "x.parquet", 0, "vec", dim=DIM, reference="r", normalise=True)
 
 
 def test_first_duplicate_and_the_types_accepted():
-    assert ig.first_duplicate(np.array([5, 1, 9, 1, 5])) == (1, 3)
-    assert ig.first_duplicate(np.arange(4)) is None
-    assert ig.vector_type(pa.list_(pa.float32())) == (None, None)
-    assert ig.vector_type(pa.list_(pa.float64(), 8)) == (8, None)
-    assert ig.vector_type(pa.fixed_shape_tensor(pa.float64(), [4])) == (4, None)
-    assert "1-D vectors" in ig.vector_type(pa.fixed_shape_tensor(pa.float32(), [2, 2]))[1]
-    assert "float32 or float64" in ig.vector_type(pa.list_(pa.int64()))[1]
-    assert "not a vector type" in ig.vector_type(pa.string())[1]
+    assert first_duplicate(np.array([5, 1, 9, 1, 5])) == (1, 3)
+    assert first_duplicate(np.arange(4)) is None
+    assert tables.vector_type(pa.list_(pa.float32())) == (None, None)
+    assert tables.vector_type(pa.list_(pa.float64(), 8)) == (8, None)
+    assert tables.vector_type(pa.fixed_shape_tensor(pa.float64(), [4])) == (4, None)
+    assert "1-D vectors" in tables.vector_type(pa.fixed_shape_tensor(pa.float32(), [2, 2]))[1]
+    assert "float32 or float64" in tables.vector_type(pa.list_(pa.int64()))[1]
+    assert "not a vector type" in tables.vector_type(pa.string())[1]
 
 
 def test_sources_that_are_not_inputs(tmp_path):

@@ -272,15 +272,22 @@ BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
 }
 
 
-def _load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:
+def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """A local state_dict file, read with ``torch.load(..., weights_only=True)`` (no code from the file runs).
+    Raises InputError, the message starting ``{what} '{path}'``, for a missing, unreadable or non-state_dict file."""
     if not os.path.isfile(path):
-        raise InputError(f"backbone weights file {os.fspath(path)!r} not found")
+        raise InputError(f"{what} {os.fspath(path)!r} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
-        raise InputError(f"backbone weights file {os.fspath(path)!r} is not a readable state_dict: {exc}") from exc
+        raise InputError(f"{what} {os.fspath(path)!r} is not a readable state_dict: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"backbone weights file {os.fspath(path)!r} does not hold a state_dict of tensors")
+        raise InputError(f"{what} {os.fspath(path)!r} does not hold a state_dict of tensors")
+    return state
+
+
+def _load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:
+    state = read_state_dict(path, "backbone weights file")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         backbone.load_state_dict(state)

@@ -28,7 +28,7 @@ from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.distributed.train import fit_linear_upgrade_transform, train_embedding_model, train_upgrade_transform
-from bict_ray.errors import NotFoundError
+from bict_ray.errors import ConfigError, NotFoundError
 from bict_ray.pipeline.arms import ARM_MEANINGS, TRAINED_ARMS, chained_steps
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 from bict_ray.retrieval.shard import ShardList
@@ -43,6 +43,7 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
 
     ``on_step(step, tests)`` is called after each evaluated step (Ray Tune reports through it).
     """
+    check_trains_own_old_model(config)
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
     dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
@@ -56,12 +57,23 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     return results
 
 
+def check_trains_own_old_model(config: Config) -> None:
+    """A sequence starts from the phi_1 it trains: refuse an ``old_model`` from outside rather than ignore it (the
+    loaders exist, bict_ray.core.external; the sequence does not start from their model yet, docs/OLD_MODEL.md)."""
+    if config.old_model.kind != "none":
+        raise ConfigError(f"old_model.kind={config.old_model.kind}: a sequence does not yet start from an old model "
+                          "brought from outside; it trains its own phi_1 (old_model.kind: none). The loaders can be "
+                          "used from Python: bict_ray.core.external.load_old_model, "
+                          "bict_ray.storage.old_embeddings.load_old_embeddings")
+
+
 class SequenceRunner:
     """One sequence in one run directory. ``shared``: the run an arm belongs to, whose phi_1..phi_``shared_models``
     and gallery v1 this one reads instead of training and extracting its own (bict_ray.pipeline.arms)."""
 
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log, *,
                  shared: SequenceRunner | None = None, shared_models: int = 0):
+        check_trains_own_old_model(config)
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.shared, self.shared_models = shared, shared_models if shared is not None else 0
         self.splits = shared.splits if shared is not None else load_or_make_splits(

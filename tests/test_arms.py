@@ -145,6 +145,32 @@ def test_each_arm_trains_what_it_says(arms_run):
         "phi_1", "psi_1_2", "psi_2_3"]
 
 
+def test_linear_psi_fits_on_the_runs_pairs_without_embedding_them_again(arms_run, smoke_data):
+    """The arm reads phi_1(x) and phi_t(x) of the run's training images from memory, applies its own chain, and
+    fits exactly what a fit on freshly embedded pairs gives."""
+    import torch
+
+    from bict_ray.core.embed import embed_images, model_features
+
+    out, _, lines = arms_run
+    for t in (2, 3):
+        assert any(f"[linear_psi] psi_{t - 1}_{t}: phi_1(x) and phi_{t}(x) of its" in line for line in lines)
+    assert not any("[independent_psi] psi_" in line and "shared with" in line for line in lines)  # its own models
+    linear = out / "arms" / "linear_psi" / "transforms"
+    phi_1 = load_artifact(out / "models" / "phi_1").module
+    chain = []
+    for t in (2, 3):
+        ids = np.load(out / "splits" / f"model_{t}_train_ids.npy")
+        images = smoke_data.train.images[np.searchsorted(smoke_data.train.ids, ids)]
+        source = upgrade_embeddings(chain, embed_images(phi_1, images))
+        expected = fit_linear_transform(source, model_features(load_artifact(out / "models" / f"phi_{t}").module,
+                                                               images), "lstsq")
+        fitted = load_artifact(linear / f"psi_{t - 1}_{t}").module
+        for key, value in expected.state_dict().items():
+            assert torch.allclose(fitted.state_dict()[key], value, atol=1e-4), (t, key)
+        chain.append(fitted)
+
+
 def test_arms_that_share_a_model_and_a_gallery_score_them_identically(arms_run):
     _, results, _ = arms_run
     arms = {name: {e["step"]: e["tests"] for e in arm["steps"]} for name, arm in results["arms"].items()}

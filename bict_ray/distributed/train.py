@@ -237,18 +237,25 @@ def embedding_stage(config: Config, version: int, train_set: ImageSet, num_class
     return stage
 
 
+def extract_transform_pairs(config: Config, train_set: ImageSet, source_chain: list[Artifact],
+                            target: Artifact) -> tuple[np.ndarray, np.ndarray]:
+    """(s(x), phi_target(x)) of ``train_set`` here, in this process: psi's training pairs, extracted by the task
+    the two functions below use, for a caller that keeps them (a run whose arms fit their own psi on its models)."""
+    return ray.get(_pairs_task(config, train_set, source_chain, target))
+
+
 def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, target: Artifact,
-                            train_set: ImageSet, source_chain: list[Artifact], run_name: str | None = None) -> Artifact:
+                            train_set: ImageSet, source_chain: list[Artifact], run_name: str | None = None,
+                            pairs: tuple[np.ndarray, np.ndarray] | None = None) -> Artifact:
     """Train psi_{source->target} on embedding pairs of the training set, both models frozen.
 
     ``source_chain`` produces s(x): [phi_1, psi_1_2, ...] (the representation the gallery stores, default) or
-    [phi_source] (transform.source=model). Pairs are extracted once in a Ray task; no gallery data is involved.
+    [phi_source] (transform.source=model). Pairs are extracted once in a Ray task (never through this process),
+    unless given as ``pairs`` (``extract_transform_pairs``); no gallery data is involved.
     """
     out_dir = Path(out_dir)
     version = target.card.version
-    pairs = _extract_pairs.options(**_extraction_options(config)).remote(
-        [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
-        config.train.batch_size * 4, _threads(config))
+    pairs = ray.put(pairs) if pairs is not None else _pairs_task(config, train_set, source_chain, target)
     spec = {"d_in": source_chain[-1].card.dim, "d_out": target.card.dim,
             "hidden": config.transform.hidden, "layers": config.transform.layers}
     tf = config.transform
@@ -271,18 +278,18 @@ def train_upgrade_transform(config: Config, out_dir: str | Path, source: int, ta
 
 
 def fit_linear_upgrade_transform(config: Config, out_dir: str | Path, source: int, target: Artifact,
-                                 train_set: ImageSet, source_chain: list[Artifact]) -> Artifact:
+                                 train_set: ImageSet, source_chain: list[Artifact],
+                                 pairs: tuple[np.ndarray, np.ndarray] | None = None) -> Artifact:
     """psi_{source->target} as a linear map fitted in closed form (``config.transform.fit``: lstsq | procrustes) on
-    the pairs ``train_upgrade_transform`` trains on, extracted by the same Ray task; no Ray Train, seconds."""
+    the pairs ``train_upgrade_transform`` trains on, extracted by the same Ray task or given as ``pairs``; no Ray
+    Train, seconds."""
     out_dir = Path(out_dir)
     if (out_dir / "model.json").exists():
         raise AlreadyExistsError(f"{out_dir} already holds a fitted psi_{source}_{target.card.version}; "
                                  "it is never overwritten")
     method = config.transform.fit
     started = time.perf_counter()
-    stored, features = ray.get(_extract_pairs.options(**_extraction_options(config)).remote(
-        [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
-        config.train.batch_size * 4, _threads(config)))
+    stored, features = pairs if pairs is not None else extract_transform_pairs(config, train_set, source_chain, target)
     psi = fit_linear_transform(stored, features, method)
     fitted = upgrade_embeddings([psi], stored)
     targets = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -471,6 +478,12 @@ def _root_cause(err: BaseException) -> str:
 
 def _threads(config: Config) -> int | None:
     return config.train.torch_threads or max(1, int(config.train.cpus_per_worker))
+
+
+def _pairs_task(config: Config, train_set: ImageSet, source_chain: list[Artifact], target: Artifact):
+    return _extract_pairs.options(**_extraction_options(config)).remote(
+        [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
+        config.train.batch_size * 4, _threads(config))
 
 
 def _extraction_options(config: Config) -> dict[str, Any]:

@@ -45,6 +45,11 @@ class Arm:
     def shares(self, steps: int) -> int:
         return steps if self.shared_models is None else min(self.shared_models, steps)
 
+    def reuses_pairs(self, config: Config) -> bool:
+        """Whether the arm fits its own psi between models it shares with the run (phi_1 and phi_2 at least), so on
+        the run's own training pairs: the run keeps them in memory for it (bict_ray.pipeline.sequence)."""
+        return self.config(config).transform.enabled and self.shares(config.scenario.steps) >= 2
+
 
 # the arms that train or fit something, in the order reports show them (bct_chained is derived: see chained_steps)
 TRAINED_ARMS = {

@@ -27,7 +27,8 @@ from bict_ray.core.splits import load_or_make_splits, per_class_share
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
-from bict_ray.distributed.train import fit_linear_upgrade_transform, train_embedding_model, train_upgrade_transform
+from bict_ray.distributed.train import (extract_transform_pairs, fit_linear_upgrade_transform, train_embedding_model,
+                                       train_upgrade_transform)
 from bict_ray.errors import ConfigError, NotFoundError
 from bict_ray.pipeline.arms import ARM_MEANINGS, TRAINED_ARMS, chained_steps
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
@@ -47,13 +48,15 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
     dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
-    runner = SequenceRunner(config, run_dir, dataset, log)
+    runner = SequenceRunner(config, run_dir, dataset, log, keep_pairs=any(
+        TRAINED_ARMS[name].reuses_pairs(config) for name in config.arms if name in TRAINED_ARMS))
     results = runner.run(on_step)
     if config.arms:
         results["arms"] = {"bict": _arm_entry(results)}
         for name in config.arms:
             results["arms"][name] = _run_arm(name, runner, results, log)
             runner.write(results)
+    runner.kept_pairs = None  # the arms are done: nothing reads them any more
     return results
 
 
@@ -72,7 +75,7 @@ class SequenceRunner:
     and gallery v1 this one reads instead of training and extracting its own (bict_ray.pipeline.arms)."""
 
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log, *,
-                 shared: SequenceRunner | None = None, shared_models: int = 0):
+                 shared: SequenceRunner | None = None, shared_models: int = 0, keep_pairs: bool = False):
         check_trains_own_old_model(config)
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.shared, self.shared_models = shared, shared_models if shared is not None else 0
@@ -81,6 +84,9 @@ class SequenceRunner:
         self.timings: dict[str, float] = {}
         self.gallery_nodes: dict[str, list[str]] = {}  # gallery version -> Ray nodes its pipeline ran on
         self.models, self.transforms = {}, {}
+        # psi's training pairs before the source chain's transforms, (phi_first(x), phi_t(x)) by models and images:
+        # kept when arms will fit their own psi on this run's models (_kept_pairs); None: never through this process
+        self.kept_pairs: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] | None = {} if keep_pairs else None
         # queries in memory, gallery versions read shard by shard (never whole) by the sharded evaluation
         self.embedded = SequenceEmbeddings(rows_per_shard=config.gallery.rows_per_shard)
         # the validation set, query and gallery as the test split is: its gallery versions are small and stay in
@@ -192,9 +198,30 @@ class SequenceRunner:
                  f"training images ({' -> '.join(a.card.name for a in chain)} to phi_{t})")
         if fit != "sgd":
             return self._timed(f"fit psi_{t - 1}_{t}", lambda: fit_linear_upgrade_transform(
-                self.config, folder, t - 1, self.models[t], train, chain))
+                self.config, folder, t - 1, self.models[t], train, chain, pairs=self._kept_pairs(chain, t, train)))
         return self._timed(f"train psi_{t - 1}_{t}", lambda: train_upgrade_transform(
-            self.config, folder, t - 1, self.models[t], train, chain, run_name=self._ray_name(f"psi_{t - 1}_{t}")))
+            self.config, folder, t - 1, self.models[t], train, chain, run_name=self._ray_name(f"psi_{t - 1}_{t}"),
+            pairs=self._kept_pairs(chain, t, train)))
+
+    def _kept_pairs(self, chain, t: int, train):
+        """psi_{t-1->t}'s pairs (s(x), phi_t(x)) from memory, or None: the training task extracts them itself.
+
+        A run whose arms fit their own psi on its models keeps phi_first(x) and phi_t(x) of every step; an arm whose
+        first and target models are the run's reads them instead of embedding the training images again, and
+        applies its own chain's transforms (linear_psi's psi_1_2, not the run's)."""
+        keeper = self.shared if self.shared is not None else self
+        if keeper.kept_pairs is None:
+            return None
+        key = (_identity(chain[0]), _identity(self.models[t]), hashlib.sha256(train.ids.tobytes()).hexdigest())
+        if key in keeper.kept_pairs and keeper is not self:
+            self.log(f"[sequence] psi_{t - 1}_{t}: {chain[0].card.name}(x) and phi_{t}(x) of its {len(train)} "
+                     f"training images shared with {keeper.run_dir.path}")
+        elif key not in keeper.kept_pairs:
+            if keeper is not self:
+                return None  # a model of the arm's own: the run has nothing to share
+            keeper.kept_pairs[key] = extract_transform_pairs(self.config, train, chain[:1], self.models[t])
+        first, features = keeper.kept_pairs[key]
+        return upgrade_embeddings([a.module for a in chain[1:]], first), features
 
     def _trained_already(self, folder: Path, name: str):
         existing = _load_if_done(folder)
@@ -246,6 +273,11 @@ class SequenceRunner:
         """phi_t of the protocol's query set and, where the gallery is another set (query_gallery), phi_t of the
         gallery images: the self tests' phi_t(G)."""
         self.dataset.check_protocol(self.config.eval.protocol, self.config.scenario.test_classes)
+        if self._shares_model(t) and t in self.shared.embedded.queries:  # an arm: the run's phi_t, embedded already
+            self.embedded.queries[t] = self.shared.embedded.queries[t]
+            if t in self.shared.embedded.gallery_embedded:
+                self.embedded.gallery_embedded[t] = self.shared.embedded.gallery_embedded[t]
+            return
         module, query, gallery = self.models[t].module, self.dataset.query, self.dataset.gallery
         self.embedded.queries[t] = Embedded(embed_images(module, query.images), query.labels, query.ids)
         if gallery is not query:
@@ -258,7 +290,10 @@ class SequenceRunner:
         Leave-one-out over the whole validation set under every eval.protocol: it selects, and splitting it would
         halve what it selects on."""
         val, data = self.dataset.val, self.validation
-        data.queries[t] = Embedded(embed_images(self.models[t].module, val.images), val.labels, val.ids)
+        if self._shares_model(t) and t in self.shared.validation.queries:
+            data.queries[t] = self.shared.validation.queries[t]
+        else:
+            data.queries[t] = Embedded(embed_images(self.models[t].module, val.images), val.labels, val.ids)
         if t > 1 and t not in self.transforms:
             return  # BCT only: the gallery stays v1
         if t == 1:
@@ -268,6 +303,10 @@ class SequenceRunner:
             stored = upgrade_embeddings([self.transforms[t].module],
                                         np.concatenate([shard.embeddings for shard in previous]))
         data.galleries[t] = ShardList.split(stored, val.labels, val.ids, data.rows_per_shard)
+
+    def _shares_model(self, t: int) -> bool:
+        """Whether phi_t is the run's this one belongs to (an arm's shared model), so are its embeddings."""
+        return self.shared is not None and self.models[t] is self.shared.models.get(t)
 
     def _timed(self, stage: str, fn):
         started = time.perf_counter()
@@ -293,6 +332,11 @@ class SequenceRunner:
     def _log_step(self, t: int, tests: dict, split: str) -> None:
         parts = " ".join(f"{name}={result['mAP'] * 100:.1f}" for name, result in tests.items())
         self.log(f"[sequence] step {t} {split} mAP: {parts}")
+
+
+def _identity(artifact) -> str:
+    """What names a model's weights: the hash its card records when saved (every model of a run is)."""
+    return artifact.card.sha256 or f"unsaved-{id(artifact.module)}"
 
 
 def _run_arm(name: str, runner: SequenceRunner, results: dict, log) -> dict:

@@ -381,9 +381,9 @@ def test_old_model_config_from_yaml_and_the_default(tmp_path):
         load_old_model(load_config(None).old_model)
 
 
-def test_a_sequence_refuses_an_old_model_it_would_ignore(tmp_path):
-    """Until the sequence starts from an outside phi_old, a config naming one is refused before anything runs or is
-    written, instead of silently training a phi_1 of its own."""
+def test_a_sequence_refuses_an_embeddings_only_old_model_it_would_ignore(tmp_path):
+    """Until the sequence starts from an old model's embeddings alone, a config naming them is refused before
+    anything runs or is written, instead of silently training a phi_1 of its own."""
     from bict_ray.config import load_config
     from bict_ray.errors import ConfigError
     from bict_ray.pipeline.sequence import run_sequence

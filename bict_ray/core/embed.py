@@ -21,6 +21,27 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def takes_images(model: nn.Module) -> bool:
+    """Whether ``model`` maps uint8 images to its input itself: an old model from outside does
+    (``bict_ray.core.external.ExternalModel``, trained on an input of its own); the project's models see
+    ``preprocess``'s [-1, 1] floats."""
+    return bool(getattr(model, "takes_images", False))
+
+
+def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What ``model`` is called on for a (N, C, H, W) uint8 batch."""
+    return images if takes_images(model) else preprocess(images)
+
+
+@torch.no_grad()
+def frozen_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A frozen model's (N, D) features of a uint8 batch, what a compat loss compares the new model's with and a
+    synthesised classifier averages: the project's un-normalised features (what its classifier sees), or an old
+    model from outside's unit embeddings (it has nothing else)."""
+    x = model_input(model, images)
+    return model.embed(x) if takes_images(model) else model(x)[0]
+
+
 @torch.no_grad()
 def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
                  device: torch.device | str = "cpu") -> np.ndarray:
@@ -29,7 +50,7 @@ def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = preprocess(torch.from_numpy(np.array(images[start:start + batch_size])).to(device))
+        batch = model_input(model, torch.from_numpy(np.array(images[start:start + batch_size])).to(device))
         out.append(model.embed(batch).cpu())
     model.train(was_training)
     dim = model.embedding_dim
@@ -39,10 +60,11 @@ def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
 @torch.no_grad()
 def model_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Un-normalised (N, D) features of phi (what its classifier sees), for synthesising classifier rows."""
+    """``frozen_features`` of (N, C, H, W) uint8 images, (N, D) float32: for synthesising classifier rows, and psi's
+    training targets."""
     was_training = model.training
     model.eval()
-    out = [model(preprocess(torch.from_numpy(np.array(images[s:s + batch_size])).to(device)))[0].cpu()
+    out = [frozen_features(model, torch.from_numpy(np.array(images[s:s + batch_size])).to(device)).cpu()
            for s in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(out).numpy()

@@ -11,13 +11,15 @@ kept it, one of ``OLD_MODEL_KINDS``:
 - ``embeddings``: no model, only its embeddings of the training images, read by
   ``bict_ray.storage.old_embeddings.load_old_embeddings`` (a Parquet table is storage's, not the method's).
 
-What the training pipeline will use from this module:
+What the training pipeline uses from this module:
 
 - ``load_old_model(cfg)`` -> ``ExternalModel``, standing where a trained phi_1 stands: ``embed(images)`` maps the
   project's (N, C, H, W) **uint8** images (not the [-1, 1] floats that ``bict_ray.core.embed.preprocess`` makes
   for the project's own models) to (N, ``dim``) float32 L2-normalised embeddings, the space of the gallery the
   service keeps; ``source`` says what was loaded, for the run's record. It has no classifier (``classifier`` is
-  None) and no spec: it cannot be saved as an artifact or retrained, only run.
+  None) and its weights are the service's files, never copied: a run records it as a card naming those files and
+  their hashes (``bict_ray.storage.artifacts.external_artifact``), and every process that needs it (a Ray Train
+  worker, a gallery task) loads it from them. It is only ever run, never trained.
 - ``class_mean_classifier(old_embeddings, labels, num_classes)``: the old classifier BCT's loss needs, made from
   phi_old's embeddings of the new training set (each class's row the normalised mean of its embeddings), for
   ``BCTLoss(weight, "cosine", scale, valid_mask)``.
@@ -117,6 +119,7 @@ class ExternalModel(nn.Module):
     """
 
     classifier = None
+    takes_images = True  # it maps the uint8 images itself (bict_ray.core.embed.model_input)
 
     def __init__(self, model: nn.Module, mapping: InputMapping, source: str):
         super().__init__()
@@ -127,6 +130,10 @@ class ExternalModel(nn.Module):
         probe = torch.randint(0, 256, (PROBE_ROWS, mapping.channels, mapping.size, mapping.size), dtype=torch.uint8,
                               generator=torch.Generator().manual_seed(0))
         self.dim = int(self.embed(probe).shape[1])
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.dim
 
     def train(self, mode: bool = True) -> ExternalModel:
         # the old model is frozen as deployed: its BatchNorm statistics never move, its dropout never drops

@@ -31,8 +31,10 @@ from ray.train.torch import TorchTrainer
 from bict_ray.config import Config
 from bict_ray.core.closed_form import fit_linear_transform
 from bict_ray.core.data import ImageSet
-from bict_ray.core.embed import embed_images, model_features, preprocess, upgrade_embeddings
-from bict_ray.storage.artifacts import Artifact, ModelCard, load_artifact, module_from_state, save_artifact
+from bict_ray.core.embed import embed_images, frozen_features, model_features, preprocess, upgrade_embeddings
+from bict_ray.core.external import class_mean_classifier
+from bict_ray.storage.artifacts import (Artifact, ModelCard, is_external, load_artifact, module_from_state,
+                                        save_artifact)
 from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTrainingLoss, check_finite, compat_loss_for,
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
@@ -113,13 +115,13 @@ class EmbeddingStage:
         def run_epoch(model, loader, optimizer, epoch):
             model.train()
             sums = {"loss": 0.0, "ce": 0.0, "compat": 0.0, "correct": 0.0, "samples": 0.0}
-            for step, (x, y) in enumerate(loader):
-                x, y = preprocess(x.to(device)), y.to(device)
-                features, logits = model(x)
+            for step, (images, y) in enumerate(loader):
+                images, y = images.to(device), y.to(device)
+                features, logits = model(preprocess(images))
                 ref = None
                 if criterion.needs_ref_emb:
-                    with torch.no_grad():
-                        ref = old(x)[0]
+                    # an old model from outside maps the uint8 images to its own input
+                    ref = frozen_features(old, images)
                 losses = criterion(logits, features, y, ref)
                 _optimise(losses, optimizer, f"{name} epoch {epoch + 1} step {step + 1}", sums, len(y))
                 if criterion.class_mask is not None:
@@ -226,12 +228,11 @@ def embedding_stage(config: Config, version: int, train_set: ImageSet, num_class
         class_mask=_class_mask(classes_seen, num_classes))
     if parent is not None:
         _check_parent(parent, spec)
-        old = parent.card.spec
-        context = CompatContext(classifier=old["classifier"], scale=old["scale"],
-                                temperature=config.compat.temperature)
+        classifier, scale = _old_head(config, parent)
+        context = CompatContext(classifier=classifier, scale=scale, temperature=config.compat.temperature)
         if config.compat.lam > 0 and COMPAT_LOSSES[config.compat.loss].needs_old_classifier:
-            weight, valid = _old_classifier(config, parent, train_set)
-            context = CompatContext(weight, valid, old["classifier"], old["scale"], config.compat.temperature)
+            weight, valid = _old_classifier(config, parent, train_set, num_classes)
+            context = CompatContext(weight, valid, classifier, scale, config.compat.temperature)
         stage.compat = CompatSetup(config.compat.loss, config.compat.lam, context, parent.card,
                                    ray.put(parent.state))
     return stage
@@ -495,6 +496,13 @@ def _extraction_options(config: Config) -> dict[str, Any]:
 
 
 def _check_parent(parent: Artifact, spec: dict[str, Any]) -> None:
+    if parent.card.dim != spec["embedding_dim"]:
+        # every compat loss compares the new features with the old model's (or its classifier's rows) in one space
+        raise TrainingError(f"old model {parent.card.name} embeds in {parent.card.dim} dims but the new model in "
+                            f"{spec['embedding_dim']} (model.embedding_dim): backward-compatible training needs one "
+                            f"space; set model.embedding_dim: {parent.card.dim}")
+    if is_external(parent.card):
+        return  # its classes are the service's, its input mapping takes any channels
     old = parent.card.spec
     for key in ("num_classes", "in_channels"):
         if old[key] != spec[key]:
@@ -502,26 +510,49 @@ def _check_parent(parent: Artifact, spec: dict[str, Any]) -> None:
                                 "it was trained on another dataset")
 
 
-def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet):
-    """The frozen old classifier, with synthesised rows for classes phi_t never saw (or masked, if turned off)."""
+def _old_head(config: Config, parent: Artifact) -> tuple[str, float]:
+    """The old classifier's kind and scale: the parent's own, or for an old model from outside (which brings none)
+    a cosine classifier of class means at the new model's scale."""
+    if is_external(parent.card):
+        return "cosine", config.model.scale
+    return parent.card.spec["classifier"], parent.card.spec["scale"]
+
+
+def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet, num_classes: int):
+    """The frozen old classifier, with synthesised rows for classes phi_t never saw (or masked, if turned off).
+    An old model from outside has none: every row is synthesised, the class means of its embeddings."""
+    if is_external(parent.card):
+        if not config.compat.synthesise_new_classes:
+            raise TrainingError(f"compat.loss={config.compat.loss} needs the old model's classifier, and the old "
+                                f"model from outside ({parent.card.training.get('source')}) has none: its rows are "
+                                "synthesised from class means, so set compat.synthesise_new_classes: true")
+        index = _synthesis_sample(config, train_set, np.unique(train_set.labels))
+        features = ray.get(_features.options(**_extraction_options(config)).remote(
+            parent.card, parent.state, ray.put(train_set.images[index]), _threads(config)))
+        return class_mean_classifier(torch.tensor(features), train_set.labels[index], num_classes)
     weight = parent.module.classifier.weight.detach().clone()
     seen = torch.zeros(weight.shape[0], dtype=torch.bool)
     seen[parent.card.classes_seen] = True
     if not config.compat.synthesise_new_classes:
         return weight, seen
-    rng = np.random.default_rng(config.train.seed)
-    picks = []
-    for c in np.unique(train_set.labels):
-        if not seen[c]:
-            members = np.flatnonzero(train_set.labels == c)
-            picks.append(rng.choice(members, min(len(members), SYNTHESIS_SAMPLES_PER_CLASS), replace=False))
-    if not picks:
+    unseen = [c for c in np.unique(train_set.labels) if not seen[c]]
+    if not unseen:
         return weight, seen
-    index = np.sort(np.concatenate(picks))
+    index = _synthesis_sample(config, train_set, unseen)
     features = ray.get(_features.options(**_extraction_options(config)).remote(
         parent.card, parent.state, ray.put(train_set.images[index]), _threads(config)))
     return synthesise_old_classifier(weight, seen, torch.tensor(features),
                                      torch.from_numpy(train_set.labels[index]), parent.card.spec["classifier"])
+
+
+def _synthesis_sample(config: Config, train_set: ImageSet, classes) -> np.ndarray:
+    """Sorted indices of up to ``SYNTHESIS_SAMPLES_PER_CLASS`` training images of each of ``classes``, seeded."""
+    rng = np.random.default_rng(config.train.seed)
+    picks = []
+    for c in classes:
+        members = np.flatnonzero(train_set.labels == c)
+        picks.append(rng.choice(members, min(len(members), SYNTHESIS_SAMPLES_PER_CLASS), replace=False))
+    return np.sort(np.concatenate(picks))
 
 
 def _class_mask(classes: list[int] | None, num_classes: int) -> torch.Tensor | None:

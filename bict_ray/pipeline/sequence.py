@@ -1,6 +1,6 @@
 """The BiCT upgrade sequence phi_1 -> ... -> phi_T, end to end, resumable stage by stage.
 
-    train phi_1 -> extract gallery v1 -> for t = 2..T:
+    train phi_1 (or load the old model from outside, ``old_model``) -> extract gallery v1 -> for t = 2..T:
         train phi_t backward-compatible with phi_{t-1}
         train psi_{t-1->t} on the training set (as the gallery stores it, or phi_{t-1}(x))
         upgrade the gallery v_{t-1} -> v_t from its embeddings alone
@@ -23,6 +23,7 @@ import numpy as np
 from bict_ray.config import Config
 from bict_ray.core.data import Dataset, load_dataset
 from bict_ray.core.embed import embed_images, upgrade_embeddings
+from bict_ray.core.external import MODEL_KINDS
 from bict_ray.core.splits import load_or_make_splits, per_class_share
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
@@ -34,7 +35,7 @@ from bict_ray.pipeline.arms import ARM_MEANINGS, TRAINED_ARMS, chained_steps
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 from bict_ray.retrieval.shard import ShardList
 from bict_ray.retrieval.sharded import IN_PROCESS_GATHERING
-from bict_ray.storage.artifacts import ArtifactError, load_artifact
+from bict_ray.storage.artifacts import Artifact, ArtifactError, external_artifact, load_artifact, save_external
 from bict_ray.storage.gallery import is_committed, open_gallery
 from bict_ray.storage.rundir import RunDir
 
@@ -44,7 +45,7 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
 
     ``on_step(step, tests)`` is called after each evaluated step (Ray Tune reports through it).
     """
-    check_trains_own_old_model(config)
+    check_old_model(config)
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
     dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
@@ -60,13 +61,14 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     return results
 
 
-def check_trains_own_old_model(config: Config) -> None:
-    """A sequence starts from the phi_1 it trains: refuse an ``old_model`` from outside rather than ignore it (the
-    loaders exist, bict_ray.core.external; the sequence does not start from their model yet, docs/OLD_MODEL.md)."""
-    if config.old_model.kind != "none":
-        raise ConfigError(f"old_model.kind={config.old_model.kind}: a sequence does not yet start from an old model "
-                          "brought from outside; it trains its own phi_1 (old_model.kind: none). The loaders can be "
-                          "used from Python: bict_ray.core.external.load_old_model, "
+def check_old_model(config: Config) -> None:
+    """phi_1 is the run's own (trained) or a model from outside (``old_model``, loaded); refuse the kind a sequence
+    cannot start from yet rather than ignore it: ``embeddings``, an old model of which only its embeddings of the
+    training images are left (docs/OLD_MODEL.md)."""
+    if config.old_model.kind == "embeddings":
+        raise ConfigError("old_model.kind=embeddings: a sequence does not yet start from an old model's embeddings "
+                          "alone; it needs the model (old_model.kind: torchscript, torchvision or python) or trains "
+                          "its own phi_1 (old_model.kind: none). The embeddings can be read from Python: "
                           "bict_ray.storage.old_embeddings.load_old_embeddings")
 
 
@@ -76,7 +78,7 @@ class SequenceRunner:
 
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log, *,
                  shared: SequenceRunner | None = None, shared_models: int = 0, keep_pairs: bool = False):
-        check_trains_own_old_model(config)
+        check_old_model(config)
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.shared, self.shared_models = shared, shared_models if shared is not None else 0
         self.splits = shared.splits if shared is not None else load_or_make_splits(
@@ -169,6 +171,8 @@ class SequenceRunner:
             self.log(f"[sequence] phi_{t}: shared with {self.shared.run_dir.path}")
             return self.shared.models[t]
         folder = self.run_dir.model_dir(t)
+        if t == 1 and self.config.old_model.kind in MODEL_KINDS:
+            return self._old_model_from_outside(folder)
         existing = self._trained_already(folder, f"phi_{t}")
         if existing is not None:
             return existing
@@ -182,6 +186,20 @@ class SequenceRunner:
         return self._timed(f"train phi_{t}", lambda: train_embedding_model(
             self.config, folder, t, train, split.classes, self.dataset.num_classes, parent=parent,
             run_name=self._ray_name(f"phi_{t}")))
+
+    def _old_model_from_outside(self, folder: Path):
+        """phi_1 as the service deployed it (``old_model``): loaded, never trained; its card (the section, the
+        files' sha256) goes into the run directory, and a rerun refuses files that changed since."""
+        existing = _load_if_done(folder)
+        if existing is not None:
+            self.log(f"[sequence] phi_1: the old model from outside, {existing.card.training['source']} "
+                     "(its files unchanged)")
+            return existing
+        artifact = self._timed("load phi_1", lambda: external_artifact(self.config.old_model, "phi_1"))
+        card = save_external(folder, artifact.card)
+        self.log(f"[sequence] phi_1: the old model from outside, {card.training['source']}, {card.dim}-d "
+                 "embeddings; not trained")
+        return Artifact(artifact.module, card, folder)
 
     def train_transform(self, t: int):
         folder = self.run_dir.transform_dir(t - 1, t)
@@ -327,6 +345,7 @@ class SequenceRunner:
                 "classes": [s.classes for s in self.splits], "compat_loss": config.compat.loss,
                 "lam": config.compat.lam, "transform": config.transform.enabled, "protocol": config.eval.protocol,
                 **({"test_classes": config.scenario.test_classes} if config.scenario.test_classes else {}),
+                **({"old_model": config.old_model.kind} if config.old_model.kind != "none" else {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def _log_step(self, t: int, tests: dict, split: str) -> None:

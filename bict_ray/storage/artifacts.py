@@ -7,6 +7,10 @@ never overwritten.
 A ``ModelCard`` is the one description of a model that every layer reads: what it is (``kind``, ``spec``), which
 space it defines or maps between (``name``; ``source`` and ``target`` for a transform), and how it was trained
 (``training``: settings, per-epoch history, where the workers ran).
+
+An old model brought from outside (the ``old_model`` config section, ``bict_ray.core.external``) is recorded by its
+card alone: the section, its embedding dim and the sha256 of the service's files (``external_artifact``), never a
+copy of its weights. Loading it, here or in a Ray worker, reads those files and refuses them if they changed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bict_ray.config import OldModelConfig
+from bict_ray.core.external import load_old_model
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
-from bict_ray.errors import AlreadyExistsError, ArtifactError, InputError
+from bict_ray.errors import AlreadyExistsError, ArtifactError, ConfigError, InputError
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
@@ -99,7 +107,9 @@ class Artifact:
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+        """What a process that rebuilds the module needs besides the card (``module_from_state``): its weights; none
+        for an old model from outside, which each process loads from the files its card names."""
+        return {} if is_external(self.card) else self.module.state_dict()
 
     @classmethod
     def of(cls, value: Artifact | str | Path | nn.Module, kind: str, name: str | None = None,
@@ -128,18 +138,51 @@ class Artifact:
 def save_artifact(path: str | Path, module: nn.Module, card: ModelCard) -> ModelCard:
     """Write ``module``'s weights and ``card`` (with the module's spec, sha256, created) to ``path``; never
     overwrites. Returns the card as written."""
-    path = Path(path)
-    if (path / CARD).exists():
-        raise AlreadyExistsError(f"{path} already holds a trained artifact; it is never overwritten")
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     payload = buffer.getvalue()
-    card = dataclasses.replace(card, spec=dict(module.spec), sha256=hashlib.sha256(payload).hexdigest(),
-                               created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    card = dataclasses.replace(card, spec=dict(module.spec), sha256=hashlib.sha256(payload).hexdigest())
+    return _write_folder(Path(path), card, {WEIGHTS: payload})
+
+
+def external_artifact(cfg: OldModelConfig, name: str, version: int = 1) -> Artifact:
+    """The old model brought from outside (``cfg``: the ``old_model`` section, a kind with a model) as the run's
+    model ``name``: loaded, with a card whose spec is ``cfg`` itself, the embedding dim and the sha256 of every
+    file it was loaded from. The card's sha256 names the model (the section and those hashes); ``save_external``
+    writes it, and whoever rebuilds the module from it checks that the files are still those
+    (``module_from_state``, ``load_artifact``)."""
+    module = load_old_model(cfg)
+    files = {path: _file_sha256(path) for path in _model_files(cfg)}
+    spec = {"old_model": dataclasses.asdict(cfg), "embedding_dim": module.dim, "files": files}
+    identity = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    card = ModelCard("embedding", name, spec, version=version, sha256=identity,
+                     training={"trained": False, "source": module.source})
+    return Artifact(module, card)
+
+
+def save_external(path: str | Path, card: ModelCard) -> ModelCard:
+    """Write an old model from outside's card (``external_artifact``) to ``path``: the card only, its weights stay
+    in the service's files; never overwrites."""
+    if not is_external(card):
+        raise InputError(f"{card.name}'s card names no old model from outside (spec has no 'old_model')")
+    return _write_folder(Path(path), card, {})
+
+
+def is_external(card: ModelCard) -> bool:
+    """Whether the card is an old model from outside's (``external_artifact``), not a model this project trained."""
+    return card.kind == "embedding" and "old_model" in card.spec
+
+
+def _write_folder(path: Path, card: ModelCard, files: dict[str, bytes]) -> ModelCard:
+    """Stage ``files`` and the card (stamped ``created``) and rename the folder into place; never overwrites."""
+    if (path / CARD).exists():
+        raise AlreadyExistsError(f"{path} already holds a trained artifact; it is never overwritten")
+    card = dataclasses.replace(card, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     staging = path.with_name(path.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (staging / WEIGHTS).write_bytes(payload)
+    for name, payload in files.items():
+        (staging / name).write_bytes(payload)
     (staging / CARD).write_text(json.dumps(card.to_json(), indent=2, default=_jsonable))
     if path.exists():  # an empty or partial folder left by a crash before the rename
         shutil.rmtree(path)
@@ -158,6 +201,8 @@ def load_artifact(path: str | Path) -> Artifact:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{card_path} is not valid JSON: {err}") from None
     card = ModelCard.from_json(raw, str(card_path))
+    if is_external(card):
+        return Artifact(_external_module(card, str(card_path)), card, path)
     weights_path = path / WEIGHTS
     try:
         payload = weights_path.read_bytes()
@@ -180,14 +225,56 @@ def load_artifact(path: str | Path) -> Artifact:
 
 def build_module(card: ModelCard) -> nn.Module:
     """An untrained module of the card's kind and spec."""
+    if is_external(card):
+        raise InputError(f"{card.name} is an old model from outside: it is loaded from its files "
+                         "(module_from_state), never built untrained")
     return KINDS[card.kind].from_spec(card.spec)
 
 
 def module_from_state(card: ModelCard, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Rebuild a module from a card and a state_dict that travelled by value (to a Ray worker)."""
+    """Rebuild a module from a card and a state_dict that travelled by value (to a Ray worker). An old model from
+    outside travels as its card alone and is loaded here from the files it names, which must be those the run
+    recorded: on a cluster they must be readable at the same path on every node."""
+    if is_external(card):
+        return _external_module(card, f"{card.name}'s card")
     module = build_module(card)
     module.load_state_dict(state)
     return module.eval()
+
+
+def _external_module(card: ModelCard, where: str) -> nn.Module:
+    """Load the old model a card from ``external_artifact`` names, refusing files that are gone or changed."""
+    for path, recorded in card.spec["files"].items():
+        if not os.path.isfile(path):
+            raise ArtifactError(f"{where}: {card.name} is the old model loaded from {path}, which is gone (on this "
+                                f"node: {socket.gethostname()}); restore it, or start a new run directory")
+        if _file_sha256(path) != recorded:
+            raise ArtifactError(f"{where}: {card.name} is the old model loaded from {path}, which has changed since "
+                                f"the run recorded it (sha256 {recorded[:16]}...); restore that file, or start a new "
+                                "run directory for the new model")
+    try:
+        cfg = OldModelConfig(**card.spec["old_model"])
+    except (TypeError, ConfigError) as err:
+        raise ArtifactError(f"{where}: its old_model section is not valid: {err}") from None
+    module = load_old_model(cfg)
+    if module.dim != card.spec["embedding_dim"]:
+        raise ArtifactError(f"{where}: {card.name} embedded in {card.spec['embedding_dim']} dims when recorded, "
+                            f"{module.dim} now ({module.source})")
+    return module
+
+
+def _model_files(cfg: OldModelConfig) -> list[str]:
+    """The files an old model from outside is loaded from (a python factory's code is not among them: it is
+    whatever PYTHONPATH holds)."""
+    return [os.path.abspath(p) for p in (cfg.path if cfg.kind == "torchscript" else None, cfg.weights) if p]
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _jsonable(value):

@@ -1,0 +1,165 @@
+"""A sequence that starts from the service's deployed model (``old_model``) instead of training phi_1.
+
+The "production" model is the project's small CNN, trained one epoch in this process and saved as TorchScript, as a
+team would hand it over: gallery v1 must be exactly its embeddings, phi_2 must train backward-compatible against it
+(BCT's classifier made from class means, the l2 loss from its embeddings of each batch), the run must record its file
+by hash and refuse it once it changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bict_ray.config import load_config
+from bict_ray.core.embed import embed_images, frozen_features, preprocess
+from bict_ray.core.models import EmbeddingNet
+from bict_ray.distributed.train import embedding_stage, run_in_process
+from bict_ray.errors import ArtifactError, TrainingError
+from bict_ray.pipeline.sequence import run_sequence
+from bict_ray.storage.artifacts import (external_artifact, is_external, load_artifact, module_from_state,
+                                        save_external)
+from bict_ray.storage.gallery import open_gallery
+
+from conftest import train_subset
+
+
+class Deployed(nn.Module):
+    """What a service scripts: the embedding of its [-1, 1] input, nothing else."""
+
+    def __init__(self, net: EmbeddingNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_session, smoke_config, smoke_data, tmp_path_factory):
+    """(the TorchScript file, the module it scripts) of a small CNN trained one epoch on the first split's classes."""
+    classes = smoke_config.scenario.classes[0]
+    config = load_config("configs/smoke.yaml", ["train.epochs=1"])
+    stage = embedding_stage(config, 1, train_subset(smoke_data, classes), smoke_data.num_classes, classes_seen=classes)
+    torch.manual_seed(0)
+    parts = stage.build(torch.device("cpu"))
+    parts.run_epoch(parts.model, parts.loader, stage.optimizer(parts.model.parameters()), 0)
+    net = parts.model.eval()
+    path = tmp_path_factory.mktemp("service") / "deployed.pt"
+    example = preprocess(torch.from_numpy(smoke_data.train.images[:4]))
+    torch.jit.trace(Deployed(net).eval(), example).save(str(path))
+    return path, net
+
+
+def service_config(path, *overrides):
+    return load_config("configs/smoke.yaml", ["old_model.kind=torchscript", f"old_model.path={path}",
+                                              "old_model.image_size=28", "old_model.channels=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def service_run(deployed, smoke_data, tmp_path_factory):
+    path, _ = deployed
+    out = tmp_path_factory.mktemp("service_run") / "run"
+    lines = []
+    results = run_sequence(service_config(path), out, log=lines.append, dataset=smoke_data)
+    return out, results, lines
+
+
+def test_the_old_model_from_outside_is_phi_1_and_makes_gallery_v1(service_run, deployed, smoke_data):
+    out, results, lines = service_run
+    path, net = deployed
+    phi_1 = out / "models" / "phi_1"
+    assert sorted(p.name for p in phi_1.iterdir()) == ["model.json"]  # the service's weights are never copied
+    card = load_artifact(phi_1).card
+    assert is_external(card) and card.spec["files"] == {str(path): card.spec["files"][str(path)]}
+    assert card.training == {"trained": False, "source": f"torchscript {path}"}
+    assert any("phi_1: the old model from outside" in line and "not trained" in line for line in lines)
+    assert not any("training phi_1" in line for line in lines)
+    gallery = open_gallery(str(out / "gallery" / "v1"))
+    stored = np.concatenate([gallery.read_shard(i)[0] for i in range(gallery.num_shards)])
+    expected = embed_images(net, smoke_data.gallery.images)
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+    assert gallery.lineage == ["phi_1"]
+    assert results["run"]["old_model"] == "torchscript"
+
+
+def test_phi_2_trains_compatible_with_it_and_psi_upgrades_its_gallery(service_run):
+    out, results, _ = service_run
+    phi_2 = load_artifact(out / "models" / "phi_2").card
+    assert phi_2.parent == "phi_1" and phi_2.training["compat_loss"] == "bct"
+    assert phi_2.training["history"][-1]["compat"] > 0
+    assert open_gallery(str(out / "gallery" / "v2")).lineage == ["phi_1", "psi_1_2"]
+    (step,) = results["steps"]
+    for name in ("old_self", "new_self", "backward", "forward"):
+        assert 0 < step["tests"][name]["mAP"] <= 1
+    assert results["validation"]["steps"][0]["step"] == 2
+
+
+def test_a_rerun_reuses_it_and_refuses_the_file_once_it_changed(service_run, deployed, smoke_data):
+    out, _, _ = service_run
+    path, net = deployed
+    lines = []
+    run_sequence(service_config(path), out, log=lines.append, dataset=smoke_data)
+    assert any("old model from outside" in line and "unchanged" in line for line in lines)
+    assert any("phi_2: trained already" in line for line in lines)
+    before = (out / "models" / "phi_1" / "model.json").read_text()
+    original = path.read_bytes()
+    try:
+        torch.jit.trace(Deployed(net).train(False), preprocess(torch.from_numpy(smoke_data.train.images[4:8])),
+                        check_trace=False).save(str(path) + ".new")
+        (path.parent / (path.name + ".new")).replace(path)
+        with pytest.raises(ArtifactError, match=f"{path}, which has changed since the run recorded it"):
+            run_sequence(service_config(path), out, dataset=smoke_data)
+    finally:
+        path.write_bytes(original)
+    assert (out / "models" / "phi_1" / "model.json").read_text() == before
+
+
+def test_a_card_travels_alone_and_rebuilds_the_same_model(deployed, smoke_data, tmp_path):
+    path, net = deployed
+    artifact = external_artifact(service_config(path).old_model, "phi_1")
+    assert artifact.state == {}  # nothing but the card goes to a Ray worker
+    images = torch.from_numpy(smoke_data.train.images[:16])
+    rebuilt = module_from_state(artifact.card, artifact.state)
+    torch.testing.assert_close(frozen_features(rebuilt, images), net.embed(preprocess(images)), atol=1e-5, rtol=0)
+    save_external(tmp_path / "phi_1", artifact.card)
+    moved = tmp_path / "elsewhere.pt"
+    path.rename(moved)
+    try:
+        with pytest.raises(ArtifactError, match=f"loaded from {path}, which is gone"):
+            load_artifact(tmp_path / "phi_1")
+    finally:
+        moved.rename(path)
+
+
+def test_bct_gets_class_means_and_l2_its_embeddings(deployed, smoke_config, smoke_data):
+    path, net = deployed
+    classes = smoke_config.scenario.classes[1]
+    train = train_subset(smoke_data, classes)
+    parent = external_artifact(service_config(path).old_model, "phi_1")
+    stage = embedding_stage(service_config(path), 2, train, smoke_data.num_classes, parent, classes)
+    context = stage.compat.context
+    assert context.classifier == "cosine" and context.valid_mask[classes].all()
+    embedded = net.embed(preprocess(torch.from_numpy(train.images))).detach()
+    for c in classes:  # every class synthesised: the normalised mean of its embeddings (all, < 2000 a class here)
+        mean = embedded[torch.from_numpy(train.labels == c)].mean(0)
+        torch.testing.assert_close(context.old_weight[c], mean / mean.norm(), atol=1e-5, rtol=0)
+    l2 = embedding_stage(service_config(path, "compat.loss=l2", "train.epochs=1"), 2, train, smoke_data.num_classes,
+                         parent, classes)
+    (record,) = run_in_process(l2)
+    assert np.isfinite(record["loss"]) and record["samples"] > 0
+
+
+def test_the_spaces_must_match_and_bct_needs_its_synthesis(deployed, smoke_config, smoke_data):
+    path, _ = deployed
+    classes = smoke_config.scenario.classes[1]
+    train = train_subset(smoke_data, classes)
+    parent = external_artifact(service_config(path).old_model, "phi_1")
+    with pytest.raises(TrainingError, match="embeds in 32 dims but the new model in 16 .*model.embedding_dim: 32"):
+        embedding_stage(service_config(path, "model.embedding_dim=16"), 2, train, smoke_data.num_classes, parent,
+                        classes)
+    with pytest.raises(TrainingError, match="has none: .*compat.synthesise_new_classes: true"):
+        embedding_stage(service_config(path, "compat.synthesise_new_classes=false"), 2, train,
+                        smoke_data.num_classes, parent, classes)

@@ -178,3 +178,35 @@ def test_self_exclusion_is_by_id_on_a_hand_made_case(tmp_path, query_ids, mAP, r
     for name in ("old_self", "new_self", "backward_prev", "backward", "forward", "deployed_before"):
         assert tests[name]["mAP"] == pytest.approx(mAP, abs=1e-6), name
         assert tests[name]["R@1"] == r1 and tests[name]["R@2"] == 1.0 and tests[name]["num_queries"] == 2, name
+
+
+def test_a_pair_asked_for_again_is_scored_once_with_the_same_numbers(tmp_path, monkeypatch):
+    """Step 3 repeats two of step 2's pairs, the matrix five step tests, partial refresh its two ends: each exact
+    search runs once, and every number equals that of a sequence scored afresh."""
+    import bict_ray.retrieval.protocol as protocol
+
+    def sequence():
+        phi = {t: embedded(t) for t in (1, 2, 3)}
+        galleries = {t: committed(tmp_path / f"run{len(runs)}", f"v{t}", embedded(10 + t)) for t in (1, 2, 3)}
+        return SequenceEmbeddings(queries=phi, galleries=galleries, rows_per_shard=7)
+
+    runs = []
+    data = sequence()
+    runs.append(data)
+    searches = []
+    original = protocol.evaluate
+    monkeypatch.setattr(protocol, "evaluate", lambda *a, **k: searches.append(a[:2]) or original(*a, **k))
+    tests = {t: step_tests(data, t) for t in (2, 3)}
+    assert len(searches) == 6 + 4  # step 3's old self and deployed before are step 2's new self and forward
+    assert tests[3]["old_self"] == tests[2]["new_self"] and tests[3]["deployed_before"] == tests[2]["forward"]
+    matrix = compatibility_matrix(data)
+    assert len(searches) == 10 + 9 - 5  # (phi_1, v1), (phi_2, v1), (phi_2, v2), (phi_3, v1), (phi_3, v3) were scored
+    curve = partial_refresh(data, 3, [0.0, 0.5, 1.0], seed=3)
+    assert len(searches) == 14 + 1  # (phi_3, v2) is a matrix cell, (phi_3, v3) is forward: only the mix is new
+    fresh = sequence()
+    assert {t: step_tests(fresh, t) for t in (2, 3)} == tests
+    fresh.scores.clear()
+    assert compatibility_matrix(fresh) == matrix
+    fresh.scores.clear()
+    assert partial_refresh(fresh, 3, [0.0, 0.5, 1.0], seed=3) == curve
+    assert curve[0]["mAP"] == matrix["mAP"][2][1] and curve[-1]["mAP"] == tests[3]["forward"]["mAP"]

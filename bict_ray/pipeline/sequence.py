@@ -94,6 +94,11 @@ class SequenceRunner:
         # the validation set, query and gallery as the test split is: its gallery versions are small and stay in
         # memory, computed by the same functions as the gallery pipelines (embed_images, upgrade_embeddings)
         self.validation = SequenceEmbeddings(rows_per_shard=config.gallery.rows_per_shard) if dataset.val else None
+        if shared is not None:
+            # an arm compares the run's own objects (its queries, v1) in most of its tests: scored once for both
+            self.embedded.scores = shared.embedded.scores
+            if self.validation is not None:
+                self.validation.scores = shared.validation.scores
         # ~20 evaluations a step: in this process unless the gallery is spread (a Ray Data pipeline costs seconds)
         gallery = config.gallery
         self.executor = (IN_PROCESS_GATHERING if gallery.concurrency == 1
@@ -281,7 +286,8 @@ class SequenceRunner:
             self.log(f"[sequence] gallery v{t} = psi_{t - 1}_{t}(v{t - 1}): {stats.rows} rows, "
                      f"{stats.skipped_shards} shards resumed, {stats.rows_per_s:,.0f} rows/s")
             self.gallery_nodes[f"v{t}"] = sorted(stats.nodes)
-        self.embedded.galleries[t] = open_gallery(out)
+        shared_v1 = t == 1 and self.shared is not None and 1 in self.shared.embedded.galleries
+        self.embedded.galleries[t] = self.shared.embedded.galleries[1] if shared_v1 else open_gallery(out)
 
     def _gallery_dir(self, t: int) -> Path:
         """Where gallery version t lives: this run's, or v1 of the run an arm shares it with."""
@@ -314,6 +320,9 @@ class SequenceRunner:
             data.queries[t] = Embedded(embed_images(self.models[t].module, val.images), val.labels, val.ids)
         if t > 1 and t not in self.transforms:
             return  # BCT only: the gallery stays v1
+        if t == 1 and self._shares_model(1) and 1 in self.shared.validation.galleries:
+            data.galleries[1] = self.shared.validation.galleries[1]
+            return
         if t == 1:
             stored = data.queries[1].embeddings
         else:

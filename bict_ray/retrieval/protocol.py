@@ -85,23 +85,40 @@ class SequenceEmbeddings:
     galleries: dict[int, ShardSource] = field(default_factory=dict)  # gallery version v_t, as stored
     rows_per_shard: int = 4096
     gallery_embedded: dict[int, Embedded] = field(default_factory=dict)  # phi_t(gallery images), when not queries
+    # every test scored so far, by the objects it compared and its metric settings (``score``): the tests of a
+    # sequence repeat pairs (step t+1's old self is step t's new self, its deployed before step t's forward; five of
+    # the matrix's cells are step tests; partial refresh ends at forward), and each costs a full exact search
+    scores: dict = field(default_factory=dict, repr=False)
 
 
 def step_tests(data: SequenceEmbeddings, t: int, ks=(1, 5, 10), map_at=None,
                executor: ShardExecutor = IN_PROCESS) -> dict[str, dict]:
     """The named tests of step t (t >= 2), each a dict of metrics."""
     q_new, q_old = data.queries[t], data.queries[t - 1]
-    pairs = {"old_self": (q_old, query_gallery(data, t - 1)), "new_self": (q_new, query_gallery(data, t)),
-             "backward": (q_new, data.galleries[1]), "backward_prev": (q_new, query_gallery(data, t - 1)),
+    pairs = {"old_self": (q_old, embedded_gallery(data, t - 1)), "new_self": (q_new, embedded_gallery(data, t)),
+             "backward": (q_new, data.galleries[1]), "backward_prev": (q_new, embedded_gallery(data, t - 1)),
              "forward": (q_new, deployed_gallery(data, t)), "deployed_before": (q_old, deployed_gallery(data, t - 1))}
-    return {name: evaluate(*pairs[name], ks, map_at, executor) for name in TESTS}
+    return {name: score(data, *pairs[name], ks, map_at, executor) for name in TESTS}
 
 
-def query_gallery(data: SequenceEmbeddings, s: int) -> ShardList:
-    """phi_s(G), the gallery images embedded by model s, cut into shards: ``gallery_embedded[s]``, else
-    (leave-one-out) the query set."""
-    g = data.gallery_embedded.get(s, data.queries[s])
-    return ShardList.split(g.embeddings, g.labels, g.ids, data.rows_per_shard)
+def score(data: SequenceEmbeddings, query: Embedded, gallery: Embedded | ShardSource, ks=(1, 5, 10), map_at=None,
+          executor: ShardExecutor = IN_PROCESS) -> dict:
+    """``evaluate(query, gallery)``, once per pair of objects and metric settings in ``data.scores``: a pair asked
+    for again gets the metrics it got (the same arrays give the same numbers, whatever executor runs them).
+    ``gallery``: a version as stored, or phi_s(G) in memory (``embedded_gallery``), cut into shards here."""
+    key = (id(query), id(gallery), tuple(ks), map_at)
+    if key not in data.scores:
+        source = gallery if not isinstance(gallery, Embedded) else ShardList.split(
+            gallery.embeddings, gallery.labels, gallery.ids, data.rows_per_shard)
+        # the objects themselves are kept with the metrics: their ids must not be reused while the key is stored
+        data.scores[key] = (query, gallery, evaluate(query, source, ks, map_at, executor))
+    return data.scores[key][2]
+
+
+def embedded_gallery(data: SequenceEmbeddings, s: int) -> Embedded:
+    """phi_s(G), the gallery images embedded by model s: ``gallery_embedded[s]``, else (leave-one-out) the query
+    set."""
+    return data.gallery_embedded.get(s, data.queries[s])
 
 
 def deployed_gallery(data: SequenceEmbeddings, t: int) -> ShardSource:
@@ -118,7 +135,7 @@ def compatibility_matrix(data: SequenceEmbeddings, ks=(1, 5, 10), map_at=None,
         row = {"mAP": [], "R@1": []}
         for t in galleries:
             q, g = data.queries[s], data.galleries[t]
-            result = evaluate(q, g, ks, map_at, executor) if q.embeddings.shape[1] == g.dim else None
+            result = score(data, q, g, ks, map_at, executor) if q.embeddings.shape[1] == g.dim else None
             for key in row:
                 row[key].append(None if result is None else result[key])
         for key in cells:
@@ -132,7 +149,8 @@ def partial_refresh(data: SequenceEmbeddings, t: int, fractions, seed: int = 0, 
 
     This is the state of a gallery while an upgrade is rolling out: fraction 0 is phi_t against the deployed
     v_{t-1} (compatible through BCT), fraction 1 is ``forward``. Rows are chosen by a seeded permutation of the
-    rows in stored order (shard by shard): the first round(fraction * N) of it are upgraded.
+    rows in stored order (shard by shard): the first round(fraction * N) of it are upgraded. The two ends are
+    v_{t-1} and v_t themselves, scored once for the step tests and the matrix (``score``).
     """
     new, old = data.galleries[t], data.galleries[t - 1]
     num_rows = sum(new.shard_rows)
@@ -141,7 +159,11 @@ def partial_refresh(data: SequenceEmbeddings, t: int, fractions, seed: int = 0, 
     for fraction in fractions:
         upgraded = np.zeros(num_rows, dtype=bool)
         upgraded[order[: int(round(fraction * len(order)))]] = True
-        result = evaluate(data.queries[t], PartialRefresh(new, old, upgraded), ks, map_at, executor)
+        mixed = PartialRefresh(new, old, upgraded)  # checks the two are one gallery, shard by shard
+        if upgraded.all() or not upgraded.any():
+            result = score(data, data.queries[t], new if upgraded.all() else old, ks, map_at, executor)
+        else:
+            result = evaluate(data.queries[t], mixed, ks, map_at, executor)
         curve.append({"step": t, "fraction": float(fraction), "mAP": result["mAP"], "R@1": result["R@1"]})
     return curve
 

@@ -353,6 +353,42 @@ class RayConfig:
             raise ConfigError(f"ray.num_cpus must be >= 1, got {self.num_cpus}")
 
 
+# service.export: what `bict-ray upgrade-service` writes of the upgraded gallery for serving (None: nothing)
+SERVICE_EXPORTS = ("faiss", "lance")
+# the stages of `bict-ray upgrade-service`, in order (bict_ray.pipeline.service); here so that the command line
+# can list them without importing Ray
+SERVICE_STAGES = ("sequence", "import", "upgrade", "export", "report")
+
+
+@dataclass
+class ServiceConfig:
+    """The service a run upgrades (``bict-ray upgrade-service``, docs/SERVICE.md): the gallery its old model made,
+    as the service stores it, and what to hand back.
+
+    gallery: the embeddings (Parquet file, folder or glob; .npz or .npy; a local path or a pyarrow URI) with the
+    columns ``id_column``, ``embedding_column`` and, optionally, ``label_column`` (a production gallery has no
+    labels: the labelled query and gallery sets of ``data`` are what is scored). normalise: scale rows to unit length
+    instead of refusing rows that are not. export: ``faiss`` (``index`` flat or ivf) or ``lance``; None: none.
+    """
+
+    gallery: str | None = None
+    id_column: str = "id"
+    embedding_column: str = "embedding"
+    label_column: str | None = None
+    normalise: bool = False
+    export: str | None = None
+    index: str = "flat"  # faiss: flat (exact) | ivf (approximate); bict_ray.storage.export checks it
+
+    def __post_init__(self):
+        if self.export is not None:
+            _check_choice("service.export", self.export, SERVICE_EXPORTS)
+        if self.index != "flat" and self.export != "faiss":
+            raise ConfigError(f"service.index={self.index} applies to service.export=faiss only")
+        columns = [c for c in (self.id_column, self.embedding_column, self.label_column) if c is not None]
+        if len(set(columns)) != len(columns):
+            raise ConfigError(f"service.id_column, embedding_column and label_column must differ, got {columns}")
+
+
 @dataclass
 class Config:
     """A whole run. Sections mirror the YAML file."""
@@ -370,6 +406,8 @@ class Config:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # the service `bict-ray upgrade-service` upgrades: its stored gallery and the export (unused by other commands)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     # arms compared with BiCT in the same run (ARMS), sharing its phi_1, gallery v1 and splits; results.json "arms"
     arms: list[str] = field(default_factory=list)
 

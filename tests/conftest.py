@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
@@ -39,3 +41,35 @@ def smoke_data(smoke_config):
 def train_subset(dataset, classes):
     """The training images of the given classes."""
     return dataset.train.subset(np.flatnonzero(np.isin(dataset.train.labels, classes)))
+
+
+class Deployed(nn.Module):
+    """What a service scripts of one of the project's models: the embedding of its [-1, 1] input, nothing else."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)
+
+
+def deploy(net, path, images: np.ndarray) -> None:
+    """``net`` traced to TorchScript at ``path``, as a team hands over its production model (``images``: a few
+    (N, C, H, W) uint8 examples)."""
+    from bict_ray.core.embed import preprocess
+
+    torch.jit.trace(Deployed(net).eval(), preprocess(torch.from_numpy(np.array(images))),
+                    check_trace=False).save(str(path))
+
+
+def trained_small_cnn(config, dataset, classes):
+    """The config's model trained one epoch in this process on ``classes`` of the dataset's training images, in
+    eval mode (embedding_stage puts the images in Ray's object store: needs ray_session)."""
+    from bict_ray.distributed.train import embedding_stage
+
+    stage = embedding_stage(config, 1, train_subset(dataset, classes), dataset.num_classes, classes_seen=classes)
+    torch.manual_seed(0)
+    parts = stage.build(torch.device("cpu"))
+    parts.run_epoch(parts.model, parts.loader, stage.optimizer(parts.model.parameters()), 0)
+    return parts.model.eval()

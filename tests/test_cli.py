@@ -43,8 +43,8 @@ def test_train_stage_needs_its_parent(ray_session, tmp_path, capsys):
     assert "--step must be in 2..2" in capsys.readouterr().err
 
 
-JOBS = {"evaluate": "evaluate", "extract": "extract", "sequence": "sequence", "train": "train",
-        "tune_lambda": "tune", "upgrade_gallery": "upgrade"}
+JOBS = {"evaluate": "evaluate", "extract": "extract", "import_gallery": "import-gallery", "sequence": "sequence",
+        "train": "train", "tune_lambda": "tune", "upgrade_gallery": "upgrade", "upgrade_service": "upgrade-service"}
 
 
 def test_every_job_is_its_cli_command():

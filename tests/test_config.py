@@ -99,3 +99,13 @@ def test_a_choice_registered_by_its_owner_is_valid_in_the_config(monkeypatch):
 
 def test_defaults_are_valid():
     assert Config().model.classifier == "cosine"
+
+
+def test_the_service_example_loads_as_documented():
+    """The example docs/SERVICE.md points users at: a valid config for upgrade-service."""
+    from bict_ray.pipeline.service import check_service
+
+    example = load_config("service_example")
+    check_service(example)
+    assert example.old_model.kind == "torchvision" and example.model.embedding_dim == 2048
+    assert example.service.export == "faiss" and example.eval.protocol == "query_gallery"

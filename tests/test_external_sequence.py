@@ -11,11 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from bict_ray.config import load_config
 from bict_ray.core.embed import embed_images, frozen_features, preprocess
-from bict_ray.core.models import EmbeddingNet
 from bict_ray.distributed.train import embedding_stage, run_in_process
 from bict_ray.errors import ArtifactError, TrainingError
 from bict_ray.pipeline.sequence import run_sequence
@@ -23,33 +21,16 @@ from bict_ray.storage.artifacts import (external_artifact, is_external, load_art
                                         save_external)
 from bict_ray.storage.gallery import open_gallery
 
-from conftest import train_subset
-
-
-class Deployed(nn.Module):
-    """What a service scripts: the embedding of its [-1, 1] input, nothing else."""
-
-    def __init__(self, net: EmbeddingNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(x)
+from conftest import deploy, train_subset, trained_small_cnn
 
 
 @pytest.fixture(scope="module")
 def deployed(ray_session, smoke_config, smoke_data, tmp_path_factory):
     """(the TorchScript file, the module it scripts) of a small CNN trained one epoch on the first split's classes."""
-    classes = smoke_config.scenario.classes[0]
-    config = load_config("configs/smoke.yaml", ["train.epochs=1"])
-    stage = embedding_stage(config, 1, train_subset(smoke_data, classes), smoke_data.num_classes, classes_seen=classes)
-    torch.manual_seed(0)
-    parts = stage.build(torch.device("cpu"))
-    parts.run_epoch(parts.model, parts.loader, stage.optimizer(parts.model.parameters()), 0)
-    net = parts.model.eval()
+    net = trained_small_cnn(load_config("configs/smoke.yaml", ["train.epochs=1"]), smoke_data,
+                            smoke_config.scenario.classes[0])
     path = tmp_path_factory.mktemp("service") / "deployed.pt"
-    example = preprocess(torch.from_numpy(smoke_data.train.images[:4]))
-    torch.jit.trace(Deployed(net).eval(), example).save(str(path))
+    deploy(net, path, smoke_data.train.images[:4])
     return path, net
 
 
@@ -107,9 +88,7 @@ def test_a_rerun_reuses_it_and_refuses_the_file_once_it_changed(service_run, dep
     before = (out / "models" / "phi_1" / "model.json").read_text()
     original = path.read_bytes()
     try:
-        torch.jit.trace(Deployed(net).train(False), preprocess(torch.from_numpy(smoke_data.train.images[4:8])),
-                        check_trace=False).save(str(path) + ".new")
-        (path.parent / (path.name + ".new")).replace(path)
+        deploy(net, path, smoke_data.train.images[4:8])  # the same model traced again: other bytes
         with pytest.raises(ArtifactError, match=f"{path}, which has changed since the run recorded it"):
             run_sequence(service_config(path), out, dataset=smoke_data)
     finally:

@@ -10,7 +10,7 @@ import sys
 from bict_ray.errors import project_error
 
 # module name -> the subcommands it registers; imported lazily so `bict-ray env` does not import Ray
-COMMAND_MODULES = ("env", "splits", "train", "sequence", "tune", "study", "gallery", "report", "demo")
+COMMAND_MODULES = ("env", "splits", "train", "sequence", "tune", "study", "gallery", "service", "report", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from bict_ray.config import Config, from_dict
 from bict_ray.errors import InputError
 from bict_ray.pipeline.seeds import check_seeds, spread, summarise_seeds
 from bict_ray.pipeline.tune import TRIAL_MEMORY_BYTES, _default_concurrency, _step_metrics, _trial_config
-from bict_ray.storage.rundir import RunDir
+from bict_ray.storage.rundir import RunDir, write_json
 
 LAMBDAS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
 SEEDS = (0, 1, 2)
@@ -250,9 +250,7 @@ def write_study(results: dict, root: str | Path) -> None:
     pd.DataFrame(rows).to_csv(root / "lambda_study.csv", index=False)
     plot_lambda_study(results, root / "lambda_study.png")
     (root / "lambda_study.md").write_text(study_markdown(results), encoding="utf-8")
-    tmp = root / "study.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    tmp.replace(root / "study.json")  # last: its presence means a complete study
+    write_json(root / "study.json", results)  # last: its presence means a complete study
 
 
 def study_markdown(results: dict) -> str:

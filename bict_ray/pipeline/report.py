@@ -123,6 +123,8 @@ def write_report(run_dir: str | Path) -> Path:
     tune_section = _tune_section(run_dir / "tune", plots)
     if tune_section:
         sections.append(tune_section)
+    if results.get("service"):
+        sections.append(_service_section(results["service"]))
     if results.get("timings"):
         sections.append(_timings_section(results["timings"]))
 
@@ -368,6 +370,29 @@ def _pareto_parts(best: dict[str, Any], trials_path: Path, plots: Path, source: 
         _plot_pareto(_read_objective_trials(trials_path, objectives), best, plots / "pareto.png")
         parts.append("![Pareto front, selected on validation](plots/pareto.png)")
     return parts
+
+
+def _service_section(service: dict[str, Any]) -> str:
+    """What `bict-ray upgrade-service` did with the service's own gallery (bict_ray.pipeline.service)."""
+    rows = []
+    for stage, what in (("import", "the service's gallery, as stored"), ("upgrade", "upgraded by ψ")):
+        record = service.get(stage)
+        if record:
+            rows.append([what, f"{record['rows']:,}", str(record["dim"]), " → ".join(record["lineage"]),
+                         f"`{record['path']}`"])
+    parts = ["## The service's gallery",
+             "Upgraded from its embeddings alone; it has no labels (its images are gone), so the tests above score the "
+             "labelled query and gallery sets, whose gallery went through the same ψ."]
+    if rows:
+        parts.append(_markdown_table(("version", "rows", "dim", "lineage", "path"), rows))
+    export = service.get("export")
+    if export:
+        index = f", {export['index']} index" if export.get("index") else ""
+        parts.append(f"Exported for serving as {export['format']}{index}: `{export['path']}` "
+                     f"(sidecar `{export['sidecar']}`).")
+    if service.get("timings"):
+        parts.append("Seconds: " + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in service["timings"].items()))
+    return "\n\n".join(parts)
 
 
 def _timings_section(timings: dict[str, float]) -> str:

@@ -21,7 +21,7 @@ from bict_ray.config import Config
 from bict_ray.core.data import Dataset, load_dataset
 from bict_ray.errors import InputError
 from bict_ray.pipeline.sequence import run_sequence
-from bict_ray.storage.rundir import RunDir
+from bict_ray.storage.rundir import RunDir, write_json
 
 # Student t quantiles t_{0.975, df} (two-sided 95%) for df = 1..30, to 4 decimals; beyond 30 the normal 1.96, at most
 # 4% below t (df = 31). A table, not scipy: scipy is not a dependency of the project, and the interval must not
@@ -56,9 +56,7 @@ def run_seeds(config: Config, out: str | Path, seeds: list[int], *, log=print,
                      dataset=dataset)
         per_seed.append(json.loads((root / _run_name(seed) / "results.json").read_text(encoding="utf-8")))
     results = mean_results(per_seed, seeds)
-    tmp = root / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
-    tmp.replace(root / "results.json")
+    write_json(root / "results.json", results)
     return results
 
 

@@ -14,7 +14,6 @@ every step, so a long run shows its numbers as they come.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -167,9 +166,7 @@ class SequenceRunner:
             self.transforms[s] = _load_if_done(folder) or _missing(folder, f"psi_{s - 1}_{s}")
 
     def write(self, results: dict) -> None:
-        tmp = self.run_dir.results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(self.run_dir.results_path)
+        self.run_dir.write_results(results)
 
     def train_model(self, t: int):
         if t <= self.shared_models:

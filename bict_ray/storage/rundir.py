@@ -7,10 +7,12 @@
     RUN_DIR/gallery/v<t>/               Parquet shards + manifest.json
     RUN_DIR/results.json                every evaluation
     RUN_DIR/report.md, RUN_DIR/plots/   the human report
+    RUN_DIR/service/                    upgrade-service: the service's gallery v1, v2 and its export
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ RUNTIME_KEYS = frozenset({
     "gallery.use_gpu", "gallery.batch_size",
     "eval.test",  # what is evaluated, not what is trained: a search's best trial is tested after selection
     "arms",  # arms run beside the run, each in its own directory: one can be added to a finished run
+    "service.export", "service.index",  # what upgrade-service hands back of the upgraded gallery
 })
 
 
@@ -68,6 +71,16 @@ class RunDir:
     @property
     def results_path(self) -> Path:
         return self.path / "results.json"
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_json(self.results_path, results)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON at ``path``, replaced in one rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2), encoding="utf-8")
+    tmp.replace(path)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,

@@ -1,0 +1,167 @@
+"""`bict-ray upgrade-service`, a whole round on generated data, from the command line only.
+
+The service: a small CNN traced to TorchScript (its deployed model), its gallery as a plain Parquet with its own
+column names and list<double> embeddings (no labels), and labelled data as an ImageFolder of PNGs with train/,
+query/ and gallery/ beside each other. The round must train phi_2 against the deployed model, upgrade the stored
+gallery with psi_1_2 from its embeddings alone, score the labelled sets, export a faiss index of the upgraded
+gallery, report, and resume stage by stage.
+"""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from bict_ray.cli import main
+from bict_ray.config import load_config
+from bict_ray.core.embed import embed_images, upgrade_embeddings
+from bict_ray.errors import ConfigError, InputError
+from bict_ray.pipeline.service import check_service, run_service
+from bict_ray.storage.artifacts import load_artifact
+from bict_ray.storage.gallery import open_gallery
+
+from conftest import deploy, trained_small_cnn
+
+CLASSES = (0, 1, 2, 3, 4, 5)
+
+
+def write_folder(root, images, labels, per_class):
+    """PNGs root/<class>/<n>.png, ``per_class`` of each of CLASSES."""
+    for c in CLASSES:
+        (root / f"class_{c}").mkdir(parents=True)
+        for n, index in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            Image.fromarray(images[index, 0]).save(root / f"class_{c}" / f"{n}.png")
+
+
+def gallery_rows(version):
+    parts = [version.read_shard(i) for i in range(version.num_shards)]
+    return np.concatenate([p[2] for p in parts]), np.concatenate([p[0] for p in parts])
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, smoke_data, tmp_path_factory):
+    """The files a team brings, and the config that names them."""
+    root = tmp_path_factory.mktemp("service")
+    net = trained_small_cnn(load_config("configs/smoke.yaml", ["train.epochs=1"]), smoke_data, list(CLASSES))
+    deploy(net, root / "deployed.pt", smoke_data.train.images[:4])
+    train, test = smoke_data.train, smoke_data.test
+    write_folder(root / "data" / "train", train.images, train.labels, per_class=60)
+    write_folder(root / "data" / "query", test.images, test.labels, per_class=8)
+    write_folder(root / "data" / "gallery", test.images[200:], test.labels[200:], per_class=16)
+    # the production gallery: what the deployed model made of images the service no longer has
+    stored = embed_images(net, test.images).astype(np.float64)
+    ids = np.arange(5000, 5000 + len(stored), dtype=np.int64)
+    pq.write_table(pa.table({"image_id": ids, "vector": pa.array(list(stored), pa.list_(pa.float64()))}),
+                   root / "gallery.parquet")
+    raw = load_config("configs/smoke.yaml").to_dict()
+    raw.update(name="my_service", data={"kind": "imagefolder", "root": str(root / "data"), "image_size": 28,
+                                        "channels": 1, "val_fraction": 0.2},
+               scenario={"kind": "data_growth", "steps": 2, "fractions": [1.0, 1.0]},
+               old_model={"kind": "torchscript", "path": str(root / "deployed.pt"), "image_size": 28, "channels": 1},
+               service={"gallery": str(root / "gallery.parquet"), "id_column": "image_id",
+                        "embedding_column": "vector", "export": "faiss"})
+    raw["eval"].update(protocol="query_gallery", partial_refresh=[])
+    raw["train"]["epochs"] = 1
+    config_path = root / "my_service.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    return root, config_path, ids, stored
+
+
+@pytest.fixture(scope="module")
+def upgraded(service, tmp_path_factory):
+    root, config_path, _, _ = service
+    out = tmp_path_factory.mktemp("upgrade") / "run"
+    assert main(["upgrade-service", "-c", str(config_path), "--out", str(out)]) == 0
+    return out
+
+
+def test_the_stored_gallery_is_upgraded_by_psi_from_its_embeddings_alone(service, upgraded):
+    _, _, ids, stored = service
+    v1, v2 = open_gallery(str(upgraded / "service" / "v1")), open_gallery(str(upgraded / "service" / "v2"))
+    assert v1.lineage == ["phi_1"] and v2.lineage == ["phi_1", "psi_1_2"]
+    v1_ids, v1_rows = gallery_rows(v1)
+    v2_ids, v2_rows = gallery_rows(v2)
+    np.testing.assert_array_equal(v1_ids, ids)
+    np.testing.assert_array_equal(v2_ids, ids)
+    np.testing.assert_allclose(v1_rows, stored / np.linalg.norm(stored, axis=1, keepdims=True), atol=1e-6)
+    psi = load_artifact(upgraded / "transforms" / "psi_1_2")
+    np.testing.assert_allclose(v2_rows, upgrade_embeddings([psi.module], v1_rows), atol=1e-6)
+
+
+def test_the_labelled_sets_are_scored_and_the_report_says_what_happened(upgraded):
+    results = json.loads((upgraded / "results.json").read_text())
+    assert results["run"]["old_model"] == "torchscript" and results["run"]["protocol"] == "query_gallery"
+    (step,) = results["steps"]
+    for name in ("old_self", "new_self", "backward", "forward"):
+        assert 0 < step["tests"][name]["mAP"] <= 1
+    service = results["service"]
+    assert service["import"]["rows"] == service["upgrade"]["rows"] == 400
+    assert set(service["timings"]) == {"sequence", "import", "upgrade", "export"}
+    report = (upgraded / "report.md").read_text()
+    assert "## The service's gallery" in report and "phi_1 → psi_1_2" in report
+
+
+def test_the_export_searches_the_upgraded_gallery_by_its_ids(service, upgraded):
+    _, _, ids, _ = service
+    index = faiss.read_index(str(upgraded / "service" / "export" / "gallery.faiss"))
+    sidecar = json.loads((upgraded / "service" / "export" / "gallery.faiss.json").read_text())
+    assert index.ntotal == 400 and sidecar["lineage"] == ["phi_1", "psi_1_2"] and sidecar["space"] == "phi_2"
+    _, v2_rows = gallery_rows(open_gallery(str(upgraded / "service" / "v2")))
+    _, found = index.search(np.ascontiguousarray(v2_rows[:5]), 1)
+    np.testing.assert_array_equal(found[:, 0], ids[:5])
+
+
+def test_a_rerun_resumes_and_each_stage_runs_alone(service, upgraded, capsys):
+    _, config_path, _, _ = service
+    before = (upgraded / "service" / "v2" / "manifest.json").read_text()
+    assert main(["upgrade-service", "-c", str(config_path), "--out", str(upgraded)]) == 0
+    printed = capsys.readouterr().out
+    assert "imported already" in printed and "committed already" in printed and "exists, kept" in printed
+    assert "phi_2: trained already" in printed
+    assert (upgraded / "service" / "v2" / "manifest.json").read_text() == before
+    assert main(["upgrade-service", "-c", str(config_path), "--out", str(upgraded), "--stage", "report"]) == 0
+
+
+def test_a_gallery_of_another_model_is_refused_before_anything_is_stored(service, tmp_path):
+    root, config_path, ids, stored = service
+    pq.write_table(pa.table({"image_id": ids, "vector": pa.array(list(stored[:, :16]), pa.list_(pa.float64()))}),
+                   tmp_path / "other.parquet")
+    config = load_config(str(config_path), [f"service.gallery={tmp_path / 'other.parquet'}"])
+    with pytest.raises(InputError, match="its embeddings have 16 dims, the service's model .* makes 32"):
+        run_service(config, tmp_path / "run", stages=["import"])
+    assert not (tmp_path / "run" / "service" / "v1").exists()
+
+
+def test_a_stage_before_its_input_exists_says_which_to_run(service, tmp_path, capsys):
+    _, config_path, _, _ = service
+    assert main(["upgrade-service", "-c", str(config_path), "--out", str(tmp_path / "run"), "--stage", "upgrade"]) == 2
+    assert "not imported yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["old_model.kind=none", "old_model.path=null", "old_model.image_size=null", "old_model.channels=null"],
+     "old_model.kind=none: upgrade-service starts from the service's deployed model"),
+    (["scenario.steps=3", "scenario.fractions=[0.5,1.0,1.0]"], "scenario.steps=3: upgrade-service makes one upgrade"),
+    (["service.gallery=null"], "service.gallery is required"),
+    (["transform.enabled=false"], "transform.enabled is false"),
+])
+def test_a_config_that_cannot_upgrade_a_service_is_refused_naming_the_key(service, overrides, message):
+    _, config_path, _, _ = service
+    with pytest.raises(ConfigError, match=message):
+        check_service(load_config(str(config_path), overrides))
+
+
+def test_service_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="service.export must be one of faiss, lance"):
+        load_config(None, ["service.export=hnsw"])
+    with pytest.raises(ConfigError, match="service.index=ivf applies to service.export=faiss only"):
+        load_config(None, ["service.index=ivf"])
+    with pytest.raises(ConfigError, match="must differ"):
+        load_config(None, ["service.id_column=vector", "service.embedding_column=vector"])

@@ -18,7 +18,8 @@ import yaml
 
 from bict_ray import presets
 from bict_ray.core.closed_form import FIT_METHODS
-from bict_ray.core.data import DATA_KINDS, PROTOCOLS
+from bict_ray.core.data import (DATA_KINDS, PARQUET_ID_COLUMN, PARQUET_IMAGE_COLUMN, PARQUET_LABEL_COLUMN,
+                                PROTOCOLS)
 from bict_ray.core.embed import PRECISIONS
 from bict_ray.core.external import FACTORY_RE, MODEL_KINDS, OLD_MODEL_KINDS
 from bict_ray.core.losses import COMPAT_LOSSES
@@ -35,7 +36,7 @@ ARMS = ("bct_chained", "bct_anchored", "independent_psi", "linear_psi")
 
 @dataclass
 class DataConfig:
-    """Where the images come from. ``kind``: fashion_mnist | imagefolder | npz."""
+    """Where the images come from. ``kind``: fashion_mnist | imagefolder | npz | parquet (README, "Data")."""
 
     kind: str = "fashion_mnist"
     root: str | None = None
@@ -48,11 +49,30 @@ class DataConfig:
     limit_train: int | None = None  # keep at most this many training images (smoke runs)
     limit_test: int | None = None  # keep at most this many test images (smoke runs)
     seed: int = 0
+    # kind=parquet: the table's columns; the defaults are what Hugging Face datasets writes for an image dataset.
+    # image_column: the encoded images (binary, or a struct with a `bytes` field); label_column: integer class ids
+    image_column: str = PARQUET_IMAGE_COLUMN
+    label_column: str = PARQUET_LABEL_COLUMN
+    # integer ids, kept as the images' ids (so old_model.kind=embeddings rows match them). A table without an `id`
+    # column (the default name) numbers its rows 0 … N−1 instead; another name must exist; null: always numbered
+    id_column: str | None = PARQUET_ID_COLUMN
 
     def __post_init__(self):
         _check_choice("data.kind", self.kind, DATA_KINDS)
         if self.kind != "fashion_mnist" and not self.root:
             raise ConfigError(f"data.root is required for data.kind={self.kind}")
+        columns = {"image_column": PARQUET_IMAGE_COLUMN, "label_column": PARQUET_LABEL_COLUMN,
+                   "id_column": PARQUET_ID_COLUMN}
+        for name, default in columns.items():
+            value = getattr(self, name)
+            if value != default and self.kind != "parquet":  # a key meant for a Parquet table is never ignored
+                raise ConfigError(f"data.{name} is read by data.kind=parquet only, and data.kind is {self.kind}")
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"data.{name} must name a column, got {value!r}")
+        named = [getattr(self, name) for name in columns if getattr(self, name) is not None]
+        if len(set(named)) != len(named):
+            raise ConfigError(f"data.image_column, data.label_column and data.id_column must name different "
+                              f"columns, got {', '.join(named)}")
         _check_range("data.test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("data.val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
         if self.channels is not None and self.channels not in (1, 3):

@@ -1,10 +1,12 @@
-"""Image datasets: Fashion-MNIST (the embedded default), an ImageFolder tree, or an ``.npz`` of arrays.
+"""Image datasets: Fashion-MNIST (the embedded default), an ImageFolder tree, an ``.npz`` of arrays, or a Parquet
+table of encoded images (as Hugging Face ``datasets`` and Ray Data write one; ``core.image_table`` reads it).
 
 Every loader returns the same thing, a :class:`Dataset` of a train and a test :class:`ImageSet` with uint8
-images (N, C, H, W), global int64 labels and int64 sample ids that are unique across both splits (train first),
-so a gallery row can always be traced back to its image. Data with query and gallery sets of its own (npz keys
-``x_query``/``y_query``/``x_gallery``/``y_gallery``, ImageFolder ``query/`` and ``gallery/`` beside ``train/``)
-has them as its test split, queries first.
+images (N, C, H, W), global int64 labels and int64 sample ids that are unique across both splits, so a gallery row
+can always be traced back to its image: assigned 0 … N−1, train first, or the data's own (a Parquet table's id
+column), ascending within each split. Data with query and gallery sets of its own (npz keys
+``x_query``/``y_query``/``x_gallery``/``y_gallery``, ImageFolder ``query/`` and ``gallery/`` beside ``train/``,
+Parquet ``query`` and ``gallery`` beside ``train``) has them as its test split, queries first.
 
 :func:`load_dataset` then applies the run's retrieval protocol (``PROTOCOLS``, docs/PROTOCOL.md): the open-set
 ``scenario.test_classes`` leave train and validation and are all the test split keeps, and ``Dataset.query`` and
@@ -14,7 +16,9 @@ has them as its test split, queries first.
 from __future__ import annotations
 
 import gzip
+import io
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +36,12 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_USER_IMAGE_SIZE = 32
-IMAGE_FOLDER_SETS = ("train", "query", "gallery")  # the subtrees of an ImageFolder root with its own test sets
+# the subtrees of an ImageFolder root with its own test sets; the Parquet files or folders of such a Parquet root
+IMAGE_FOLDER_SETS = ("train", "query", "gallery")
+# data.kind=parquet's default columns: those Hugging Face datasets writes for an image dataset (an Image feature
+# `image`, a ClassLabel `label`); `id` is optional (DataConfig.id_column)
+PARQUET_IMAGE_COLUMN, PARQUET_LABEL_COLUMN, PARQUET_ID_COLUMN = "image", "label", "id"
+PARQUET_SUFFIX = ".parquet"
 NPZ_QUERY_GALLERY = ("x_query", "y_query", "x_gallery", "y_gallery")
 # eval.protocol: leave_one_out (the test split is query and gallery, self-matches excluded by id) | query_gallery
 # (two disjoint parts of it: the data's own query and gallery sets, else a seeded per-class split)
@@ -237,11 +246,63 @@ def load_image_folder(path: str, cfg: DataConfig) -> Dataset:
                      str(root), num_queries=len(query_y))
 
 
+def load_parquet(path: str, cfg: DataConfig) -> Dataset:
+    """A Parquet table of images, as Hugging Face ``datasets`` and Ray Data write one: one row per image, its
+    encoded bytes (PNG, JPEG or any format PIL reads) in ``cfg.image_column`` (binary, or a struct with a ``bytes``
+    field as ``datasets`` writes an Image), its class id in ``cfg.label_column`` (integers >= 0) and its id in
+    ``cfg.id_column``. The images are decoded in memory and converted and resized as ImageFolder images are.
+
+    ``path`` is one Parquet file or a folder of them: every ``*.parquet`` below it, in sorted path order, is one
+    table, of which ``cfg.test_fraction`` of each class is held out. A folder holding ``query`` or ``gallery`` (a
+    ``NAME.parquet`` file or a ``NAME/`` folder of Parquet files) is read as three sets, ``train``, ``query`` and
+    ``gallery``: the query and gallery sets, together the test split, queries first.
+
+    Ids are the id column's (every file has it, or none does); without one (or with ``id_column`` None), each row's
+    position in the table: the files in order, for three sets train, query, gallery in turn. Each set's rows are
+    ordered by id, so the same rows split the same way however they were spread over files. Classes are numbered by
+    the labels; named by the label column's ClassLabel names where the files' Hugging Face metadata has them.
+    """
+    from bict_ray.core.image_table import read_image_table  # pyarrow, for this kind only
+
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"Parquet data not found: {root}")
+    sets = _parquet_sets(root)
+    table = read_image_table([file for _, files in sets for file in files], cfg.image_column, cfg.label_column,
+                             cfg.id_column, id_optional=cfg.id_column == PARQUET_ID_COLUMN)
+    # the sets' rows: [rows[k], rows[k + 1]) of the table
+    file_ends = np.cumsum([0] + [len(files) for _, files in sets])
+    rows = np.cumsum([0] + [sum(table.rows_per_file[a:b]) for a, b in zip(file_ends[:-1], file_ends[1:])])
+    for (origin, files), first, last in zip(sets, rows[:-1], rows[1:]):
+        if first == last:
+            held = "" if origin.is_file() else f" in its {len(files)} Parquet file(s)"
+            raise DataError(f"{origin}: no rows{held}; a dataset needs images")
+    num_classes = int(table.labels.max()) + 1
+    classes = table.class_names or [str(c) for c in range(num_classes)]
+    if len(classes) < 2:
+        raise DataError(f"Parquet data {root} has {len(classes)} class(es) (labels 0 … {num_classes - 1}); retrieval "
+                        "needs at least 2")
+    images = _decode_images(table.images, cfg, table.images.where)
+    # each set in id order (a stable sort: rows without ids are in order already)
+    parts = [np.arange(first, last)[np.argsort(table.ids[first:last], kind="stable")]
+             for first, last in zip(rows[:-1], rows[1:])]
+    if len(parts) == 1:
+        (order,) = parts
+        train_idx, test_idx = (order[i] for i in _holdout(table.labels[order], cfg.test_fraction, cfg.seed))
+        test_queries = None
+    else:
+        train_idx, query_idx, gallery_idx = parts
+        test_idx, test_queries = np.concatenate([query_idx, gallery_idx]), len(query_idx)
+    return _assemble(images[train_idx], table.labels[train_idx], images[test_idx], table.labels[test_idx], classes,
+                     str(root), test_queries, ids=(table.ids[train_idx], table.ids[test_idx]))
+
+
 # data.kind -> loader; a new format is a loader taking the DataConfig, and one line here
 DATA_KINDS = {
     "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.root),
     "npz": lambda cfg: load_npz(cfg.root, cfg),
     "imagefolder": lambda cfg: load_image_folder(cfg.root, cfg),
+    "parquet": lambda cfg: load_parquet(cfg.root, cfg),
 }
 
 
@@ -251,6 +312,46 @@ def missing_dataset_message(root: str | None = None) -> str:
             "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four idx files "
             "(train-images-idx3-ubyte[.gz], ...) in a folder and pass --set data.root=FOLDER "
             f"or set ${FASHION_MNIST_ENV}.")
+
+
+def _parquet_sets(root: Path) -> list[tuple[Path, list[Path]]]:
+    """(where it is, its Parquet files) of each set of ``root``: one table (a file, or every ``*.parquet`` below a
+    folder), or ``train``, ``query`` and ``gallery``, each a ``NAME.parquet`` file or a ``NAME/`` folder of them."""
+    if root.is_file():
+        return [(root, [root])]
+    found = {}
+    for name in IMAGE_FOLDER_SETS:
+        file, folder = root / f"{name}{PARQUET_SUFFIX}", root / name
+        if file.is_file() and folder.is_dir():
+            raise DataError(f"Parquet data {root} has both {file.name} and {name}/: the {name} set is one of them")
+        if file.is_file() or folder.is_dir():
+            found[name] = file if file.is_file() else folder
+    if "query" not in found and "gallery" not in found:
+        return [(root, _parquet_files(root))]
+    missing = [name for name in IMAGE_FOLDER_SETS if name not in found]
+    if missing:
+        raise DataError(f"Parquet data {root} has {', '.join(found)} but no {', '.join(missing)}: separate query and "
+                        f"gallery sets need train, query and gallery side by side, each a NAME{PARQUET_SUFFIX} file "
+                        "or a NAME/ folder of Parquet files")
+    # a file beside the three sets would belong to none of them: refused rather than left out unseen
+    others = sorted(p.name for p in root.glob(f"*{PARQUET_SUFFIX}") if p.stem not in IMAGE_FOLDER_SETS
+                    and not p.name.startswith("."))
+    if others:
+        raise DataError(f"Parquet data {root} has train, query and gallery sets and also {', '.join(others)}, which "
+                        "is in none of them: move it into one of the sets or out of the folder")
+    return [(found[name], [found[name]] if found[name].is_file() else _parquet_files(found[name]))
+            for name in IMAGE_FOLDER_SETS]
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    """Every ``*.parquet`` below ``folder`` (sub-folders too, as Ray Data and Hugging Face lay them out), in sorted
+    path order; hidden files and folders are not data."""
+    files = sorted((p for p in folder.rglob(f"*{PARQUET_SUFFIX}")
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise DataError(f"Parquet data folder {folder} holds no {PARQUET_SUFFIX} files")
+    return files
 
 
 def _download_fashion_mnist(root: str) -> Path:
@@ -294,12 +395,15 @@ def _read_idx(path: Path | None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
-def _assemble(train_x, train_y, test_x, test_y, classes, source, num_queries: int | None = None) -> Dataset:
-    """num_queries: the data's own query set is the first ``num_queries`` test images, its gallery the rest."""
+def _assemble(train_x, train_y, test_x, test_y, classes, source, num_queries: int | None = None,
+              ids: tuple[np.ndarray, np.ndarray] | None = None) -> Dataset:
+    """num_queries: the data's own query set is the first ``num_queries`` test images, its gallery the rest.
+    ids: the data's own ids of the train and test images (unique across both); None: 0 … N−1, train first."""
     train_y = np.asarray(train_y, dtype=np.int64)
     test_y = np.asarray(test_y, dtype=np.int64)
-    train_ids = np.arange(len(train_y), dtype=np.int64)
-    test_ids = np.arange(len(train_y), len(train_y) + len(test_y), dtype=np.int64)
+    if ids is None:
+        ids = (np.arange(len(train_y)), np.arange(len(train_y), len(train_y) + len(test_y)))
+    train_ids, test_ids = (np.asarray(part, dtype=np.int64) for part in ids)
     dataset = Dataset(ImageSet(np.ascontiguousarray(train_x), train_y, train_ids),
                       ImageSet(np.ascontiguousarray(test_x), test_y, test_ids), list(classes), source)
     if num_queries is not None:
@@ -330,22 +434,42 @@ def _class_files(class_dirs: dict[str, Path], classes: list[str]) -> tuple[list[
 
 
 def _read_images(files: list[Path], cfg: DataConfig) -> np.ndarray:
-    """(N, C, H, W) uint8, resized to data.image_size; grey when data.channels says so or every sampled file is."""
+    """The image files, as :func:`_decode_images` makes them."""
+    return _decode_images(files, cfg, lambda i: str(files[i]))
+
+
+# what PIL raises for data it cannot decode: an unknown format or a truncated file (OSError), a corrupt chunk of a
+# known one (SyntaxError, e.g. a PNG's checksum), a header it cannot use (ValueError)
+_UNDECODABLE = (OSError, SyntaxError, ValueError)
+
+
+def _decode_images(sources: Sequence[Path | bytes], cfg: DataConfig, where: Callable[[int], str]) -> np.ndarray:
+    """(N, C, H, W) uint8 of the images ``sources`` hold, each a file or the encoded bytes of one (decoded in
+    memory), resized to data.image_size; grey when data.channels says so or every sampled image is. where(i): how a
+    message names image i (its file; a table's file, row and column)."""
     from PIL import Image, UnidentifiedImageError
 
     size = cfg.image_size or DEFAULT_USER_IMAGE_SIZE
     mode = None if cfg.channels is None else ("L" if cfg.channels == 1 else "RGB")
     if mode is None:
-        mode = "L" if all(_is_grey(f) for f in files[:: max(1, len(files) // 16)]) else "RGB"
-    images = np.empty((len(files), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
-    for i, file in enumerate(files):
+        mode = "L" if all(_is_grey(sources[i]) for i in range(0, len(sources), max(1, len(sources) // 16))) else "RGB"
+    images = np.empty((len(sources), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
+    for i in range(len(sources)):
         try:
-            with Image.open(file) as img:
+            with _open_image(sources[i]) as img:
                 pixels = np.asarray(img.convert(mode).resize((size, size), Image.BILINEAR))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"cannot read image {file}: {err}") from None
+        except _UNDECODABLE as err:
+            # PIL's own words for an unknown format name the file object, which for bytes says nothing
+            reason = "not an image in a format PIL reads" if isinstance(err, UnidentifiedImageError) else err
+            raise DataError(f"cannot read image {where(i)}: {reason}") from None
         images[i] = pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
     return images
+
+
+def _open_image(source: Path | bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
 
 
 def _conform(dataset: Dataset, cfg: DataConfig) -> Dataset:
@@ -488,11 +612,9 @@ def _check_labels(labels, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _is_grey(file: Path) -> bool:
-    from PIL import Image
-
+def _is_grey(source: Path | bytes) -> bool:
     try:
-        with Image.open(file) as img:
+        with _open_image(source) as img:
             return img.mode in ("L", "1", "I;16", "I")
-    except OSError:
-        return False  # an unreadable file is reported by the loader with its name
+    except _UNDECODABLE:
+        return False  # an unreadable image is reported by the loader with its name

@@ -39,3 +39,14 @@ def smoke_data(smoke_config):
 def train_subset(dataset, classes):
     """The training images of the given classes."""
     return dataset.train.subset(np.flatnonzero(np.isin(dataset.train.labels, classes)))
+
+
+def user_module(tmp_path, monkeypatch, prefix: str, source: str) -> str:
+    """``source`` as a module a user put on sys.path, named ``prefix`` + the test's folder so that no other test's
+    copy is cached; returns its name."""
+    import textwrap
+
+    name = prefix + tmp_path.name.replace("-", "_")
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name

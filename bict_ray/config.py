@@ -21,9 +21,10 @@ from bict_ray.core.closed_form import FIT_METHODS
 from bict_ray.core.data import (DATA_KINDS, PARQUET_ID_COLUMN, PARQUET_IMAGE_COLUMN, PARQUET_LABEL_COLUMN,
                                 PROTOCOLS)
 from bict_ray.core.embed import PRECISIONS
-from bict_ray.core.external import FACTORY_RE, MODEL_KINDS, OLD_MODEL_KINDS
+from bict_ray.core.external import MODEL_KINDS, OLD_MODEL_KINDS
+from bict_ray.core.foreign import FACTORY_RE
 from bict_ray.core.losses import COMPAT_LOSSES
-from bict_ray.core.models import BACKBONES, CLASSIFIERS
+from bict_ray.core.models import CLASSIFIERS, backbone_problem
 from bict_ray.core.splits import SCENARIOS
 from bict_ray.errors import ConfigError
 
@@ -137,14 +138,21 @@ class ScenarioConfig:
 class ModelConfig:
     """The embedding network phi_t = backbone -> embedding -> classifier (the same recipe for every step)."""
 
-    backbone: str = "small_cnn"  # a name in BACKBONES (bict_ray/core/models.py)
+    # a name in BACKBONES (bict_ray/core/models.py), torchvision:<architecture> (any torchvision classification
+    # model, its head's final Linear dropped) or python (the module model.factory returns)
+    backbone: str = "small_cnn"
     embedding_dim: int = 128
     classifier: str = "cosine"  # a kind in CLASSIFIERS: cosine (default, docs/METHOD.md) | linear
     scale: float = 16.0  # cosine classifier logit scale s
-    weights: str | None = None  # local backbone state_dict file; None = random init (no download)
+    # local backbone state_dict file that initialises every phi_t's backbone; None = random init (no download)
+    weights: str | None = None
+    factory: str | None = None  # backbone python: "package.module:callable" returning the backbone nn.Module
+    kwargs: dict[str, Any] = field(default_factory=dict)  # backbone python: the factory's keyword arguments
 
     def __post_init__(self):
-        _check_choice("model.backbone", self.backbone, BACKBONES)
+        problem = backbone_problem(self.backbone, self.factory, self.kwargs)
+        if problem:
+            raise ConfigError(problem)
         _check_choice("model.classifier", self.classifier, CLASSIFIERS)
         if self.embedding_dim < 1:
             raise ConfigError(f"model.embedding_dim must be >= 1, got {self.embedding_dim}")

@@ -73,3 +73,14 @@ def trained_small_cnn(config, dataset, classes):
     parts = stage.build(torch.device("cpu"))
     parts.run_epoch(parts.model, parts.loader, stage.optimizer(parts.model.parameters()), 0)
     return parts.model.eval()
+
+
+def user_module(tmp_path, monkeypatch, prefix: str, source: str) -> str:
+    """``source`` as a module a user put on sys.path, named ``prefix`` + the test's folder so that no other test's
+    copy is cached; returns its name."""
+    import textwrap
+
+    name = prefix + tmp_path.name.replace("-", "_")
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name

@@ -6,7 +6,6 @@ Everything is tiny and made here: the models in a few lines of torch, the files 
 
 from __future__ import annotations
 
-import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,8 @@ from bict_ray.core.embed import preprocess
 from bict_ray.core.external import InputMapping, class_mean_classifier, load_old_model
 from bict_ray.errors import InputError
 from bict_ray.storage.old_embeddings import load_old_embeddings
+
+from conftest import user_module
 
 SIZE = 12  # the project's images here: (N, 1, 12, 12) uint8
 
@@ -204,11 +205,7 @@ def not_a_module():
 
 @pytest.fixture
 def factory_module(tmp_path, monkeypatch):
-    """A service's module on sys.path, named after the test so that no other test's copy is cached."""
-    name = "old_service_" + tmp_path.name.replace("-", "_")
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORY_MODULE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+    return user_module(tmp_path, monkeypatch, "old_service_", FACTORY_MODULE)
 
 
 def test_a_python_factory_with_kwargs_and_weights(factory_module, tmp_path):

@@ -29,9 +29,7 @@ Plain torch (torchvision for the ``torchvision`` kind); no Ray, no files but the
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bict_ray.core.foreign import (PROBE_ROWS, call_factory, final_linear, first_line, load_state, read_state_dict,
+                                   torchvision_architectures)
 from bict_ray.core.losses import synthesise_old_classifier
-from bict_ray.core.models import read_state_dict
 from bict_ray.errors import InputError
 
 if TYPE_CHECKING:
@@ -52,20 +51,8 @@ if TYPE_CHECKING:
 OLD_MODEL_KINDS = ("none", "torchscript", "torchvision", "python", "embeddings")
 MODEL_KINDS = ("torchscript", "torchvision", "python")
 
-# "package.module:attribute", the attribute possibly dotted (a class's factory method)
-FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
-# Where torchvision's classification models keep their head: ResNets, RegNets, Inception (fc); DenseNets, VGGs,
-# MobileNets, EfficientNets, ConvNeXts (classifier); ViTs (heads); Swin (head). The embedding a service retrieves
-# with is what the final Linear of it sees.
-HEAD_NAMES = ("fc", "classifier", "heads", "head")
-
 # ITU-R 601 luma, torchvision's Grayscale: a 3-channel image made 1-channel as a gray-scale model was trained on
 LUMA = (0.299, 0.587, 0.114)
-
-# Rows of the probe batch that finds the output dim: two, so that an output mixing the rows (a view(1, -1) gives
-# (1, N * D)) shows, which one row would hide
-PROBE_ROWS = 2
 
 
 class InputMapping(nn.Module):
@@ -147,7 +134,7 @@ class ExternalModel(nn.Module):
             out = self.model(x)
         except Exception as exc:  # anything a foreign module raises: name the input it was given
             raise InputError(f"{self.source}: the forward pass on input of shape {tuple(x.shape)} failed "
-                             f"({type(exc).__name__}: {_first_line(exc)}); check old_model.image_size, channels "
+                             f"({type(exc).__name__}: {first_line(exc)}); check old_model.image_size, channels "
                              "and layer") from exc
         return F.normalize(self._checked(out, len(x)).float(), dim=1)
 
@@ -213,7 +200,7 @@ def _torchscript(cfg: OldModelConfig) -> tuple[nn.Module, str]:
         model = torch.jit.load(path, map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, ValueError or pickle errors for a file that is not one
         raise InputError(f"old_model.path {path!r} is not a TorchScript file (torch.jit.save of a scripted or "
-                         f"traced module: {_first_line(exc)}); a state_dict is old_model.kind torchvision or "
+                         f"traced module: {first_line(exc)}); a state_dict is old_model.kind torchvision or "
                          "python, with old_model.weights") from exc
     return model, f"torchscript {path}"
 
@@ -221,7 +208,7 @@ def _torchscript(cfg: OldModelConfig) -> tuple[nn.Module, str]:
 def _torchvision(cfg: OldModelConfig) -> tuple[nn.Module, str]:
     import torchvision  # imported here: only this kind needs it
 
-    names = torchvision.models.list_models(module=torchvision.models)  # the classification models
+    names = torchvision_architectures()
     if cfg.architecture not in names:
         raise InputError(f"old_model.architecture {cfg.architecture!r} is not a torchvision classification model; "
                          f"valid names: {', '.join(names)}")
@@ -229,7 +216,7 @@ def _torchvision(cfg: OldModelConfig) -> tuple[nn.Module, str]:
     model = torchvision.models.get_model(cfg.architecture, weights=None)
     weights = os.path.abspath(cfg.weights)
     state = read_state_dict(weights, "old_model.weights")
-    head = _final_linear(model)
+    head = final_linear(model)
     what = f"torchvision {cfg.architecture!r}"
     if cfg.layer is None:
         if head is None:
@@ -238,7 +225,8 @@ def _torchvision(cfg: OldModelConfig) -> tuple[nn.Module, str]:
         prefix, parent, name, _ = head
         # stripped, the head needs no weights (a file saved without it loads too) and its size does not matter
         setattr(parent, name, nn.Identity())
-        _load_weights(model, {k: v for k, v in state.items() if not k.startswith(prefix + ".")}, weights, what)
+        load_state(model, {k: v for k, v in state.items() if not k.startswith(prefix + ".")}, weights,
+                   "old_model.weights", what)
         return model, f"torchvision {cfg.architecture} ({weights}), the input of {prefix}"
     if head is not None:
         # the service's head classifies its own classes: sized from the file, which then loads as it was saved
@@ -246,66 +234,22 @@ def _torchvision(cfg: OldModelConfig) -> tuple[nn.Module, str]:
         rows = state.get(f"{prefix}.weight")
         if rows is not None and rows.dim() == 2 and rows.shape[0] != linear.out_features:
             setattr(parent, name, nn.Linear(linear.in_features, rows.shape[0], bias=linear.bias is not None))
-    _load_weights(model, state, weights, what)
+    load_state(model, state, weights, "old_model.weights", what)
     return _graph_node(model, cfg.layer, what), f"torchvision {cfg.architecture} ({weights}), layer {cfg.layer}"
 
 
 def _python(cfg: OldModelConfig) -> tuple[nn.Module, str]:
-    module_name, _, attribute = cfg.factory.partition(":")
-    try:
-        target = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raises while it is imported
-        raise InputError(f"old_model.factory {cfg.factory!r}: cannot import {module_name!r} "
-                         f"({type(exc).__name__}: {_first_line(exc)}); is its folder on PYTHONPATH?") from exc
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise InputError(f"old_model.factory {cfg.factory!r}: {module_name!r} has no {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise InputError(f"old_model.factory {cfg.factory!r} is a {type(target).__name__}, not a callable")
-    try:
-        model = target(**cfg.kwargs)
-    except Exception as exc:  # the factory is the service's code: whatever it raises, name the call
-        raise InputError(f"old_model.factory {cfg.factory!r} failed with old_model.kwargs {cfg.kwargs} "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
-    if not isinstance(model, nn.Module):
-        raise InputError(f"old_model.factory {cfg.factory!r} returned a {type(model).__name__}, expected a "
-                         "torch.nn.Module")
+    model = call_factory(cfg.factory, cfg.kwargs, "old_model")
     source = f"python {cfg.factory}({', '.join(f'{k}={v!r}' for k, v in cfg.kwargs.items())})"
     if cfg.weights is not None:
         weights = os.path.abspath(cfg.weights)
-        _load_weights(model, read_state_dict(weights, "old_model.weights"), weights,
-                      f"old_model.factory {cfg.factory!r}")
+        load_state(model, read_state_dict(weights, "old_model.weights"), weights, "old_model.weights",
+                   f"old_model.factory {cfg.factory!r}")
         source += f" ({weights})"
     return model, source
 
 
 _LOADERS = {"torchscript": _torchscript, "torchvision": _torchvision, "python": _python}
-
-
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
-    """Load ``state`` into ``model``, every key matching; raises naming the missing and unexpected keys."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # a key of the right name but the wrong shape
-        raise InputError(f"old_model.weights {path!r} does not fit {what}: {exc}") from exc
-    problems = [f"{len(keys)} {kind} key(s) {_some(keys)}" for kind, keys in
-                (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
-    if problems:
-        raise InputError(f"old_model.weights {path!r} does not match {what}: {'; '.join(problems)}")
-
-
-def _final_linear(model: nn.Module) -> tuple[str, nn.Module, str, nn.Linear] | None:
-    """The last layer of the model's head if it is a Linear: (its state_dict prefix, e.g. ``classifier.6``, its
-    parent, its attribute name there, the Linear); None otherwise."""
-    for name in HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return name, model, name, head
-        if isinstance(head, nn.Sequential):
-            last, module = list(head.named_children())[-1] if len(head) else ("", None)
-            return (f"{name}.{last}", head, last, module) if isinstance(module, nn.Linear) else None
-    return None
 
 
 def _graph_node(model: nn.Module, layer: str, what: str) -> nn.Module:
@@ -329,12 +273,3 @@ class _Node(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extractor(x)["embedding"]
-
-
-def _some(keys: Sequence[str], shown: int = 8) -> str:
-    return ", ".join(list(keys)[:shown]) + (", ..." if len(keys) > shown else "")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

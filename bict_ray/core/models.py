@@ -12,6 +12,7 @@ labels. The losses keep the rows of classes a model does not train on out of its
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bict_ray.core.foreign import (FACTORY_RE, PROBE_ROWS, call_factory, final_linear, first_line, load_state,
+                                   read_state_dict, torchvision_architectures)
 from bict_ray.errors import InputError
 
 CLASSIFIERS = ("cosine", "linear")
@@ -28,9 +31,14 @@ CLASSIFIERS = ("cosine", "linear")
 # ResNets on images this small lose too much resolution to the 7x7/2 stem and the max-pool (CIFAR practice).
 SMALL_IMAGE_MAX_SIZE = 64
 
+# model.backbone besides the names of BACKBONES: "torchvision:<architecture>", any torchvision classification model,
+# and "python", the module model.factory returns (docs/EXTENDING.md, "A backbone from outside")
+TORCHVISION_BACKBONE = "torchvision:"
+FACTORY_BACKBONE = "python"
 
-def build_backbone(name: str, in_channels: int, image_size: int,
-                   weights: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
+
+def build_backbone(name: str, in_channels: int, image_size: int, weights: str | os.PathLike | None = None,
+                   factory: str | None = None, kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, int]:
     """Build a feature extractor mapping (N, in_channels, H, W) float to (N, F) features; return it and F.
 
     - ``small_cnn``: a stride-2 conv stem (32 channels), conv-BN-ReLU blocks of 64, 128, 128 channels with a
@@ -39,21 +47,95 @@ def build_backbone(name: str, in_channels: int, image_size: int,
     - ``resnet18`` (F = 512) / ``resnet50`` (F = 2048): torchvision, random init, ``fc`` replaced by Identity.
       For ``image_size <= 64`` the stem is a 3x3 stride-1 conv and the max-pool is dropped (CIFAR ResNets);
       otherwise conv1 is replaced only when ``in_channels != 3``.
+    - ``torchvision:<architecture>``: any torchvision classification model exactly as torchvision builds it
+      (``weights=None``, nothing downloaded), the final Linear of its head replaced by Identity; gray images are
+      given to it as three equal channels (``ForeignBackbone``).
+    - ``python``: the module ``factory`` ("package.module:callable") returns when called with ``kwargs``; it takes
+      the images as they are.
 
-    ``weights``: a local state_dict file for the backbone, read with ``torch.load(..., weights_only=True)``.
-    Keys ``fc.*`` (a torchvision classification head) are ignored, as the head is replaced; anything else that
-    does not match raises ValueError naming the file.
+    F of the last two is found by one forward pass on a probe batch of the configured shape, which also refuses a
+    model that cannot take that shape or does not return (N, F) features.
+
+    ``weights``: a local state_dict file (``model.weights``) for the backbone, read with
+    ``torch.load(..., weights_only=True)``. The keys of the head the backbone drops are ignored (``fc.*`` for the
+    first three, the final Linear's for a torchvision model); any other key missing, unexpected or of the wrong
+    shape raises InputError naming the file and the keys.
     """
-    if name not in BACKBONES:
-        raise InputError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
+    problem = backbone_problem(name, factory, kwargs)
+    if problem:
+        raise InputError(problem)
     if in_channels < 1:
         raise InputError(f"in_channels must be >= 1, got {in_channels}")
     if image_size < 4:
         raise InputError(f"image_size must be >= 4 pixels, got {image_size}")
-    backbone, feature_dim = BACKBONES[name](in_channels, image_size)
+    if name in BACKBONES:
+        backbone, feature_dim = BACKBONES[name](in_channels, image_size)
+        if weights is not None:
+            _load_backbone_weights(backbone, weights, "fc", f"backbone {name!r}")
+        return backbone, feature_dim
+    if name == FACTORY_BACKBONE:
+        what = f"model.factory {factory!r}"
+        net, head = call_factory(factory, dict(kwargs or {}), "model"), None  # its module is all backbone
+        backbone = ForeignBackbone(net, what, gray_to_rgb=False)
+    else:
+        architecture = name[len(TORCHVISION_BACKBONE):]
+        if in_channels not in (1, 3):
+            raise InputError(f"model.backbone {name!r} takes 1- or 3-channel images, got {in_channels} channels")
+        net, head = _torchvision_net(architecture)
+        what = f"torchvision {architecture!r}"
+        backbone = ForeignBackbone(net, f"model.backbone {name!r}", gray_to_rgb=in_channels == 1)
     if weights is not None:
-        _load_backbone_weights(backbone, name, weights)
-    return backbone, feature_dim
+        # into the bare net, before the wrapper: the file holds the keys torchvision or the factory gave it
+        _load_backbone_weights(net, weights, head, what)
+    return backbone, _probe_feature_dim(backbone, in_channels, image_size, factory is not None)
+
+
+def backbone_problem(backbone: str, factory: str | None = None, kwargs: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with this choice of backbone, in a sentence naming the config key (``model.backbone``,
+    ``model.factory``, ``model.kwargs``); None when nothing is. A torchvision architecture is checked against
+    torchvision's list, which imports torchvision; a factory only by its form (importing it is the build's)."""
+    if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
+        return f"model.kwargs must be a mapping of argument names to values, got {kwargs!r}"
+    if backbone == FACTORY_BACKBONE:
+        if not factory:
+            return f"model.factory is required for model.backbone: {FACTORY_BACKBONE}"
+        if not isinstance(factory, str) or not FACTORY_RE.match(factory):
+            return f"model.factory must look like package.module:callable, got {factory!r}"
+        try:
+            json.dumps(kwargs or {}, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            # the spec (the model card) records them: every process that rebuilds the model calls the factory so
+            return f"model.kwargs must be plain YAML/JSON values, recorded in the model card: {exc}"
+        return None
+    if factory is not None:
+        return f"model.factory is read only by model.backbone: {FACTORY_BACKBONE} (got model.backbone {backbone!r})"
+    if kwargs:
+        return f"model.kwargs are model.factory's arguments, read only by model.backbone: {FACTORY_BACKBONE}"
+    if isinstance(backbone, str) and backbone.startswith(TORCHVISION_BACKBONE):
+        architecture, names = backbone[len(TORCHVISION_BACKBONE):], torchvision_architectures()
+        if architecture not in names:
+            return (f"model.backbone {backbone!r}: {architecture!r} is not a torchvision classification model; "
+                    f"valid names: {', '.join(names)}")
+        return None
+    if backbone not in BACKBONES:
+        return (f"model.backbone must be one of {', '.join(BACKBONES)}, {TORCHVISION_BACKBONE}<architecture> or "
+                f"{FACTORY_BACKBONE}, got {backbone!r}")
+    return None
+
+
+def backbone_spec(backbone: str, factory: str | None = None, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keys of an ``EmbeddingNet`` spec that rebuild its backbone in another process (a Ray worker, a later
+    load): ``backbone``, and for a factory ``factory`` and ``kwargs`` as JSON stores them. Never a weights file:
+    it only initialises, and a trained model's state_dict holds the backbone. Raises InputError for a choice
+    ``backbone_problem`` refuses."""
+    problem = backbone_problem(backbone, factory, kwargs)
+    if problem:
+        raise InputError(problem)
+    if backbone != FACTORY_BACKBONE:
+        return {"backbone": backbone}  # what every spec held before factories: saved models keep loading
+    # through JSON: a tuple becomes the list that a spec read back from the card holds, so every process calls the
+    # factory with the same values
+    return {"backbone": backbone, "factory": factory, "kwargs": json.loads(json.dumps(kwargs or {}))}
 
 
 def classifier_logits(kind: str, weight: torch.Tensor, features: torch.Tensor, scale: float) -> torch.Tensor:
@@ -110,13 +192,15 @@ class EmbeddingNet(nn.Module):
 
     ``forward(x)`` returns ``(features, logits)``: (N, D) un-normalised and (N, C). ``embed(x)`` returns the
     (N, D) float32 L2-normalised embedding that a gallery stores (call it in eval mode).
+    ``backbone`` (with ``factory`` and ``kwargs`` for ``python``) is as ``build_backbone`` takes it.
     ``backbone_weights`` initialises the backbone from a local file; it is not part of the spec, because a
     trained model's state_dict already holds the backbone.
     """
 
     def __init__(self, backbone: str = "small_cnn", in_channels: int = 1, image_size: int = 28,
                  embedding_dim: int = 128, num_classes: int = 10, classifier: str = "cosine",
-                 scale: float = 16.0, backbone_weights: str | os.PathLike | None = None):
+                 scale: float = 16.0, factory: str | None = None, kwargs: dict[str, Any] | None = None,
+                 backbone_weights: str | os.PathLike | None = None):
         super().__init__()
         if embedding_dim < 1:
             raise InputError(f"embedding_dim must be >= 1, got {embedding_dim}")
@@ -124,10 +208,11 @@ class EmbeddingNet(nn.Module):
             raise InputError(f"num_classes must be >= 1, got {num_classes}")
         if classifier not in CLASSIFIERS:
             raise InputError(f"unknown classifier {classifier!r}; valid kinds: {', '.join(CLASSIFIERS)}")
-        self.spec = {"backbone": backbone, "in_channels": int(in_channels), "image_size": int(image_size),
-                     "embedding_dim": int(embedding_dim), "num_classes": int(num_classes),
-                     "classifier": classifier, "scale": float(scale)}
-        self.backbone, feature_dim = build_backbone(backbone, in_channels, image_size, backbone_weights)
+        self.spec = {**backbone_spec(backbone, factory, kwargs), "in_channels": int(in_channels),
+                     "image_size": int(image_size), "embedding_dim": int(embedding_dim),
+                     "num_classes": int(num_classes), "classifier": classifier, "scale": float(scale)}
+        self.backbone, feature_dim = build_backbone(backbone, in_channels, image_size, backbone_weights,
+                                                    self.spec.get("factory"), self.spec.get("kwargs"))
         self.head = nn.Sequential(nn.Linear(feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim))
         self.classifier = (CosineClassifier(embedding_dim, num_classes, scale) if classifier == "cosine"
                            else LinearClassifier(embedding_dim, num_classes))
@@ -135,8 +220,8 @@ class EmbeddingNet(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], backbone_weights: str | os.PathLike | None = None) -> EmbeddingNet:
         """Rebuild from a spec dict (keys as in ``.spec``; missing keys take the constructor defaults)."""
-        _check_spec_keys("EmbeddingNet", spec, ("backbone", "in_channels", "image_size", "embedding_dim",
-                                                "num_classes", "classifier", "scale"))
+        _check_spec_keys("EmbeddingNet", spec, ("backbone", "factory", "kwargs", "in_channels", "image_size",
+                                                "embedding_dim", "num_classes", "classifier", "scale"))
         return cls(**spec, backbone_weights=backbone_weights)
 
     @property
@@ -263,8 +348,9 @@ def _resnet(name: str, in_channels: int, image_size: int) -> tuple[nn.Module, in
     return net, feature_dim
 
 
-# model.backbone -> builder(in_channels, image_size) -> (feature extractor, its feature dim F). A new backbone is
-# a builder and a line here; the config checks model.backbone against these names.
+# model.backbone -> builder(in_channels, image_size) -> (feature extractor, its feature dim F): the project's own
+# backbones. A new one is a builder and a line here; the config checks model.backbone against these names (besides
+# the torchvision: and python forms, which need no code).
 BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
     "small_cnn": _small_cnn,
     "resnet18": functools.partial(_resnet, "resnet18"),
@@ -272,28 +358,78 @@ BACKBONES: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
 }
 
 
-def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """A local state_dict file, read with ``torch.load(..., weights_only=True)`` (no code from the file runs).
-    Raises InputError, the message starting ``{what} '{path}'``, for a missing, unreadable or non-state_dict file."""
-    if not os.path.isfile(path):
-        raise InputError(f"{what} {os.fspath(path)!r} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for unreadable or unsafe pickles
-        raise InputError(f"{what} {os.fspath(path)!r} is not a readable state_dict: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{what} {os.fspath(path)!r} does not hold a state_dict of tensors")
-    return state
+class ForeignBackbone(nn.Module):
+    """A backbone from outside (a torchvision model, a factory's module) as ``EmbeddingNet`` runs it: the project's
+    (N, C, H, W) images in [-1, 1] -> (N, F) features, the output checked on every call.
+
+    ``gray_to_rgb``: 1-channel images go to a 3-channel model as three equal channels. Replicating rather than
+    giving the model a 1-channel first conv: the first conv of a pretrained file then loads as it was saved, and
+    sees a gray image as the colour photo of a gray scene it was trained on. Summing that conv's weights over its
+    input channels would compute the same function for a third of its input, but the first conv has another name in
+    every architecture (conv1, features.0.0, conv_proj, ...). ``source`` names the backbone in messages.
+    """
+
+    def __init__(self, net: nn.Module, source: str, gray_to_rgb: bool):
+        super().__init__()
+        self.net, self.source, self.gray_to_rgb = net, source, bool(gray_to_rgb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gray_to_rgb:
+            x = x.expand(-1, 3, -1, -1)
+        out = self.net(x)
+        # checked here, not only on the probe: some models return other things in train mode (GoogLeNet's and
+        # Inception's auxiliary outputs), which the eval-mode probe cannot see
+        if not isinstance(out, torch.Tensor):
+            raise InputError(f"{self.source} returns {type(out).__name__} in {'train' if self.training else 'eval'} "
+                             "mode, expected one (N, F) tensor of features")
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise InputError(f"{self.source}: output of shape {tuple(out.shape)} for {x.shape[0]} images, expected "
+                             f"({x.shape[0]}, F): one flat feature vector per image")
+        return out
 
 
-def _load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:
-    state = read_state_dict(path, "backbone weights file")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+def _torchvision_net(architecture: str) -> tuple[nn.Module, str]:
+    """torchvision's ``architecture`` with the final Linear of its head replaced by Identity, and that Linear's
+    state_dict prefix (what a classification checkpoint holds that the backbone has no use for)."""
+    import torchvision  # imported here: only the torchvision backbones need it
+
+    # weights=None: nothing is downloaded; model.weights is the only way trained weights come in
+    net = torchvision.models.get_model(architecture, weights=None)
+    head = final_linear(net)
+    if head is None:
+        raise InputError(f"model.backbone '{TORCHVISION_BACKBONE}{architecture}': the head of torchvision "
+                         f"{architecture!r} ends in no Linear layer to take the features before; model.backbone: "
+                         f"{FACTORY_BACKBONE} with a factory that returns its feature extractor takes any model")
+    prefix, parent, name, _ = head
+    setattr(parent, name, nn.Identity())
+    return net, prefix
+
+
+def _probe_feature_dim(backbone: ForeignBackbone, in_channels: int, image_size: int, factory: bool) -> int:
+    """F, from the output of one forward pass on a probe batch of the configured shape."""
+    probe = torch.zeros(PROBE_ROWS, in_channels, image_size, image_size)
+    training = backbone.training
+    backbone.eval()  # in train mode the probe would move BatchNorm's running statistics
     try:
-        backbone.load_state_dict(state)
-    except RuntimeError as exc:
-        raise InputError(f"backbone weights file {os.fspath(path)!r} does not match backbone {name!r}: "
-                         f"{exc}") from exc
+        with torch.no_grad():
+            out = backbone(probe)
+    except InputError:
+        raise
+    except Exception as exc:  # whatever a foreign module raises on an input it cannot take: name the input
+        check = "data.image_size, data.channels" + (" and model.kwargs" if factory else "")
+        raise InputError(f"{backbone.source}: the forward pass on a probe batch of shape {tuple(probe.shape)} "
+                         f"failed ({type(exc).__name__}: {first_line(exc)}); check {check}") from exc
+    finally:
+        backbone.train(training)
+    return int(out.shape[1])
+
+
+def _load_backbone_weights(net: nn.Module, path: str | os.PathLike, head: str | None, what: str) -> None:
+    state = read_state_dict(path, "model.weights")
+    if head is not None:
+        # the head the backbone replaced by Identity: a classification checkpoint carries it, and it fits nothing here
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    load_state(net, state, path, "model.weights", what)
 
 
 def _classifier_weight(dim: int, num_classes: int) -> nn.Parameter:

@@ -37,7 +37,7 @@ from bict_ray.storage.artifacts import (Artifact, ModelCard, is_external, load_a
                                         save_artifact)
 from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTrainingLoss, check_finite, compat_loss_for,
                                   synthesise_old_classifier, transform_loss)
-from bict_ray.core.models import EmbeddingNet, UpgradeTransform
+from bict_ray.core.models import EmbeddingNet, UpgradeTransform, backbone_spec
 from bict_ray.errors import AlreadyExistsError, InputError, TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -216,16 +216,20 @@ def embedding_stage(config: Config, version: int, train_set: ImageSet, num_class
     """The stage that trains phi_<version>. The images go to the object store once; with a ``parent`` the frozen
     old model and, for a loss that needs it (bct), its classifier with synthesised rows come along.
     ``classes_seen``: the classes of the split, the only ones in the CE's softmax (None: all ``num_classes``)."""
-    spec = {"backbone": config.model.backbone, "in_channels": int(train_set.images.shape[1]),
-            "image_size": int(train_set.images.shape[2]), "embedding_dim": config.model.embedding_dim,
-            "num_classes": num_classes, "classifier": config.model.classifier, "scale": config.model.scale}
+    # the backbone's name, with a factory and its kwargs: what a worker rebuilds it from; model.weights travels beside
+    # the spec (backbone_weights), as it only initialises
+    spec = {**backbone_spec(config.model.backbone, config.model.factory, config.model.kwargs),
+            "in_channels": int(train_set.images.shape[1]), "image_size": int(train_set.images.shape[2]),
+            "embedding_dim": config.model.embedding_dim, "num_classes": num_classes,
+            "classifier": config.model.classifier, "scale": config.model.scale}
     train = config.train
     stage = EmbeddingStage(
         name=f"phi_{version}", spec=spec, data=ray.put((train_set.images, train_set.labels)),
         optimisation=Optimisation(train.epochs, train.batch_size, train.lr, train.weight_decay,
                                   seed=train.seed + version, threads=_threads(config)),
-        momentum=train.momentum, backbone_weights=config.model.weights,
-        class_mask=_class_mask(classes_seen, num_classes))
+        momentum=train.momentum, class_mask=_class_mask(classes_seen, num_classes),
+        # absolute: a Ray Train worker need not run in the driver's working directory
+        backbone_weights=os.path.abspath(config.model.weights) if config.model.weights else None)
     if parent is not None:
         _check_parent(parent, spec)
         classifier, scale = _old_head(config, parent)

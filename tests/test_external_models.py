@@ -376,16 +376,3 @@ def test_old_model_config_from_yaml_and_the_default(tmp_path):
     assert config.architecture == "resnet50" and config.std == [0.229, 0.224, 0.225] and config.layer is None
     with pytest.raises(InputError, match="old_model.kind='none' has no model to load"):
         load_old_model(load_config(None).old_model)
-
-
-def test_a_sequence_refuses_an_embeddings_only_old_model_it_would_ignore(tmp_path):
-    """Until the sequence starts from an old model's embeddings alone, a config naming them is refused before
-    anything runs or is written, instead of silently training a phi_1 of its own."""
-    from bict_ray.config import load_config
-    from bict_ray.errors import ConfigError
-    from bict_ray.pipeline.sequence import run_sequence
-
-    config = load_config("configs/smoke.yaml", ["old_model.kind=embeddings", f"old_model.path={tmp_path / 'e.parquet'}"])
-    with pytest.raises(ConfigError, match="old_model.kind=embeddings"):
-        run_sequence(config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()

@@ -9,13 +9,15 @@ by hash and refuse it once it changes.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from bict_ray.config import load_config
 from bict_ray.core.embed import embed_images, frozen_features, preprocess
 from bict_ray.distributed.train import embedding_stage, run_in_process
-from bict_ray.errors import ArtifactError, TrainingError
+from bict_ray.errors import ArtifactError, InputError, TrainingError
 from bict_ray.pipeline.sequence import run_sequence
 from bict_ray.storage.artifacts import (external_artifact, is_external, load_artifact, module_from_state,
                                         save_external)
@@ -142,3 +144,74 @@ def test_the_spaces_must_match_and_bct_needs_its_synthesis(deployed, smoke_confi
     with pytest.raises(TrainingError, match="has none: .*compat.synthesise_new_classes: true"):
         embedding_stage(service_config(path, "compat.synthesise_new_classes=false"), 2, train,
                         smoke_data.num_classes, parent, classes)
+
+
+@pytest.fixture(scope="module")
+def kept(deployed, smoke_data, tmp_path_factory):
+    """What a service kept of a model it can no longer run: the model's embeddings of every image (training,
+    validation and test), by id (sorted), as list<double> under its own column names."""
+    _, net = deployed
+    sets = [smoke_data.train, smoke_data.val, smoke_data.test]
+    order = np.argsort(np.concatenate([s.ids for s in sets]))
+    ids = np.concatenate([s.ids for s in sets])[order]
+    vectors = embed_images(net, np.concatenate([s.images for s in sets]))[order]
+    path = tmp_path_factory.mktemp("kept") / "embeddings.parquet"
+    write_embeddings(path, ids, vectors)
+    return path, ids, vectors
+
+
+def write_embeddings(path, ids, vectors):
+    pq.write_table(pa.table({"image_id": ids, "vector": pa.array(list(vectors.astype(np.float64)),
+                                                                 pa.list_(pa.float64()))}), path)
+
+
+def kept_config(path, *overrides):
+    return load_config("configs/smoke.yaml", ["old_model.kind=embeddings", f"old_model.path={path}",
+                                              "old_model.id_column=image_id", "old_model.embedding_column=vector",
+                                              *overrides])
+
+
+def test_only_its_embeddings_drive_the_same_sequence(kept, service_run, smoke_data, tmp_path):
+    path, ids, vectors = kept
+    out = tmp_path / "run"
+    results = run_sequence(kept_config(path), out, dataset=smoke_data)
+    card = load_artifact(out / "models" / "phi_1").card
+    assert is_external(card) and list(card.spec["files"]) == [str(path)]
+    assert card.training["source"] == f"embeddings {path}"
+    gallery = open_gallery(str(out / "gallery" / "v1"))
+    stored = np.concatenate([gallery.read_shard(i)[0] for i in range(gallery.num_shards)])
+    looked_up = vectors[np.searchsorted(ids, smoke_data.gallery.ids)]
+    np.testing.assert_allclose(stored, looked_up, atol=1e-6)
+    model_run = open_gallery(str(service_run[0] / "gallery" / "v1"))  # the same model run on the images
+    np.testing.assert_allclose(stored, np.concatenate([model_run.read_shard(i)[0]
+                                                       for i in range(model_run.num_shards)]), atol=1e-5)
+    phi_2 = load_artifact(out / "models" / "phi_2").card
+    assert phi_2.parent == "phi_1" and phi_2.training["history"][-1]["compat"] > 0
+    (step,) = results["steps"]
+    for name in ("old_self", "new_self", "backward", "forward"):
+        assert 0 < step["tests"][name]["mAP"] <= 1
+
+
+def test_the_compat_losses_read_the_stored_rows_of_each_batch(kept, smoke_config, smoke_data):
+    path, ids, vectors = kept
+    classes = smoke_config.scenario.classes[1]
+    train = train_subset(smoke_data, classes)
+    parent = external_artifact(kept_config(path).old_model, "phi_1")
+    assert set(parent.state) == {"ids", "table"}  # read once here; the table travels to the workers
+    rebuilt = module_from_state(parent.card, parent.state)
+    rows = frozen_features(rebuilt, torch.from_numpy(train.images[:8]), torch.from_numpy(train.ids[:8]))
+    torch.testing.assert_close(rows, torch.from_numpy(vectors[np.searchsorted(ids, train.ids[:8])]), atol=1e-6,
+                               rtol=0)
+    stage = embedding_stage(kept_config(path, "compat.loss=l2", "train.epochs=1"), 2, train, smoke_data.num_classes,
+                            parent, classes)
+    (record,) = run_in_process(stage)
+    assert np.isfinite(record["loss"])
+
+
+def test_an_image_without_a_stored_embedding_is_named(kept, smoke_data, tmp_path):
+    path, ids, vectors = kept
+    missing = int(smoke_data.query.ids[3])
+    keep = ids != missing
+    write_embeddings(tmp_path / "partial.parquet", ids[keep], vectors[keep])
+    with pytest.raises(InputError, match=f"no old embedding of image id {missing} \\(1 of"):
+        run_sequence(kept_config(tmp_path / "partial.parquet"), tmp_path / "run", dataset=smoke_data)

@@ -147,7 +147,7 @@ def test_a_stage_before_its_input_exists_says_which_to_run(service, tmp_path, ca
 
 @pytest.mark.parametrize("overrides, message", [
     (["old_model.kind=none", "old_model.path=null", "old_model.image_size=null", "old_model.channels=null"],
-     "old_model.kind=none: upgrade-service starts from the service's deployed model"),
+     "old_model.kind=none: upgrade-service starts from the service.s old model"),
     (["scenario.steps=3", "scenario.fractions=[0.5,1.0,1.0]"], "scenario.steps=3: upgrade-service makes one upgrade"),
     (["service.gallery=null"], "service.gallery is required"),
     (["transform.enabled=false"], "transform.enabled is false"),

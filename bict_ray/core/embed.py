@@ -28,24 +28,36 @@ def takes_images(model: nn.Module) -> bool:
     return bool(getattr(model, "takes_images", False))
 
 
+def takes_ids(model: nn.Module) -> bool:
+    """Whether ``model`` looks images up by id instead of computing from their pixels: an old model of which only
+    its embeddings are left (``bict_ray.core.external.OldEmbeddings``)."""
+    return bool(getattr(model, "takes_ids", False))
+
+
 def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """What ``model`` is called on for a (N, C, H, W) uint8 batch."""
     return images if takes_images(model) else preprocess(images)
 
 
 @torch.no_grad()
-def frozen_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def frozen_features(model: nn.Module, images: torch.Tensor, ids: torch.Tensor | np.ndarray | None = None
+                    ) -> torch.Tensor:
     """A frozen model's (N, D) features of a uint8 batch, what a compat loss compares the new model's with and a
     synthesised classifier averages: the project's un-normalised features (what its classifier sees), or an old
-    model from outside's unit embeddings (it has nothing else)."""
+    model from outside's unit embeddings (it has nothing else; an embeddings-only one looks up the images' ``ids``)."""
+    if takes_ids(model):
+        return _looked_up(model, images, ids).to(images.device)
     x = model_input(model, images)
     return model.embed(x) if takes_images(model) else model(x)[0]
 
 
 @torch.no_grad()
 def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
-                 device: torch.device | str = "cpu") -> np.ndarray:
-    """phi(x) for (N, C, H, W) uint8 images -> (N, D) float32, L2-normalised (what a gallery stores)."""
+                 device: torch.device | str = "cpu", ids: np.ndarray | None = None) -> np.ndarray:
+    """phi(x) for (N, C, H, W) uint8 images -> (N, D) float32, L2-normalised (what a gallery stores). ``ids``: the
+    images' ids, which an old model that is only its embeddings looks up (``takes_ids``); others ignore them."""
+    if takes_ids(model):
+        return _looked_up(model, images, ids).numpy()
     was_training = model.training
     model.eval()
     out = []
@@ -59,15 +71,27 @@ def embed_images(model: nn.Module, images: np.ndarray, batch_size: int = 512,
 
 @torch.no_grad()
 def model_features(model: nn.Module, images: np.ndarray, batch_size: int = 512,
-                   device: torch.device | str = "cpu") -> np.ndarray:
+                   device: torch.device | str = "cpu", ids: np.ndarray | None = None) -> np.ndarray:
     """``frozen_features`` of (N, C, H, W) uint8 images, (N, D) float32: for synthesising classifier rows, and psi's
     training targets."""
+    if takes_ids(model):
+        return _looked_up(model, images, ids).numpy()
     was_training = model.training
     model.eval()
     out = [frozen_features(model, torch.from_numpy(np.array(images[s:s + batch_size])).to(device)).cpu()
            for s in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+def _looked_up(model: nn.Module, images, ids) -> torch.Tensor:
+    """An embeddings-only old model's rows of the images ``ids``, refused without ids for every image."""
+    if ids is None:
+        raise InputError(f"{model.source}: the old model is only its embeddings, looked up by image id: the caller "
+                         "must pass the images' ids")
+    if len(ids) != len(images):
+        raise InputError(f"{model.source}: {len(ids)} ids for {len(images)} images")
+    return model.lookup(ids)
 
 
 # Rows per block when applying psi: the hidden activations of a block (1,024 x 512 floats, 2 MB) stay in the

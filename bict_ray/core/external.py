@@ -8,8 +8,8 @@ kept it, one of ``OLD_MODEL_KINDS``:
 - ``torchvision``: a torchvision classification architecture and a local state_dict (never a download), the
   embedding taken at a named graph node or, by default, at the input of the head's final Linear;
 - ``python``: ``package.module:factory`` returning an ``nn.Module``, optionally with a local state_dict;
-- ``embeddings``: no model, only its embeddings of the training images, read by
-  ``bict_ray.storage.old_embeddings.load_old_embeddings`` (a Parquet table is storage's, not the method's).
+- ``embeddings``: no model, only its embeddings by image id, read by ``bict_ray.storage.old_embeddings`` (a
+  Parquet table is storage's, not the method's) into ``OldEmbeddings``, which stands where the model would.
 
 What the training pipeline uses from this module:
 
@@ -154,6 +154,45 @@ class ExternalModel(nn.Module):
             raise InputError(f"{self.source}: output row {int(zero.nonzero()[0])} is a zero vector (it has no "
                              "direction to retrieve by)")
         return out
+
+
+class OldEmbeddings(nn.Module):
+    """phi_old when only its embeddings are left (``old_model.kind: embeddings``): a table from image id to the
+    embedding the service stored, standing where a model stands. ``lookup(ids)`` gives the (N, ``dim``) float32
+    unit rows of those images (``takes_ids``: ``bict_ray.core.embed`` passes the images' ids, not their pixels);
+    an image without a row is refused, naming it. It has no classifier and computes nothing: only the images the
+    table holds have an old embedding. The table is two buffers, so it travels to a Ray worker as a state_dict.
+    """
+
+    classifier = None
+    takes_ids = True
+
+    def __init__(self, ids: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor, source: str):
+        super().__init__()
+        ids, table = torch.as_tensor(np.asarray(ids, dtype=np.int64)), torch.as_tensor(np.asarray(table, np.float32))
+        if ids.dim() != 1 or table.dim() != 2 or len(ids) != len(table):
+            raise InputError(f"{source}: ids {tuple(ids.shape)} and embeddings {tuple(table.shape)} do not pair up")
+        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+            raise InputError(f"{source}: the ids must be sorted and unique")
+        self.register_buffer("ids", ids)
+        self.register_buffer("table", table)
+        self.source, self.dim = source, int(table.shape[1])
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.dim
+
+    def lookup(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N,) image ids -> (N, dim) float32, their stored unit rows."""
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        slot = torch.searchsorted(self.ids, ids).clamp(max=max(len(self.ids) - 1, 0))
+        hit = self.ids[slot] == ids if len(self.ids) else torch.zeros(len(ids), dtype=torch.bool)
+        if not bool(hit.all()):
+            missing = ids[~hit]
+            raise InputError(f"{self.source}: no old embedding of image id {int(missing[0])} ({len(missing)} of "
+                             f"{len(ids)} missing): with only the old model's embeddings, every image it is asked "
+                             "for needs a row")
+        return self.table[slot]
 
 
 def load_old_model(cfg: OldModelConfig) -> ExternalModel:

@@ -165,7 +165,7 @@ class _ExtractShard(_ShardWorker):
 
     def compute(self, index: int):
         part = slice(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
-        embeddings = embed_images(self.model, self.images[part], self.batch_size, self.device)
+        embeddings = embed_images(self.model, self.images[part], self.batch_size, self.device, ids=self.ids[part])
         return self.ids[part], self.labels[part], embeddings
 
 

@@ -84,7 +84,7 @@ class EmbeddingStage:
 
     name: str
     spec: dict[str, Any]
-    data: Any  # ObjectRef of (images (N, C, H, W) uint8, labels (N,) int64), or the tuple itself
+    data: Any  # ObjectRef of (images (N, C, H, W) uint8, labels (N,) int64, ids (N,) int64), or the tuple itself
     optimisation: Optimisation
     momentum: float
     backbone_weights: str | None = None
@@ -92,7 +92,7 @@ class EmbeddingStage:
     class_mask: torch.Tensor | None = None  # (num_classes,) bool, the classes of the split; None: all
 
     def build(self, device: torch.device) -> StageParts:
-        images, labels = _resolve(self.data)
+        images, labels, ids = _resolve(self.data)
         model = EmbeddingNet.from_spec(self.spec, backbone_weights=self.backbone_weights)
         if self.class_mask is not None:
             with torch.no_grad():
@@ -100,7 +100,8 @@ class EmbeddingStage:
                 # random, so the saved classifier scores a class it never saw 0 instead of above learned ones at random
                 model.classifier.weight[~self.class_mask] = 0
         # copies: arrays from the object store are read-only, and torch wants writable memory
-        dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels))
+        # the ids travel with the batches: an old model that is only its embeddings looks them up
+        dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels), torch.tensor(ids))
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.optimisation.batch_size, shuffle=True,
                                              drop_last=True)
         old, compat = None, None
@@ -115,13 +116,13 @@ class EmbeddingStage:
         def run_epoch(model, loader, optimizer, epoch):
             model.train()
             sums = {"loss": 0.0, "ce": 0.0, "compat": 0.0, "correct": 0.0, "samples": 0.0}
-            for step, (images, y) in enumerate(loader):
+            for step, (images, y, ids) in enumerate(loader):
                 images, y = images.to(device), y.to(device)
                 features, logits = model(preprocess(images))
                 ref = None
                 if criterion.needs_ref_emb:
                     # an old model from outside maps the uint8 images to its own input
-                    ref = frozen_features(old, images)
+                    ref = frozen_features(old, images, ids)
                 losses = criterion(logits, features, y, ref)
                 _optimise(losses, optimizer, f"{name} epoch {epoch + 1} step {step + 1}", sums, len(y))
                 if criterion.class_mask is not None:
@@ -224,7 +225,7 @@ def embedding_stage(config: Config, version: int, train_set: ImageSet, num_class
             "classifier": config.model.classifier, "scale": config.model.scale}
     train = config.train
     stage = EmbeddingStage(
-        name=f"phi_{version}", spec=spec, data=ray.put((train_set.images, train_set.labels)),
+        name=f"phi_{version}", spec=spec, data=ray.put((train_set.images, train_set.labels, train_set.ids)),
         optimisation=Optimisation(train.epochs, train.batch_size, train.lr, train.weight_decay,
                                   seed=train.seed + version, threads=_threads(config)),
         momentum=train.momentum, class_mask=_class_mask(classes_seen, num_classes),
@@ -488,7 +489,7 @@ def _threads(config: Config) -> int | None:
 def _pairs_task(config: Config, train_set: ImageSet, source_chain: list[Artifact], target: Artifact):
     return _extract_pairs.options(**_extraction_options(config)).remote(
         [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
-        config.train.batch_size * 4, _threads(config))
+        config.train.batch_size * 4, _threads(config), train_set.ids)
 
 
 def _extraction_options(config: Config) -> dict[str, Any]:
@@ -532,7 +533,7 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet, num_c
                                 "synthesised from class means, so set compat.synthesise_new_classes: true")
         index = _synthesis_sample(config, train_set, np.unique(train_set.labels))
         features = ray.get(_features.options(**_extraction_options(config)).remote(
-            parent.card, parent.state, ray.put(train_set.images[index]), _threads(config)))
+            parent.card, parent.state, ray.put(train_set.images[index]), _threads(config), train_set.ids[index]))
         return class_mean_classifier(torch.tensor(features), train_set.labels[index], num_classes)
     weight = parent.module.classifier.weight.detach().clone()
     seen = torch.zeros(weight.shape[0], dtype=torch.bool)
@@ -572,17 +573,17 @@ def _class_mask(classes: list[int] | None, num_classes: int) -> torch.Tensor | N
 
 
 @ray.remote(num_cpus=1)
-def _features(card, state, images, threads):
+def _features(card, state, images, threads, ids=None):
     torch.set_num_threads(threads)
-    return model_features(module_from_state(card, state), images)
+    return model_features(module_from_state(card, state), images, ids=ids)
 
 
 @ray.remote(num_cpus=1)
-def _extract_pairs(chain, target, images, batch_size, threads):
+def _extract_pairs(chain, target, images, batch_size, threads, ids):
     """(s(x), phi_target(x)) for the training images: s is the source chain as the gallery would store it."""
     torch.set_num_threads(threads)  # a worker process is reused across tasks: never inherit another's count
     first = module_from_state(*chain[0])
-    source = embed_images(first, images, batch_size)
+    source = embed_images(first, images, batch_size, ids=ids)
     source = upgrade_embeddings([module_from_state(*c) for c in chain[1:]], source)
     target_model = module_from_state(*target)
     return source, model_features(target_model, images, batch_size)

@@ -1,6 +1,7 @@
 """The BiCT upgrade sequence phi_1 -> ... -> phi_T, end to end, resumable stage by stage.
 
-    train phi_1 (or load the old model from outside, ``old_model``) -> extract gallery v1 -> for t = 2..T:
+    train phi_1 (or load the old model from outside, ``old_model``: a model, or only its embeddings, looked up by
+    image id) -> extract gallery v1 -> for t = 2..T:
         train phi_t backward-compatible with phi_{t-1}
         train psi_{t-1->t} on the training set (as the gallery stores it, or phi_{t-1}(x))
         upgrade the gallery v_{t-1} -> v_t from its embeddings alone
@@ -22,14 +23,13 @@ import numpy as np
 from bict_ray.config import Config
 from bict_ray.core.data import Dataset, load_dataset
 from bict_ray.core.embed import embed_images, upgrade_embeddings
-from bict_ray.core.external import MODEL_KINDS
 from bict_ray.core.splits import load_or_make_splits, per_class_share
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
 from bict_ray.distributed.train import (extract_transform_pairs, fit_linear_upgrade_transform, train_embedding_model,
                                        train_upgrade_transform)
-from bict_ray.errors import ConfigError, NotFoundError
+from bict_ray.errors import NotFoundError
 from bict_ray.pipeline.arms import ARM_MEANINGS, TRAINED_ARMS, chained_steps
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 from bict_ray.retrieval.shard import ShardList
@@ -44,7 +44,6 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
 
     ``on_step(step, tests)`` is called after each evaluated step (Ray Tune reports through it).
     """
-    check_old_model(config)
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
     dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
@@ -60,24 +59,12 @@ def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, da
     return results
 
 
-def check_old_model(config: Config) -> None:
-    """phi_1 is the run's own (trained) or a model from outside (``old_model``, loaded); refuse the kind a sequence
-    cannot start from yet rather than ignore it: ``embeddings``, an old model of which only its embeddings of the
-    training images are left (docs/OLD_MODEL.md)."""
-    if config.old_model.kind == "embeddings":
-        raise ConfigError("old_model.kind=embeddings: a sequence does not yet start from an old model's embeddings "
-                          "alone; it needs the model (old_model.kind: torchscript, torchvision or python) or trains "
-                          "its own phi_1 (old_model.kind: none). The embeddings can be read from Python: "
-                          "bict_ray.storage.old_embeddings.load_old_embeddings")
-
-
 class SequenceRunner:
     """One sequence in one run directory. ``shared``: the run an arm belongs to, whose phi_1..phi_``shared_models``
     and gallery v1 this one reads instead of training and extracting its own (bict_ray.pipeline.arms)."""
 
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log, *,
                  shared: SequenceRunner | None = None, shared_models: int = 0, keep_pairs: bool = False):
-        check_old_model(config)
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.shared, self.shared_models = shared, shared_models if shared is not None else 0
         self.splits = shared.splits if shared is not None else load_or_make_splits(
@@ -173,7 +160,7 @@ class SequenceRunner:
             self.log(f"[sequence] phi_{t}: shared with {self.shared.run_dir.path}")
             return self.shared.models[t]
         folder = self.run_dir.model_dir(t)
-        if t == 1 and self.config.old_model.kind in MODEL_KINDS:
+        if t == 1 and self.config.old_model.kind != "none":
             return self._old_model_from_outside(folder)
         existing = self._trained_already(folder, f"phi_{t}")
         if existing is not None:
@@ -300,10 +287,11 @@ class SequenceRunner:
                 self.embedded.gallery_embedded[t] = self.shared.embedded.gallery_embedded[t]
             return
         module, query, gallery = self.models[t].module, self.dataset.query, self.dataset.gallery
-        self.embedded.queries[t] = Embedded(embed_images(module, query.images), query.labels, query.ids)
+        self.embedded.queries[t] = Embedded(embed_images(module, query.images, ids=query.ids), query.labels,
+                                            query.ids)
         if gallery is not query:
-            self.embedded.gallery_embedded[t] = Embedded(embed_images(module, gallery.images), gallery.labels,
-                                                         gallery.ids)
+            self.embedded.gallery_embedded[t] = Embedded(embed_images(module, gallery.images, ids=gallery.ids),
+                                                         gallery.labels, gallery.ids)
 
     def _embed_validation(self, t: int) -> None:
         """phi_t's queries of the validation set, and its gallery version t: phi_1's embeddings at t = 1, then
@@ -314,7 +302,8 @@ class SequenceRunner:
         if self._shares_model(t) and t in self.shared.validation.queries:
             data.queries[t] = self.shared.validation.queries[t]
         else:
-            data.queries[t] = Embedded(embed_images(self.models[t].module, val.images), val.labels, val.ids)
+            data.queries[t] = Embedded(embed_images(self.models[t].module, val.images, ids=val.ids), val.labels,
+                                       val.ids)
         if t > 1 and t not in self.transforms:
             return  # BCT only: the gallery stays v1
         if t == 1 and self._shares_model(1) and 1 in self.shared.validation.galleries:

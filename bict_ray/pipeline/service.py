@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 from bict_ray.config import SERVICE_STAGES, Config
-from bict_ray.core.external import MODEL_KINDS, load_old_model
+from bict_ray.core.external import OLD_MODEL_KINDS
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.import_gallery import import_gallery, plan_import
 from bict_ray.distributed.pipelines import upgrade_gallery
 from bict_ray.errors import ConfigError, InputError, NotFoundError
 from bict_ray.pipeline.report import write_report
 from bict_ray.pipeline.sequence import run_sequence
-from bict_ray.storage.artifacts import load_artifact
+from bict_ray.storage.artifacts import external_artifact, load_artifact
 from bict_ray.storage.export import FAISS_INDEX_KINDS, export_faiss, export_lance
 from bict_ray.storage.gallery import is_committed, open_gallery
 from bict_ray.storage.rundir import RunDir, write_json
@@ -45,10 +45,9 @@ OLD_SPACE = "phi_1"
 
 def check_service(config: Config) -> None:
     """Refuse, before anything runs, a config that cannot upgrade a service: each message names the key."""
-    if config.old_model.kind not in MODEL_KINDS:
-        raise ConfigError(f"old_model.kind={config.old_model.kind}: upgrade-service starts from the service's "
-                          f"deployed model ({', '.join(MODEL_KINDS)}); an old model of which only its embeddings "
-                          "are left is not supported yet (docs/OLD_MODEL.md)")
+    if config.old_model.kind == "none":
+        raise ConfigError("old_model.kind=none: upgrade-service starts from the service's old model (old_model.kind: "
+                          f"{', '.join(OLD_MODEL_KINDS[1:])}; docs/OLD_MODEL.md), not one it trains")
     if config.scenario.steps != 2:
         raise ConfigError(f"scenario.steps={config.scenario.steps}: upgrade-service makes one upgrade, the service's "
                           "model to a new one (scenario.steps: 2)")
@@ -116,12 +115,12 @@ def _import(config: Config, v1: Path, log) -> dict:
     if is_committed(str(v1)):
         log(f"[service] 2/5 the service's gallery: imported already ({v1}), skipped")
         return _version_record(open_gallery(str(v1)), cfg.gallery)
-    old = load_old_model(config.old_model)  # the import needs no trained stage: it runs alone
+    old = external_artifact(config.old_model, OLD_SPACE).card  # the import needs no trained stage: it runs alone
     plan = plan_import(cfg.gallery, rows_per_shard=config.gallery.rows_per_shard, id_column=cfg.id_column,
                        embedding_column=cfg.embedding_column, label_column=cfg.label_column)
     if plan.dim != old.dim:
         raise InputError(f"service.gallery {cfg.gallery}: its embeddings have {plan.dim} dims, the service's model "
-                         f"({old.source}) makes {old.dim}: it is not that model's gallery")
+                         f"({old.training['source']}) makes {old.dim}: it is not that model's gallery")
     log(f"[service] 2/5 importing the service's gallery {cfg.gallery}: {plan.num_rows} rows x {plan.dim} dims")
     version, _ = import_gallery(cfg.gallery, str(v1), space=OLD_SPACE, id_column=cfg.id_column,
                                     embedding_column=cfg.embedding_column, label_column=cfg.label_column,

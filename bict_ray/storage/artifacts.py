@@ -10,7 +10,8 @@ space it defines or maps between (``name``; ``source`` and ``target`` for a tran
 
 An old model brought from outside (the ``old_model`` config section, ``bict_ray.core.external``) is recorded by its
 card alone: the section, its embedding dim and the sha256 of the service's files (``external_artifact``), never a
-copy of its weights. Loading it, here or in a Ray worker, reads those files and refuses them if they changed.
+copy of its weights. Loading it, here or in a Ray worker, reads those files and refuses them if they changed. An
+old model that is only its embeddings is read once, by the driver, and its table travels to the workers.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 from torch import nn
 
 from bict_ray.config import OldModelConfig
-from bict_ray.core.external import load_old_model
+from bict_ray.core.external import OldEmbeddings, load_old_model
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.errors import AlreadyExistsError, ArtifactError, ConfigError, InputError
+from bict_ray.storage.old_embeddings import read_old_embeddings
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
@@ -108,8 +110,9 @@ class Artifact:
     @property
     def state(self) -> dict[str, torch.Tensor]:
         """What a process that rebuilds the module needs besides the card (``module_from_state``): its weights; none
-        for an old model from outside, which each process loads from the files its card names."""
-        return {} if is_external(self.card) else self.module.state_dict()
+        for an old model from outside, which each process loads from the files its card names, but the table of an
+        old model that is only its embeddings (read once, here)."""
+        return {} if is_external(self.card) and not _is_table(self.card) else self.module.state_dict()
 
     @classmethod
     def of(cls, value: Artifact | str | Path | nn.Module, kind: str, name: str | None = None,
@@ -146,12 +149,12 @@ def save_artifact(path: str | Path, module: nn.Module, card: ModelCard) -> Model
 
 
 def external_artifact(cfg: OldModelConfig, name: str, version: int = 1) -> Artifact:
-    """The old model brought from outside (``cfg``: the ``old_model`` section, a kind with a model) as the run's
-    model ``name``: loaded, with a card whose spec is ``cfg`` itself, the embedding dim and the sha256 of every
+    """The old model brought from outside (``cfg``: the ``old_model`` section, any kind but none) as the run's
+    model ``name``: loaded (a module, or for ``embeddings`` the table of every row of its file), with a card whose spec is ``cfg`` itself, the embedding dim and the sha256 of every
     file it was loaded from. The card's sha256 names the model (the section and those hashes); ``save_external``
     writes it, and whoever rebuilds the module from it checks that the files are still those
     (``module_from_state``, ``load_artifact``)."""
-    module = load_old_model(cfg)
+    module = _load_external(cfg)
     files = {path: _file_sha256(path) for path in _model_files(cfg)}
     spec = {"old_model": dataclasses.asdict(cfg), "embedding_dim": module.dim, "files": files}
     identity = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -236,6 +239,8 @@ def module_from_state(card: ModelCard, state: dict[str, torch.Tensor]) -> nn.Mod
     outside travels as its card alone and is loaded here from the files it names, which must be those the run
     recorded: on a cluster they must be readable at the same path on every node."""
     if is_external(card):
+        if _is_table(card) and state:  # the table read by the driver: no file to read again
+            return OldEmbeddings(state["ids"], state["table"], card.training.get("source", card.name))
         return _external_module(card, f"{card.name}'s card")
     module = build_module(card)
     module.load_state_dict(state)
@@ -256,17 +261,29 @@ def _external_module(card: ModelCard, where: str) -> nn.Module:
         cfg = OldModelConfig(**card.spec["old_model"])
     except (TypeError, ConfigError) as err:
         raise ArtifactError(f"{where}: its old_model section is not valid: {err}") from None
-    module = load_old_model(cfg)
+    module = _load_external(cfg)
     if module.dim != card.spec["embedding_dim"]:
         raise ArtifactError(f"{where}: {card.name} embedded in {card.spec['embedding_dim']} dims when recorded, "
                             f"{module.dim} now ({module.source})")
     return module
 
 
+def _load_external(cfg: OldModelConfig) -> nn.Module:
+    """The old model ``cfg`` names: a module (``load_old_model``), or the table of its embeddings."""
+    if cfg.kind == "embeddings":
+        ids, table = read_old_embeddings(cfg)
+        return OldEmbeddings(ids, table, f"embeddings {os.path.abspath(cfg.path)}")
+    return load_old_model(cfg)
+
+
+def _is_table(card: ModelCard) -> bool:
+    return card.spec["old_model"]["kind"] == "embeddings"
+
+
 def _model_files(cfg: OldModelConfig) -> list[str]:
     """The files an old model from outside is loaded from (a python factory's code is not among them: it is
     whatever PYTHONPATH holds)."""
-    return [os.path.abspath(p) for p in (cfg.path if cfg.kind == "torchscript" else None, cfg.weights) if p]
+    return [os.path.abspath(p) for p in (cfg.path, cfg.weights) if p]
 
 
 def _file_sha256(path: str) -> str:

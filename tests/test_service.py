@@ -1,10 +1,12 @@
-"""`bict-ray upgrade-service`, a whole round on generated data, from the command line only.
+"""`bict-ray upgrade-service`, whole rounds on generated data.
 
 The service: a small CNN traced to TorchScript (its deployed model), its gallery as a plain Parquet with its own
 column names and list<double> embeddings (no labels), and labelled data as an ImageFolder of PNGs with train/,
 query/ and gallery/ beside each other. The round must train phi_2 against the deployed model, upgrade the stored
 gallery with psi_1_2 from its embeddings alone, score the labelled sets, export a faiss index of the upgraded
-gallery, report, and resume stage by stage.
+gallery, report, and resume stage by stage, from the command line only. A second round is the same service after
+its model is gone: the labelled data as Parquet of PNG bytes with the service's own ids, the old model as its
+stored embeddings of those images.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from PIL import Image
 
 from bict_ray.cli import main
 from bict_ray.config import load_config
+from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, upgrade_embeddings
 from bict_ray.errors import ConfigError, InputError
 from bict_ray.pipeline.service import check_service, run_service
@@ -165,3 +168,58 @@ def test_service_config_errors_name_the_key():
         load_config(None, ["service.index=ivf"])
     with pytest.raises(ConfigError, match="must differ"):
         load_config(None, ["service.id_column=vector", "service.embedding_column=vector"])
+
+
+def png(image: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def kept_only(service, smoke_data, tmp_path_factory):
+    """The same service after its model is gone: labelled data as Parquet of PNG bytes with the service's own ids,
+    and the old model as its embeddings of those images by id; the stored gallery as before."""
+    root, config_path, _, _ = service
+    folder = tmp_path_factory.mktemp("kept_only")
+    (folder / "data").mkdir()
+    net = trained_small_cnn(load_config("configs/smoke.yaml", ["train.epochs=1"]), smoke_data, list(CLASSES))
+    train, test = smoke_data.train, smoke_data.test
+    sets = {"train": (train, 40), "query": (test, 6), "gallery": (ImageSet(test.images[200:], test.labels[200:],
+                                                                           test.ids[200:]), 12)}
+    all_ids, all_images = [], []
+    for offset, (name, (images, per_class)) in enumerate(sets.items()):
+        pick = np.concatenate([np.flatnonzero(images.labels == c)[:per_class] for c in CLASSES])
+        ids = 100_000 * (offset + 1) + np.arange(len(pick))  # the service's ids, not the loader's numbering
+        pq.write_table(pa.table({"image": [png(images.images[i]) for i in pick],
+                                 "label": images.labels[pick].astype(np.int64), "id": ids}), folder / "data" / f"{name}.parquet")
+        all_ids.append(ids)
+        all_images.append(images.images[pick])
+    ids, vectors = np.concatenate(all_ids), embed_images(net, np.concatenate(all_images))
+    pq.write_table(pa.table({"image_id": ids, "vector": pa.array(list(vectors.astype(np.float64)),
+                                                                 pa.list_(pa.float64()))}), folder / "kept.parquet")
+    overrides = ["data.kind=parquet", f"data.root={folder / 'data'}", "old_model.kind=embeddings",
+                 f"old_model.path={folder / 'kept.parquet'}", "old_model.id_column=image_id",
+                 "old_model.embedding_column=vector", "old_model.image_size=null", "old_model.channels=null"]
+    out = folder / "run"
+    results = run_service(load_config(str(config_path), overrides), out, log=lambda line: None)
+    return out, results, ids, vectors
+
+
+def test_a_service_that_kept_only_the_embeddings_is_upgraded_the_same_way(kept_only, service):
+    out, results, ids, vectors = kept_only
+    _, _, production_ids, _ = service
+    assert load_artifact(out / "models" / "phi_1").card.training["source"].startswith("embeddings ")
+    labelled = open_gallery(str(out / "gallery" / "v1"))  # the labelled gallery set: its stored rows, by id
+    found_ids, rows = gallery_rows(labelled)
+    assert found_ids.min() >= 300_000
+    np.testing.assert_allclose(rows, vectors[np.searchsorted(ids, found_ids)], atol=1e-6)
+    v2_ids, v2_rows = gallery_rows(open_gallery(str(out / "service" / "v2")))
+    _, v1_rows = gallery_rows(open_gallery(str(out / "service" / "v1")))
+    np.testing.assert_array_equal(v2_ids, production_ids)
+    psi = load_artifact(out / "transforms" / "psi_1_2")
+    np.testing.assert_allclose(v2_rows, upgrade_embeddings([psi.module], v1_rows), atol=1e-6)
+    (step,) = results["steps"]
+    assert all(0 < step["tests"][name]["mAP"] <= 1 for name in ("old_self", "backward", "forward", "new_self"))

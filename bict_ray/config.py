@@ -385,7 +385,7 @@ class RayConfig:
 SERVICE_EXPORTS = ("faiss", "lance")
 # the stages of `bict-ray upgrade-service`, in order (bict_ray.pipeline.service); here so that the command line
 # can list them without importing Ray
-SERVICE_STAGES = ("sequence", "import", "upgrade", "export", "report")
+SERVICE_STAGES = ("sequence", "import", "upgrade", "evaluate", "export", "report")
 
 
 @dataclass

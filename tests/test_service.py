@@ -27,6 +27,7 @@ from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, upgrade_embeddings
 from bict_ray.errors import ConfigError, InputError
 from bict_ray.pipeline.service import check_service, run_service
+from bict_ray.retrieval.metrics import retrieval_metrics
 from bict_ray.storage.artifacts import load_artifact
 from bict_ray.storage.gallery import open_gallery
 
@@ -200,7 +201,11 @@ def kept_only(service, smoke_data, tmp_path_factory):
     ids, vectors = np.concatenate(all_ids), embed_images(net, np.concatenate(all_images))
     pq.write_table(pa.table({"image_id": ids, "vector": pa.array(list(vectors.astype(np.float64)),
                                                                  pa.list_(pa.float64()))}), folder / "kept.parquet")
+    # this service kept its gallery's labels: the evaluate stage scores it too
+    production = pq.read_table(root / "gallery.parquet").append_column("label", pa.array(test.labels.astype(np.int64)))
+    pq.write_table(production, folder / "labelled_gallery.parquet")
     overrides = ["data.kind=parquet", f"data.root={folder / 'data'}", "old_model.kind=embeddings",
+                 f"service.gallery={folder / 'labelled_gallery.parquet'}", "service.label_column=label",
                  f"old_model.path={folder / 'kept.parquet'}", "old_model.id_column=image_id",
                  "old_model.embedding_column=vector", "old_model.image_size=null", "old_model.channels=null"]
     out = folder / "run"
@@ -223,3 +228,18 @@ def test_a_service_that_kept_only_the_embeddings_is_upgraded_the_same_way(kept_o
     np.testing.assert_allclose(v2_rows, upgrade_embeddings([psi.module], v1_rows), atol=1e-6)
     (step,) = results["steps"]
     assert all(0 < step["tests"][name]["mAP"] <= 1 for name in ("old_self", "backward", "forward", "new_self"))
+
+
+def test_a_labelled_stored_gallery_is_scored_with_the_labelled_queries(kept_only, smoke_data):
+    out, results, ids, vectors = kept_only
+    tests = results["service"]["tests"]
+    assert set(tests) == {"old_self", "backward", "forward"}
+    v1 = open_gallery(str(out / "service" / "v1"))
+    _, rows = gallery_rows(v1)
+    labels = np.concatenate([v1.read_shard(i)[1] for i in range(v1.num_shards)])
+    query_ids = pq.read_table(out.parent / "data" / "query.parquet").column("id").to_numpy()
+    query_labels = pq.read_table(out.parent / "data" / "query.parquet").column("label").to_numpy()
+    by_hand = retrieval_metrics(vectors[np.searchsorted(ids, query_ids)], query_labels, rows, labels)
+    # the stored rows went through float64 and a renormalisation: equal to the last digits a tie can move
+    assert tests["old_self"]["mAP"] == pytest.approx(by_hand["mAP"], abs=1e-5)
+    assert "Its labels score it too" in (out / "report.md").read_text()

@@ -127,7 +127,7 @@ def run_evaluate(args) -> int:
     if model.card.kind != "embedding":
         raise InputError(f"{args.model} is not an embedding model (kind={model.card.kind!r})")
     queries = load_dataset(config.data, config.eval, config.scenario).query  # the protocol's query set
-    query = embed_images(model.module, queries.images, config.gallery.batch_size)
+    query = embed_images(model.module, queries.images, config.gallery.batch_size, ids=queries.ids)
     metrics = evaluate_gallery(query, queries.labels, gallery, query_ids=queries.ids, ks=config.eval.ks,
                                map_at=config.eval.map_at, concurrency=config.gallery.concurrency,
                                cpus_per_task=config.gallery.cpus_per_task)

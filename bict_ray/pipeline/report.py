@@ -381,10 +381,17 @@ def _service_section(service: dict[str, Any]) -> str:
             rows.append([what, f"{record['rows']:,}", str(record["dim"]), " → ".join(record["lineage"]),
                          f"`{record['path']}`"])
     parts = ["## The service's gallery",
-             "Upgraded from its embeddings alone; it has no labels (its images are gone), so the tests above score the "
-             "labelled query and gallery sets, whose gallery went through the same ψ."]
+             "Upgraded from its embeddings alone. The tests above score the labelled query and gallery sets, whose "
+             "gallery went through the same ψ."]
     if rows:
         parts.append(_markdown_table(("version", "rows", "dim", "lineage", "path"), rows))
+    tests = service.get("tests")
+    if tests:
+        parts.append("Its labels score it too, with the labelled query set (mAP %, R@1 %):")
+        parts.append(_markdown_table(("test", "queries", "gallery", "mAP", "R@1"), [
+            [name.replace("_", " "), query, gallery, f"{tests[name]['mAP'] * 100:.1f}", f"{tests[name]['R@1'] * 100:.1f}"]
+            for name, query, gallery in (("old_self", "φ_1", "as stored"), ("backward", "φ_2", "as stored"),
+                                         ("forward", "φ_2", "upgraded by ψ")) if name in tests]))
     export = service.get("export")
     if export:
         index = f", {export['index']} index" if export.get("index") else ""

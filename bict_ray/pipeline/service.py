@@ -5,6 +5,7 @@
                                 images, psi_1_2, and the named tests on ``data``'s labelled query and gallery sets
     RUN_DIR/service/v1/         the service's gallery (``service.gallery``) imported as stored, in phi_1's space
     RUN_DIR/service/v2/         psi_1_2(v1): the service's gallery upgraded from its embeddings alone
+    (evaluate)                  with labels: old self, backward and forward of the labelled queries on v1 and v2
     RUN_DIR/service/export/     v2 for serving (``service.export``): gallery.faiss or gallery.lance, each with its
                                 sidecar .json
     RUN_DIR/service/service.json  what the service's stages did: imported, upgraded, exported, their seconds
@@ -13,8 +14,9 @@
 
 The stages (``STAGES``) run in that order; each is skipped when its output exists (a model with its card, a
 committed version, an export), so a rerun resumes where a killed run stopped, and each runs alone (``stages``),
-refusing to start before what it reads exists. The production gallery is never scored: it has no labels, and its
-images are gone; the labelled sets are what the tests measure, and the gallery gets the same psi.
+refusing to start before what it reads exists. A production gallery without labels (its images gone) is upgraded,
+not scored: the labelled sets are what the tests measure, and the gallery gets the same psi; one with labels
+(``service.label_column``) is scored too, against the labelled query set (the evaluate stage).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from pathlib import Path
 
 from bict_ray.config import SERVICE_STAGES, Config
 from bict_ray.core.external import OLD_MODEL_KINDS
+from bict_ray.core.data import load_dataset
+from bict_ray.core.embed import embed_images
 from bict_ray.distributed.cluster import ensure_ray
+from bict_ray.distributed.evaluate import evaluate_gallery
 from bict_ray.distributed.import_gallery import import_gallery, plan_import
 from bict_ray.distributed.pipelines import upgrade_gallery
 from bict_ray.errors import ConfigError, InputError, NotFoundError
@@ -82,7 +87,7 @@ def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print) ->
         return value
 
     if "sequence" in stages:
-        log("[service] 1/5 phi_2 backward-compatible with the service's model, psi_1_2, the tests on the labelled "
+        log("[service] 1/6 phi_2 backward-compatible with the service's model, psi_1_2, the tests on the labelled "
             "sets")
         results = timed("sequence", lambda: run_sequence(config, run_dir.path, log=log))
     else:  # a stage alone: the sequence's results if it ran (the import, say, runs before or beside it)
@@ -93,6 +98,8 @@ def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print) ->
         service["import"] = timed("import", lambda: _import(config, root / "v1", log))
     if "upgrade" in stages:
         service["upgrade"] = timed("upgrade", lambda: _upgrade(config, run_dir, root / "v1", root / "v2", log))
+    if "evaluate" in stages and config.service.label_column:
+        service["tests"] = timed("evaluate", lambda: _evaluate(config, run_dir, root / "v1", root / "v2", log))
     if "export" in stages and config.service.export:
         service["export"] = timed("export", lambda: _export(config, root / "v2", root / "export", log))
     service["timings"] = {**service.get("timings", {}), **timings}
@@ -104,7 +111,7 @@ def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print) ->
     if "report" in stages:
         if not results:
             raise NotFoundError(f"{run_dir.results_path} does not exist: run the sequence stage first")
-        log(f"[service] 5/5 report: {write_report(run_dir.path)}")
+        log(f"[service] 6/6 report: {write_report(run_dir.path)}")
     return {**results, "service": service}
 
 
@@ -113,7 +120,7 @@ def _import(config: Config, v1: Path, log) -> dict:
     before anything is staged."""
     cfg = config.service
     if is_committed(str(v1)):
-        log(f"[service] 2/5 the service's gallery: imported already ({v1}), skipped")
+        log(f"[service] 2/6 the service's gallery: imported already ({v1}), skipped")
         return _version_record(open_gallery(str(v1)), cfg.gallery)
     old = external_artifact(config.old_model, OLD_SPACE).card  # the import needs no trained stage: it runs alone
     plan = plan_import(cfg.gallery, rows_per_shard=config.gallery.rows_per_shard, id_column=cfg.id_column,
@@ -121,7 +128,7 @@ def _import(config: Config, v1: Path, log) -> dict:
     if plan.dim != old.dim:
         raise InputError(f"service.gallery {cfg.gallery}: its embeddings have {plan.dim} dims, the service's model "
                          f"({old.training['source']}) makes {old.dim}: it is not that model's gallery")
-    log(f"[service] 2/5 importing the service's gallery {cfg.gallery}: {plan.num_rows} rows x {plan.dim} dims")
+    log(f"[service] 2/6 importing the service's gallery {cfg.gallery}: {plan.num_rows} rows x {plan.dim} dims")
     version, _ = import_gallery(cfg.gallery, str(v1), space=OLD_SPACE, id_column=cfg.id_column,
                                     embedding_column=cfg.embedding_column, label_column=cfg.label_column,
                                     normalise=cfg.normalise, config=config.gallery, progress=_progress(log))
@@ -131,15 +138,39 @@ def _import(config: Config, v1: Path, log) -> dict:
 def _upgrade(config: Config, run_dir: RunDir, v1: Path, v2: Path, log) -> dict:
     """v2 = psi_1_2(v1), the gallery the new model serves, from the stored embeddings alone."""
     if is_committed(str(v2)):
-        log(f"[service] 3/5 the upgraded gallery: committed already ({v2}), skipped")
+        log(f"[service] 3/6 the upgraded gallery: committed already ({v2}), skipped")
         return _version_record(open_gallery(str(v2)))
     if not is_committed(str(v1)):
         raise NotFoundError(f"the service's gallery is not imported yet ({v1}): run the import stage first")
     psi = _model(run_dir.transform_dir(1, 2), "psi_1_2", "sequence")
-    log(f"[service] 3/5 upgrading the service's gallery with {psi.card.name}")
+    log(f"[service] 3/6 upgrading the service's gallery with {psi.card.name}")
     version, stats = upgrade_gallery(str(v1), psi, str(v2), config=config.gallery, progress=_progress(log))
     log(f"[service] upgraded {stats.rows} rows, {stats.rows_per_s:,.0f} rows/s")
     return _version_record(version)
+
+
+def _evaluate(config: Config, run_dir: RunDir, v1: Path, v2: Path, log) -> dict:
+    """A labelled stored gallery scored as the labelled sets are: the query set by phi_1 against v1 (old self, what
+    the service serves today), by phi_2 against v1 (backward) and against v2 (forward, what it serves after the
+    upgrade). A query's own image is left out by id only where the ids are the service's (``data.kind: parquet``);
+    the loader's numbering of other data says nothing about the stored gallery's ids."""
+    for version, stage in ((v1, "import"), (v2, "upgrade")):
+        if not is_committed(str(version)):
+            raise NotFoundError(f"{version} does not exist yet: run the {stage} stage first")
+    old, new = (_model(run_dir.model_dir(t), f"phi_{t}", "sequence") for t in (1, 2))
+    query = load_dataset(config.data, config.eval, config.scenario).query
+    log(f"[service] 4/6 scoring the service's gallery with its labels: {len(query)} labelled queries")
+    query_ids = query.ids if config.data.kind == "parquet" else None
+    embedded = {m.card.name: embed_images(m.module, query.images, config.gallery.batch_size, ids=query.ids)
+                for m in (old, new)}
+    pairs = {"old_self": ("phi_1", v1), "backward": ("phi_2", v1), "forward": ("phi_2", v2)}
+    tests = {name: evaluate_gallery(embedded[model], query.labels, str(version), query_ids=query_ids,
+                                    ks=config.eval.ks, map_at=config.eval.map_at,
+                                    concurrency=config.gallery.concurrency, cpus_per_task=config.gallery.cpus_per_task)
+             for name, (model, version) in pairs.items()}
+    log("[service] the service's gallery: " + " ".join(f"{name}={result['mAP'] * 100:.1f}"
+                                                        for name, result in tests.items()))
+    return tests
 
 
 def _export(config: Config, v2: Path, folder: Path, log) -> dict:
@@ -150,11 +181,11 @@ def _export(config: Config, v2: Path, folder: Path, log) -> dict:
     path = folder / f"gallery.{fmt}"
     sidecar = Path(f"{path}.json")
     if path.exists():
-        log(f"[service] 4/5 export: {path} exists, kept")
+        log(f"[service] 5/6 export: {path} exists, kept")
         return {**json.loads(sidecar.read_text()), "path": str(path), "sidecar": str(sidecar)}
     if sidecar.exists():
         sidecar.unlink()  # written first: an export killed before its output was renamed into place left it
-    log(f"[service] 4/5 exporting the upgraded gallery as {fmt} to {path}")
+    log(f"[service] 5/6 exporting the upgraded gallery as {fmt} to {path}")
     if fmt == "faiss":
         written = export_faiss(str(v2), path, index=config.service.index, progress=_progress(log))
     else:

@@ -21,7 +21,7 @@ from bict_ray.core.closed_form import FIT_METHODS
 from bict_ray.core.data import (DATA_KINDS, PARQUET_ID_COLUMN, PARQUET_IMAGE_COLUMN, PARQUET_LABEL_COLUMN,
                                 PROTOCOLS)
 from bict_ray.core.embed import PRECISIONS
-from bict_ray.core.external import MODEL_KINDS, OLD_MODEL_KINDS
+from bict_ray.core.external import INPUT_KINDS, OLD_MODEL_KINDS
 from bict_ray.core.foreign import FACTORY_RE
 from bict_ray.core.losses import COMPAT_LOSSES
 from bict_ray.core.models import CLASSIFIERS, backbone_problem
@@ -165,10 +165,12 @@ class ModelConfig:
 _OLD_MODEL_INPUT = ("image_size", "channels", "mean", "std")
 _OLD_MODEL_REQUIRED = {"none": (), "torchscript": ("path", "image_size", "channels"),
                        "torchvision": ("architecture", "weights", "image_size", "channels"),
-                       "python": ("factory", "image_size", "channels"), "embeddings": ("path",)}
+                       "python": ("factory", "image_size", "channels"), "module": ("image_size", "channels"),
+                       "embeddings": ("path",)}
 _OLD_MODEL_KEYS = {"none": (), "torchscript": ("path", *_OLD_MODEL_INPUT),
                    "torchvision": ("architecture", "weights", "layer", *_OLD_MODEL_INPUT),
                    "python": ("factory", "kwargs", "weights", *_OLD_MODEL_INPUT),
+                   "module": _OLD_MODEL_INPUT,
                    "embeddings": ("path", "id_column", "embedding_column")}
 
 
@@ -177,8 +179,9 @@ class OldModelConfig:
     """The old model phi_old a service already runs, brought from outside instead of trained (docs/OLD_MODEL.md).
 
     ``kind``: none (the run trains its own phi_1) | torchscript | torchvision | python (loaded by
-    ``bict_ray.core.external.load_old_model``) | embeddings (phi_old's embeddings of the training images only,
-    ``bict_ray.storage.old_embeddings.load_old_embeddings``). Nothing is ever downloaded: every file is local.
+    ``bict_ray.core.external.load_old_model``) | module (an nn.Module handed over from Python:
+    ``run_sequence(config, out, old_model=module)``) | embeddings (phi_old's embeddings by image id only,
+    ``bict_ray.storage.old_embeddings``). Nothing is ever downloaded: every file is local.
     """
 
     kind: str = "none"
@@ -215,7 +218,7 @@ class OldModelConfig:
             raise ConfigError(f"old_model.factory must look like package.module:callable, got {self.factory!r}")
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise ConfigError(f"old_model.kwargs must be a mapping of argument names to values, got {self.kwargs!r}")
-        if self.kind in MODEL_KINDS:
+        if self.kind in INPUT_KINDS:
             if self.image_size < 1:
                 raise ConfigError(f"old_model.image_size must be >= 1, got {self.image_size}")
             if self.channels not in (1, 3):

@@ -348,7 +348,7 @@ def test_class_mean_classifier_by_hand():
     (["old_model.kind=python", "old_model.image_size=32", "old_model.channels=3"],
      "old_model.factory is required for old_model.kind=python"),
     (["old_model.kind=embeddings"], "old_model.path is required for old_model.kind=embeddings"),
-    (["old_model.kind=onnx"], "old_model.kind must be one of none, torchscript, torchvision, python, embeddings"),
+    (["old_model.kind=onnx"], "old_model.kind must be one of none, torchscript, torchvision, python, module, embeddings"),
     (["old_model.kind=embeddings", "old_model.path=e.parquet", "old_model.layer=fc"],
      r"old_model.layer is not read by old_model.kind=embeddings \(only by torchvision\)"),
     (["old_model.path=m.pt"], "old_model.path is not read by old_model.kind=none"),

@@ -8,10 +8,13 @@ by hash and refuse it once it changes.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from bict_ray.config import load_config
@@ -20,10 +23,10 @@ from bict_ray.distributed.train import embedding_stage, run_in_process
 from bict_ray.errors import ArtifactError, InputError, TrainingError
 from bict_ray.pipeline.sequence import run_sequence
 from bict_ray.storage.artifacts import (external_artifact, is_external, load_artifact, module_from_state,
-                                        save_external)
+                                        read_card, save_external)
 from bict_ray.storage.gallery import open_gallery
 
-from conftest import deploy, train_subset, trained_small_cnn
+from conftest import Deployed, deploy, train_subset, trained_small_cnn
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +218,35 @@ def test_an_image_without_a_stored_embedding_is_named(kept, smoke_data, tmp_path
     write_embeddings(tmp_path / "partial.parquet", ids[keep], vectors[keep])
     with pytest.raises(InputError, match=f"no old embedding of image id {missing} \\(1 of"):
         run_sequence(kept_config(tmp_path / "partial.parquet"), tmp_path / "run", dataset=smoke_data)
+
+
+def module_config(*overrides):
+    return load_config("configs/smoke.yaml", ["old_model.kind=module", "old_model.image_size=28",
+                                              "old_model.channels=1", *overrides])
+
+
+def test_a_module_from_python_is_phi_1_and_a_rerun_must_pass_the_same(deployed, service_run, smoke_data, tmp_path):
+    """A notebook hands over its own nn.Module: it travels to the workers by value (cloudpickle), as a class
+    defined in a notebook does; the run records its state_dict's hash."""
+    import conftest
+
+    ray.cloudpickle.register_pickle_by_value(conftest)  # as if Deployed were defined in the notebook
+    _, net = deployed
+    out = tmp_path / "run"
+    lines = []
+    run_sequence(module_config(), out, log=lines.append, dataset=smoke_data, old_model=Deployed(net))
+    assert any("a module passed from Python (conftest.Deployed)" in line for line in lines)
+    card = read_card(out / "models" / "phi_1")
+    assert card.spec["files"] == {} and len(card.spec["state_sha256"]) == 64
+    gallery = open_gallery(str(out / "gallery" / "v1"))
+    model_run = open_gallery(str(service_run[0] / "gallery" / "v1"))  # the same model from its TorchScript file
+    np.testing.assert_allclose(*(np.concatenate([g.read_shard(i)[0] for i in range(g.num_shards)])
+                                 for g in (gallery, model_run)), atol=1e-5)
+    assert load_artifact(out / "models" / "phi_2").card.training["history"][-1]["compat"] > 0
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)  # a retrained or edited model: other weights, the same class
+    with pytest.raises(ArtifactError, match="phi_1 was another module when the run recorded it"):
+        run_sequence(module_config(), out, dataset=smoke_data, old_model=Deployed(other))
+    with pytest.raises(InputError, match="old_model.kind=module needs the module passed from Python"):
+        run_sequence(module_config(), out, dataset=smoke_data)

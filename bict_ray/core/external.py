@@ -48,8 +48,11 @@ if TYPE_CHECKING:
 
 # old_model.kind: "none" = the run trains its own phi_1 (the default); the next three are loaded here as a module;
 # "embeddings" brings phi_old's embeddings of the training images only (bict_ray.storage.old_embeddings)
-OLD_MODEL_KINDS = ("none", "torchscript", "torchvision", "python", "embeddings")
+OLD_MODEL_KINDS = ("none", "torchscript", "torchvision", "python", "module", "embeddings")
 MODEL_KINDS = ("torchscript", "torchvision", "python")
+# the kinds whose model takes the project's images through an InputMapping: those loaded from files, and "module", an
+# nn.Module handed over from Python (run_sequence(..., old_model=module): a notebook's own model)
+INPUT_KINDS = (*MODEL_KINDS, "module")
 
 # ITU-R 601 luma, torchvision's Grayscale: a 3-channel image made 1-channel as a gray-scale model was trained on
 LUMA = (0.299, 0.587, 0.114)
@@ -193,6 +196,16 @@ class OldEmbeddings(nn.Module):
                              f"{len(ids)} missing): with only the old model's embeddings, every image it is asked "
                              "for needs a row")
         return self.table[slot]
+
+
+def wrap_module(module: nn.Module, cfg: OldModelConfig) -> ExternalModel:
+    """``module``, handed over from Python (``old_model.kind: module``), as phi_old behind ``cfg``'s input mapping."""
+    if cfg.kind != "module":
+        raise InputError(f"a module passed from Python is old_model.kind=module, not {cfg.kind!r}")
+    if not isinstance(module, nn.Module):
+        raise InputError(f"old_model: expected a torch.nn.Module, got {type(module).__name__}")
+    source = f"a module passed from Python ({type(module).__module__}.{type(module).__qualname__})"
+    return ExternalModel(module, InputMapping(cfg.channels, cfg.image_size, cfg.mean, cfg.std), source)
 
 
 def load_old_model(cfg: OldModelConfig) -> ExternalModel:

@@ -34,21 +34,25 @@ from bict_ray.pipeline.arms import ARM_MEANINGS, TRAINED_ARMS, chained_steps
 from bict_ray.retrieval.protocol import Embedded, SequenceEmbeddings, compatibility_matrix, partial_refresh, step_tests
 from bict_ray.retrieval.shard import ShardList
 from bict_ray.retrieval.sharded import IN_PROCESS_GATHERING
-from bict_ray.storage.artifacts import Artifact, ArtifactError, external_artifact, load_artifact, save_external
+from bict_ray.storage.artifacts import (Artifact, ArtifactError, external_artifact, load_artifact, read_card,
+                                        save_external)
 from bict_ray.storage.gallery import is_committed, open_gallery
 from bict_ray.storage.rundir import RunDir
 
 
-def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, dataset: Dataset | None = None) -> dict:
+def run_sequence(config: Config, out: str | Path, *, log=print, on_step=None, dataset: Dataset | None = None,
+                 old_model=None) -> dict:
     """Run (or resume) the whole sequence of ``config`` in run directory ``out``; return the results dict.
 
-    ``on_step(step, tests)`` is called after each evaluated step (Ray Tune reports through it).
+    ``on_step(step, tests)`` is called after each evaluated step (Ray Tune reports through it). ``old_model``: an
+    ``nn.Module`` handed over from Python as phi_1 (``old_model.kind: module``, its input in that section); a rerun
+    must pass the same one (its state_dict is checked against the run's record).
     """
     ensure_ray(config.ray)
     run_dir = RunDir.create(out, config)
     dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
     runner = SequenceRunner(config, run_dir, dataset, log, keep_pairs=any(
-        TRAINED_ARMS[name].reuses_pairs(config) for name in config.arms if name in TRAINED_ARMS))
+        TRAINED_ARMS[name].reuses_pairs(config) for name in config.arms if name in TRAINED_ARMS), old_model=old_model)
     results = runner.run(on_step)
     if config.arms:
         results["arms"] = {"bict": _arm_entry(results)}
@@ -64,7 +68,9 @@ class SequenceRunner:
     and gallery v1 this one reads instead of training and extracting its own (bict_ray.pipeline.arms)."""
 
     def __init__(self, config: Config, run_dir: RunDir, dataset: Dataset, log, *,
-                 shared: SequenceRunner | None = None, shared_models: int = 0, keep_pairs: bool = False):
+                 shared: SequenceRunner | None = None, shared_models: int = 0, keep_pairs: bool = False,
+                 old_model=None):
+        self.old_model = old_model  # old_model.kind=module: the nn.Module phi_1 is
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.shared, self.shared_models = shared, shared_models if shared is not None else 0
         self.splits = shared.splits if shared is not None else load_or_make_splits(
@@ -179,6 +185,8 @@ class SequenceRunner:
     def _old_model_from_outside(self, folder: Path):
         """phi_1 as the service deployed it (``old_model``): loaded, never trained; its card (the section, the
         files' sha256) goes into the run directory, and a rerun refuses files that changed since."""
+        if self.config.old_model.kind == "module":
+            return self._module_from_python(folder)
         existing = _load_if_done(folder)
         if existing is not None:
             self.log(f"[sequence] phi_1: the old model from outside, {existing.card.training['source']} "
@@ -188,6 +196,22 @@ class SequenceRunner:
         card = save_external(folder, artifact.card)
         self.log(f"[sequence] phi_1: the old model from outside, {card.training['source']}, {card.dim}-d "
                  "embeddings; not trained")
+        return Artifact(artifact.module, card, folder)
+
+    def _module_from_python(self, folder: Path):
+        """phi_1 handed over from Python: recorded by its state_dict's sha256, which a rerun's module must match."""
+        artifact = external_artifact(self.config.old_model, "phi_1", module=self.old_model)
+        if (folder / "model.json").exists():
+            recorded = read_card(folder)
+            if recorded.sha256 != artifact.card.sha256:
+                raise ArtifactError(f"{folder}: phi_1 was another module when the run recorded it (state sha256 "
+                                    f"{recorded.spec.get('state_sha256', '?')[:16]}..., now "
+                                    f"{artifact.card.spec['state_sha256'][:16]}...): pass that module, or start a "
+                                    "new run directory")
+            self.log(f"[sequence] phi_1: {recorded.training['source']}, the module the run recorded")
+            return Artifact(artifact.module, recorded, folder)
+        card = save_external(folder, artifact.card)
+        self.log(f"[sequence] phi_1: {card.training['source']}, {card.dim}-d embeddings; not trained")
         return Artifact(artifact.module, card, folder)
 
     def train_transform(self, t: int):

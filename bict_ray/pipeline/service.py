@@ -69,8 +69,9 @@ def check_service(config: Config) -> None:
                           f"{config.service.index!r}")
 
 
-def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print) -> dict:
-    """Run (or resume) ``stages`` of the service upgrade into run directory ``out``; return results.json's dict."""
+def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print, old_model=None) -> dict:
+    """Run (or resume) ``stages`` of the service upgrade into run directory ``out``; return results.json's dict.
+    ``old_model``: the service's model as an ``nn.Module`` from Python (``old_model.kind: module``)."""
     check_service(config)
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
@@ -89,17 +90,18 @@ def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print) ->
     if "sequence" in stages:
         log("[service] 1/6 phi_2 backward-compatible with the service's model, psi_1_2, the tests on the labelled "
             "sets")
-        results = timed("sequence", lambda: run_sequence(config, run_dir.path, log=log))
+        results = timed("sequence", lambda: run_sequence(config, run_dir.path, log=log, old_model=old_model))
     else:  # a stage alone: the sequence's results if it ran (the import, say, runs before or beside it)
         results = json.loads(run_dir.results_path.read_text()) if run_dir.results_path.is_file() else {}
     summary = root / SUMMARY
     service = json.loads(summary.read_text()) if summary.is_file() else {}
     if "import" in stages:
-        service["import"] = timed("import", lambda: _import(config, root / "v1", log))
+        service["import"] = timed("import", lambda: _import(config, root / "v1", log, old_model))
     if "upgrade" in stages:
         service["upgrade"] = timed("upgrade", lambda: _upgrade(config, run_dir, root / "v1", root / "v2", log))
     if "evaluate" in stages and config.service.label_column:
-        service["tests"] = timed("evaluate", lambda: _evaluate(config, run_dir, root / "v1", root / "v2", log))
+        service["tests"] = timed("evaluate", lambda: _evaluate(config, run_dir, root / "v1", root / "v2", log,
+                                                                 old_model))
     if "export" in stages and config.service.export:
         service["export"] = timed("export", lambda: _export(config, root / "v2", root / "export", log))
     service["timings"] = {**service.get("timings", {}), **timings}
@@ -115,14 +117,15 @@ def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print) ->
     return {**results, "service": service}
 
 
-def _import(config: Config, v1: Path, log) -> dict:
+def _import(config: Config, v1: Path, log, old_model=None) -> dict:
     """The service's gallery as committed version v1 in the old model's space, its dim checked against the model's
     before anything is staged."""
     cfg = config.service
     if is_committed(str(v1)):
         log(f"[service] 2/6 the service's gallery: imported already ({v1}), skipped")
         return _version_record(open_gallery(str(v1)), cfg.gallery)
-    old = external_artifact(config.old_model, OLD_SPACE).card  # the import needs no trained stage: it runs alone
+    # the import needs no trained stage: it runs alone
+    old = external_artifact(config.old_model, OLD_SPACE, module=old_model).card
     plan = plan_import(cfg.gallery, rows_per_shard=config.gallery.rows_per_shard, id_column=cfg.id_column,
                        embedding_column=cfg.embedding_column, label_column=cfg.label_column)
     if plan.dim != old.dim:
@@ -149,7 +152,7 @@ def _upgrade(config: Config, run_dir: RunDir, v1: Path, v2: Path, log) -> dict:
     return _version_record(version)
 
 
-def _evaluate(config: Config, run_dir: RunDir, v1: Path, v2: Path, log) -> dict:
+def _evaluate(config: Config, run_dir: RunDir, v1: Path, v2: Path, log, old_model=None) -> dict:
     """A labelled stored gallery scored as the labelled sets are: the query set by phi_1 against v1 (old self, what
     the service serves today), by phi_2 against v1 (backward) and against v2 (forward, what it serves after the
     upgrade). A query's own image is left out by id only where the ids are the service's (``data.kind: parquet``);
@@ -157,7 +160,9 @@ def _evaluate(config: Config, run_dir: RunDir, v1: Path, v2: Path, log) -> dict:
     for version, stage in ((v1, "import"), (v2, "upgrade")):
         if not is_committed(str(version)):
             raise NotFoundError(f"{version} does not exist yet: run the {stage} stage first")
-    old, new = (_model(run_dir.model_dir(t), f"phi_{t}", "sequence") for t in (1, 2))
+    old = (external_artifact(config.old_model, OLD_SPACE, module=old_model) if old_model is not None
+           else _model(run_dir.model_dir(1), "phi_1", "sequence"))
+    new = _model(run_dir.model_dir(2), "phi_2", "sequence")
     query = load_dataset(config.data, config.eval, config.scenario).query
     log(f"[service] 4/6 scoring the service's gallery with its labels: {len(query)} labelled queries")
     query_ids = query.ids if config.data.kind == "parquet" else None

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from bict_ray.config import OldModelConfig
-from bict_ray.core.external import OldEmbeddings, load_old_model
+from bict_ray.core.external import OldEmbeddings, load_old_model, wrap_module
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.errors import AlreadyExistsError, ArtifactError, ConfigError, InputError
 from bict_ray.storage.old_embeddings import read_old_embeddings
@@ -112,7 +112,9 @@ class Artifact:
         """What a process that rebuilds the module needs besides the card (``module_from_state``): its weights; none
         for an old model from outside, which each process loads from the files its card names, but the table of an
         old model that is only its embeddings (read once, here)."""
-        return {} if is_external(self.card) and not _is_table(self.card) else self.module.state_dict()
+        if is_external(self.card) and _kind(self.card) == "module":
+            return {"module": self.module}  # it exists only in this process: it travels itself (cloudpickle)
+        return {} if is_external(self.card) and _kind(self.card) != "embeddings" else self.module.state_dict()
 
     @classmethod
     def of(cls, value: Artifact | str | Path | nn.Module, kind: str, name: str | None = None,
@@ -148,15 +150,25 @@ def save_artifact(path: str | Path, module: nn.Module, card: ModelCard) -> Model
     return _write_folder(Path(path), card, {WEIGHTS: payload})
 
 
-def external_artifact(cfg: OldModelConfig, name: str, version: int = 1) -> Artifact:
+def external_artifact(cfg: OldModelConfig, name: str, version: int = 1, module: nn.Module | None = None) -> Artifact:
     """The old model brought from outside (``cfg``: the ``old_model`` section, any kind but none) as the run's
     model ``name``: loaded (a module, or for ``embeddings`` the table of every row of its file), with a card whose spec is ``cfg`` itself, the embedding dim and the sha256 of every
     file it was loaded from. The card's sha256 names the model (the section and those hashes); ``save_external``
     writes it, and whoever rebuilds the module from it checks that the files are still those
-    (``module_from_state``, ``load_artifact``)."""
-    module = _load_external(cfg)
+    (``module_from_state``, ``load_artifact``). ``module``: the nn.Module of ``old_model.kind: module``, handed over
+    from Python; it has no file, so its state_dict's sha256 names it instead."""
+    if (module is not None) != (cfg.kind == "module"):
+        raise InputError("old_model.kind=module needs the module passed from Python (run_sequence(config, out, "
+                         "old_model=module))" if module is None else
+                         f"a module was passed from Python, but old_model.kind is {cfg.kind!r}: set it to module")
+    loaded = wrap_module(module, cfg) if module is not None else _load_external(cfg)
     files = {path: _file_sha256(path) for path in _model_files(cfg)}
-    spec = {"old_model": dataclasses.asdict(cfg), "embedding_dim": module.dim, "files": files}
+    spec = {"old_model": dataclasses.asdict(cfg), "embedding_dim": loaded.dim, "files": files}
+    if module is not None:
+        buffer = io.BytesIO()
+        torch.save(module.state_dict(), buffer)
+        spec["state_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    module = loaded
     identity = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     card = ModelCard("embedding", name, spec, version=version, sha256=identity,
                      training={"trained": False, "source": module.source})
@@ -197,13 +209,7 @@ def load_artifact(path: str | Path) -> Artifact:
     """Rebuild the module from its card's spec and load its weights (weights_only=True), in eval mode."""
     path = Path(path)
     card_path = path / CARD
-    if not card_path.is_file():
-        raise ArtifactError(f"{path} is not a trained model or transform (no {CARD})")
-    try:
-        raw = json.loads(card_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{card_path} is not valid JSON: {err}") from None
-    card = ModelCard.from_json(raw, str(card_path))
+    card = read_card(path)
     if is_external(card):
         return Artifact(_external_module(card, str(card_path)), card, path)
     weights_path = path / WEIGHTS
@@ -226,6 +232,18 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(module, card, path)
 
 
+def read_card(path: str | Path) -> ModelCard:
+    """The card of the model folder ``path``, without loading the model."""
+    card_path = Path(path) / CARD
+    if not card_path.is_file():
+        raise ArtifactError(f"{path} is not a trained model or transform (no {CARD})")
+    try:
+        raw = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{card_path} is not valid JSON: {err}") from None
+    return ModelCard.from_json(raw, str(card_path))
+
+
 def build_module(card: ModelCard) -> nn.Module:
     """An untrained module of the card's kind and spec."""
     if is_external(card):
@@ -239,8 +257,10 @@ def module_from_state(card: ModelCard, state: dict[str, torch.Tensor]) -> nn.Mod
     outside travels as its card alone and is loaded here from the files it names, which must be those the run
     recorded: on a cluster they must be readable at the same path on every node."""
     if is_external(card):
-        if _is_table(card) and state:  # the table read by the driver: no file to read again
+        if _kind(card) == "embeddings" and state:  # the table read by the driver: no file to read again
             return OldEmbeddings(state["ids"], state["table"], card.training.get("source", card.name))
+        if _kind(card) == "module" and state:
+            return state["module"]
         return _external_module(card, f"{card.name}'s card")
     module = build_module(card)
     module.load_state_dict(state)
@@ -249,6 +269,9 @@ def module_from_state(card: ModelCard, state: dict[str, torch.Tensor]) -> nn.Mod
 
 def _external_module(card: ModelCard, where: str) -> nn.Module:
     """Load the old model a card from ``external_artifact`` names, refusing files that are gone or changed."""
+    if _kind(card) == "module":
+        raise ArtifactError(f"{where}: {card.name} is a module that was passed from Python; it has no file to load "
+                            "from: pass it again (old_model=)")
     for path, recorded in card.spec["files"].items():
         if not os.path.isfile(path):
             raise ArtifactError(f"{where}: {card.name} is the old model loaded from {path}, which is gone (on this "
@@ -276,8 +299,8 @@ def _load_external(cfg: OldModelConfig) -> nn.Module:
     return load_old_model(cfg)
 
 
-def _is_table(card: ModelCard) -> bool:
-    return card.spec["old_model"]["kind"] == "embeddings"
+def _kind(card: ModelCard) -> str:
+    return card.spec["old_model"]["kind"]
 
 
 def _model_files(cfg: OldModelConfig) -> list[str]:

@@ -61,6 +61,7 @@ _API = {
     "evaluate_gallery": "bict_ray.distributed.evaluate",
     "run_sequence": "bict_ray.pipeline.sequence",
     "run_search": "bict_ray.pipeline.tune",
+    "run_service": "bict_ray.pipeline.service",
     "write_report": "bict_ray.pipeline.report",
 }
 

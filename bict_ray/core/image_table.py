@@ -4,7 +4,7 @@ encoded bytes (PNG, JPEG or any format PIL reads), its integer class and, option
 :func:`read_image_table` reads and checks the rows of one or more files; it decodes nothing. The images stay
 encoded in memory, as Arrow read them, until ``core.data`` decodes them with the ImageFolder loader's code, so no
 file is ever unpacked to disk. A problem raises ``DataError`` naming the file, the row (its index within that file)
-and the column, in the words of ``storage.tables``' checks of embedding tables (which core may not import).
+and the column, in the words of ``storage.tables``' checks of embedding tables (``core.columns``, shared by both).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bict_ray.core.columns import as_int64, first_null
+from bict_ray.core.columns import where as _where
 from bict_ray.errors import DataError
-
-_INT64_MAX = np.iinfo(np.int64).max
 # the schema metadata key under which Hugging Face `datasets` records a table's features (a ClassLabel's names)
 HF_METADATA_KEY = b"huggingface"
 
@@ -196,8 +196,8 @@ def _image_bytes(values: pa.ChunkedArray, bytes_field: str, display: str, name: 
         # flatten applies the struct's own nulls to its fields: a null struct is a null image
         fields = dict(zip((values.type.field(i).name for i in range(values.type.num_fields)), values.flatten()))
         values, paths = fields[bytes_field], fields.get("path")
-    if values.null_count:
-        row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+    row = first_null(values)
+    if row is not None:
         path = None if paths is None else paths[row].as_py()
         if path is not None:  # Hugging Face's form of an image kept in a file beside the table
             raise DataError(f"{_where(display, row, name)}: no image bytes, only a path ({path!r}); the loader "
@@ -208,14 +208,10 @@ def _image_bytes(values: pa.ChunkedArray, bytes_field: str, display: str, name: 
 
 def _integers(column: pa.ChunkedArray, display: str, name: str, what: str) -> np.ndarray:
     """An integer column as int64; raises naming the row of a null, of a value beyond int64, or of a negative one."""
-    if column.null_count:
-        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+    row = first_null(column)
+    if row is not None:
         raise DataError(f"{_where(display, row, name)}: null {what}; every row needs one")
-    values = column.to_numpy()
-    if values.dtype == np.uint64 and len(values) and values.max() > _INT64_MAX:
-        row = int(np.flatnonzero(values > _INT64_MAX)[0])
-        raise DataError(f"{_where(display, row, name)}: {what} {values[row]} does not fit int64")
-    values = values.astype(np.int64)
+    values = as_int64(column, display, 0, name, what, error=DataError)
     negative = np.flatnonzero(values < 0)
     if len(negative):
         row = int(negative[0])
@@ -268,6 +264,3 @@ def hf_class_names(schema: pa.Schema, label_column: str) -> list[str] | None:
         return None
     return names
 
-
-def _where(display: str, row: int, column: str) -> str:
-    return f"{display}, row {row}, column {column!r}"

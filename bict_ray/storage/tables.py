@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bict_ray.core.columns import as_int64, first_null
+from bict_ray.core.columns import where as _where
 from bict_ray.errors import GalleryError, InputError
 from bict_ray.retrieval.shard import NORM_TOLERANCE
 from bict_ray.storage.gallery import UNLABELLED, embeddings_from_column
-
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 def check_columns(display: str, schema: pa.Schema, id_column: str, embedding_column: str,
@@ -78,31 +78,14 @@ def first_row_dim(values, display: str, column: str) -> int:
     return dim
 
 
-def _where(display: str, row: int, column: str) -> str:
-    return f"{display}, row {row}, column {column!r}"
-
-
 def check_ids(values, display: str, first_row: int, column: str) -> np.ndarray:
     """Ids (an Arrow or numpy integer column of rows ``first_row ...`` of ``display``) as int64; raises for a
     null id or one beyond int64."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        if values.null_count:
-            row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        row = first_null(values)
+        if row is not None:
             raise InputError(f"{_where(display, first_row + row, column)}: null id")
-        values = values.to_numpy()
-    return _as_int64(values, display, first_row, column, "id")
-
-
-def _as_int64(values, display: str, first_row: int, column: str, what: str) -> np.ndarray:
-    """An integer column as int64; raises naming the file, row and column for a non-integer type or a value beyond
-    int64 (a uint64 column may hold one)."""
-    values = np.asarray(values)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise InputError(f"{display}, column {column!r}: {what}s must be integers, got {values.dtype}")
-    if values.dtype == np.uint64 and len(values) and values.max() > _INT64_MAX:
-        row = int(np.flatnonzero(values > _INT64_MAX)[0])
-        raise InputError(f"{_where(display, first_row + row, column)}: {what} {values[row]} does not fit int64")
-    return values.astype(np.int64)
+    return as_int64(values, display, first_row, column, "id")
 
 
 def check_labels(values, display: str, first_row: int, column: str) -> np.ndarray:
@@ -111,7 +94,7 @@ def check_labels(values, display: str, first_row: int, column: str) -> np.ndarra
         if pa.types.is_null(values.type):
             return np.full(len(values), UNLABELLED, dtype=np.int64)
         values = pc.fill_null(values, UNLABELLED).to_numpy()
-    values = _as_int64(values, display, first_row, column, "label")
+    values = as_int64(values, display, first_row, column, "label")
     bad = np.flatnonzero(values < UNLABELLED)
     if len(bad):
         raise InputError(f"{_where(display, first_row + int(bad[0]), column)}: label {values[bad[0]]}; labels "
@@ -128,8 +111,8 @@ def check_embeddings(values, display: str, first_row: int, column: str, *, dim: 
     each row is scaled to unit length."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         storage = vector_storage(values)
-        if storage.null_count:
-            row = int(np.flatnonzero(storage.is_null().to_numpy(zero_copy_only=False))[0])
+        row = first_null(storage)
+        if row is not None:
             raise InputError(f"{_where(display, first_row + row, column)}: null embedding")
         lengths = pc.list_value_length(storage).to_numpy()
         wrong = np.flatnonzero(lengths != dim)

@@ -46,8 +46,9 @@ from bict_ray.errors import InputError
 if TYPE_CHECKING:
     from bict_ray.config import OldModelConfig
 
-# old_model.kind: "none" = the run trains its own phi_1 (the default); the next three are loaded here as a module;
-# "embeddings" brings phi_old's embeddings of the training images only (bict_ray.storage.old_embeddings)
+# old_model.kind: "none" = the run trains its own phi_1 (the default); the next three are loaded here from files;
+# "module" is an nn.Module handed over from Python; "embeddings" brings phi_old's embeddings by image id only
+# (bict_ray.storage.old_embeddings)
 OLD_MODEL_KINDS = ("none", "torchscript", "torchvision", "python", "module", "embeddings")
 MODEL_KINDS = ("torchscript", "torchvision", "python")
 # the kinds whose model takes the project's images through an InputMapping: those loaded from files, and "module", an

@@ -532,8 +532,7 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet, num_c
                                 f"model from outside ({parent.card.training.get('source')}) has none: its rows are "
                                 "synthesised from class means, so set compat.synthesise_new_classes: true")
         index = _synthesis_sample(config, train_set, np.unique(train_set.labels))
-        features = ray.get(_features.options(**_extraction_options(config)).remote(
-            parent.card, parent.state, ray.put(train_set.images[index]), _threads(config), train_set.ids[index]))
+        features = _sample_features(config, parent, train_set, index)
         return class_mean_classifier(torch.tensor(features), train_set.labels[index], num_classes)
     weight = parent.module.classifier.weight.detach().clone()
     seen = torch.zeros(weight.shape[0], dtype=torch.bool)
@@ -544,8 +543,7 @@ def _old_classifier(config: Config, parent: Artifact, train_set: ImageSet, num_c
     if not unseen:
         return weight, seen
     index = _synthesis_sample(config, train_set, unseen)
-    features = ray.get(_features.options(**_extraction_options(config)).remote(
-        parent.card, parent.state, ray.put(train_set.images[index]), _threads(config)))
+    features = _sample_features(config, parent, train_set, index)
     return synthesise_old_classifier(weight, seen, torch.tensor(features),
                                      torch.from_numpy(train_set.labels[index]), parent.card.spec["classifier"])
 
@@ -558,6 +556,12 @@ def _synthesis_sample(config: Config, train_set: ImageSet, classes) -> np.ndarra
         members = np.flatnonzero(train_set.labels == c)
         picks.append(rng.choice(members, min(len(members), SYNTHESIS_SAMPLES_PER_CLASS), replace=False))
     return np.sort(np.concatenate(picks))
+
+
+def _sample_features(config: Config, parent: Artifact, train_set: ImageSet, index: np.ndarray) -> np.ndarray:
+    """The frozen parent's features of training images ``index``, in a task on the training worker's CPUs."""
+    return ray.get(_features.options(**_extraction_options(config)).remote(
+        parent.card, parent.state, ray.put(train_set.images[index]), _threads(config), train_set.ids[index]))
 
 
 def _class_mask(classes: list[int] | None, num_classes: int) -> torch.Tensor | None:
@@ -573,7 +577,7 @@ def _class_mask(classes: list[int] | None, num_classes: int) -> torch.Tensor | N
 
 
 @ray.remote(num_cpus=1)
-def _features(card, state, images, threads, ids=None):
+def _features(card, state, images, threads, ids):
     torch.set_num_threads(threads)
     return model_features(module_from_state(card, state), images, ids=ids)
 

@@ -184,35 +184,28 @@ class SequenceRunner:
 
     def _old_model_from_outside(self, folder: Path):
         """phi_1 as the service deployed it (``old_model``): loaded, never trained; its card (the section, the
-        files' sha256) goes into the run directory, and a rerun refuses files that changed since."""
-        if self.config.old_model.kind == "module":
-            return self._module_from_python(folder)
-        existing = _load_if_done(folder)
-        if existing is not None:
-            self.log(f"[sequence] phi_1: the old model from outside, {existing.card.training['source']} "
+        files' sha256, or a module's state_dict's) goes into the run directory, and a rerun refuses files that
+        changed since, or a module with other weights."""
+        recorded = read_card(folder) if (folder / "model.json").exists() else None
+        if recorded is not None and self.config.old_model.kind != "module":
+            existing = load_artifact(folder)  # from the files the card names, their hashes checked
+            self.log(f"[sequence] phi_1: the old model from outside, {recorded.training['source']} "
                      "(its files unchanged)")
             return existing
-        artifact = self._timed("load phi_1", lambda: external_artifact(self.config.old_model, "phi_1"))
-        card = save_external(folder, artifact.card)
-        self.log(f"[sequence] phi_1: the old model from outside, {card.training['source']}, {card.dim}-d "
-                 "embeddings; not trained")
-        return Artifact(artifact.module, card, folder)
-
-    def _module_from_python(self, folder: Path):
-        """phi_1 handed over from Python: recorded by its state_dict's sha256, which a rerun's module must match."""
-        artifact = external_artifact(self.config.old_model, "phi_1", module=self.old_model)
-        if (folder / "model.json").exists():
-            recorded = read_card(folder)
-            if recorded.sha256 != artifact.card.sha256:
-                raise ArtifactError(f"{folder}: phi_1 was another module when the run recorded it (state sha256 "
-                                    f"{recorded.spec.get('state_sha256', '?')[:16]}..., now "
-                                    f"{artifact.card.spec['state_sha256'][:16]}...): pass that module, or start a "
-                                    "new run directory")
+        artifact = self._timed("load phi_1", lambda: external_artifact(self.config.old_model, "phi_1",
+                                                                       module=self.old_model))
+        if recorded is None:
+            recorded = save_external(folder, artifact.card)
+            self.log(f"[sequence] phi_1: the old model from outside, {recorded.training['source']}, "
+                     f"{recorded.dim}-d embeddings; not trained")
+        elif recorded.sha256 != artifact.card.sha256:
+            raise ArtifactError(f"{folder}: phi_1 was another module when the run recorded it (state sha256 "
+                                f"{recorded.spec.get('state_sha256', '?')[:16]}..., now "
+                                f"{artifact.card.spec['state_sha256'][:16]}...): pass that module, or start a "
+                                "new run directory")
+        else:
             self.log(f"[sequence] phi_1: {recorded.training['source']}, the module the run recorded")
-            return Artifact(artifact.module, recorded, folder)
-        card = save_external(folder, artifact.card)
-        self.log(f"[sequence] phi_1: {card.training['source']}, {card.dim}-d embeddings; not trained")
-        return Artifact(artifact.module, card, folder)
+        return Artifact(artifact.module, recorded, folder)
 
     def train_transform(self, t: int):
         folder = self.run_dir.transform_dir(t - 1, t)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from bict_ray.config import OldModelConfig
-from bict_ray.core.external import OldEmbeddings, load_old_model, wrap_module
+from bict_ray.core.external import INPUT_KINDS, OldEmbeddings, load_old_model, wrap_module
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.errors import AlreadyExistsError, ArtifactError, ConfigError, InputError
 from bict_ray.storage.old_embeddings import read_old_embeddings
@@ -112,9 +112,10 @@ class Artifact:
         """What a process that rebuilds the module needs besides the card (``module_from_state``): its weights; none
         for an old model from outside, which each process loads from the files its card names, but the table of an
         old model that is only its embeddings (read once, here)."""
-        if is_external(self.card) and _kind(self.card) == "module":
+        kind = _kind(self.card) if is_external(self.card) else None
+        if kind == "module":
             return {"module": self.module}  # it exists only in this process: it travels itself (cloudpickle)
-        return {} if is_external(self.card) and _kind(self.card) != "embeddings" else self.module.state_dict()
+        return {} if kind in INPUT_KINDS else self.module.state_dict()
 
     @classmethod
     def of(cls, value: Artifact | str | Path | nn.Module, kind: str, name: str | None = None,
@@ -143,17 +144,15 @@ class Artifact:
 def save_artifact(path: str | Path, module: nn.Module, card: ModelCard) -> ModelCard:
     """Write ``module``'s weights and ``card`` (with the module's spec, sha256, created) to ``path``; never
     overwrites. Returns the card as written."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    payload = buffer.getvalue()
+    payload = _state_bytes(module)
     card = dataclasses.replace(card, spec=dict(module.spec), sha256=hashlib.sha256(payload).hexdigest())
     return _write_folder(Path(path), card, {WEIGHTS: payload})
 
 
 def external_artifact(cfg: OldModelConfig, name: str, version: int = 1, module: nn.Module | None = None) -> Artifact:
     """The old model brought from outside (``cfg``: the ``old_model`` section, any kind but none) as the run's
-    model ``name``: loaded (a module, or for ``embeddings`` the table of every row of its file), with a card whose spec is ``cfg`` itself, the embedding dim and the sha256 of every
-    file it was loaded from. The card's sha256 names the model (the section and those hashes); ``save_external``
+    model ``name``: loaded (a module, or for ``embeddings`` the table of every row of its file), with a card whose
+    spec is ``cfg`` itself, the embedding dim and the sha256 of every file it was loaded from. The card's sha256 names the model (the section and those hashes); ``save_external``
     writes it, and whoever rebuilds the module from it checks that the files are still those
     (``module_from_state``, ``load_artifact``). ``module``: the nn.Module of ``old_model.kind: module``, handed over
     from Python; it has no file, so its state_dict's sha256 names it instead."""
@@ -165,9 +164,7 @@ def external_artifact(cfg: OldModelConfig, name: str, version: int = 1, module: 
     files = {path: _file_sha256(path) for path in _model_files(cfg)}
     spec = {"old_model": dataclasses.asdict(cfg), "embedding_dim": loaded.dim, "files": files}
     if module is not None:
-        buffer = io.BytesIO()
-        torch.save(module.state_dict(), buffer)
-        spec["state_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        spec["state_sha256"] = hashlib.sha256(_state_bytes(module)).hexdigest()
     module = loaded
     identity = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     card = ModelCard("embedding", name, spec, version=version, sha256=identity,
@@ -307,6 +304,13 @@ def _model_files(cfg: OldModelConfig) -> list[str]:
     """The files an old model from outside is loaded from (a python factory's code is not among them: it is
     whatever PYTHONPATH holds)."""
     return [os.path.abspath(p) for p in (cfg.path, cfg.weights) if p]
+
+
+def _state_bytes(module: nn.Module) -> bytes:
+    """``module``'s state_dict as ``torch.save`` writes it: what weights.pt holds, and what its sha256 hashes."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def _file_sha256(path: str) -> str:

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ids_equal": all(r["ids_equal"] for r in [*ours.values(), *ident.values(), single, fast]),
             "ray_equals_single_process": all(c["max_abs_diff"] <= 1e-5 for c in compare.values()),
             "ray_vs_single_process_max_abs_diff": max(c["max_abs_diff"] for c in compare.values()),
-            # byte-identical shard files (sha256 in the manifests), ours vs (a): thread counts differ (1 per task)
+            # byte-identical shard files (checksums in the manifests), ours vs (a): thread counts differ (1 per task)
             "ray_vs_single_process_identical_shards": min(c["identical_shards"] for c in compare.values()),
             "identity_equals_input": ident_diff <= 1e-5,
             "identity_max_abs_diff": ident_diff,
@@ -442,7 +442,7 @@ def summarise(version, source, wall: float, seconds: float, watch: dict, input_i
         "rows_equal": rows == source.num_rows and [s["rows"] for s in version.manifest["shards"]]
         == [s["rows"] for s in source.manifest["shards"]],
         "ids_equal": None if input_ids is None else id_digests(version) == input_ids,
-        "sha256": [s["sha256"] for s in version.manifest["shards"]],
+        "checksums": [s["blake3"] for s in version.manifest["shards"]],
         "samples": {i: version.read_shard(i).embeddings for i in samples},
     }
 
@@ -463,7 +463,7 @@ def compare_samples(ours: dict, theirs: dict) -> dict:
 
     return {
         "max_abs_diff": max(float(np.abs(ours["samples"][i] - theirs["samples"][i]).max()) for i in ours["samples"]),
-        "identical_shards": sum(a == b for a, b in zip(ours["sha256"], theirs["sha256"])) / len(ours["sha256"]),
+        "identical_shards": sum(a == b for a, b in zip(ours["checksums"], theirs["checksums"])) / len(ours["checksums"]),
     }
 
 

@@ -58,6 +58,7 @@ _API = {
     # on Ray
     "extract_gallery": "bict_ray.distributed.pipelines",
     "upgrade_gallery": "bict_ray.distributed.pipelines",
+    "append_gallery": "bict_ray.distributed.pipelines",
     "evaluate_gallery": "bict_ray.distributed.evaluate",
     "run_sequence": "bict_ray.pipeline.sequence",
     "run_search": "bict_ray.pipeline.tune",

@@ -27,6 +27,7 @@ from bict_ray.core.losses import COMPAT_LOSSES
 from bict_ray.core.models import CLASSIFIERS, backbone_problem
 from bict_ray.core.splits import SCENARIOS
 from bict_ray.errors import ConfigError
+from bict_ray.storage.gallery import ENCODINGS
 
 
 # The arms a run can compare with BiCT (bict_ray.pipeline.arms), each on the run's own phi_1, gallery v1 and splits:
@@ -333,6 +334,10 @@ class GalleryConfig:
     # with AVX512-BF16 or AMX, at a cost in mAP too small to matter on the demo (measured: BENCHMARKS.md, section
     # "Gallery upgrade"); the version's manifest records it.
     upgrade_precision: str = "float32"
+    # How a version's embedding column is stored (bict_ray.storage.gallery.ENCODINGS): "binary" writes and reads
+    # several times faster; "tensor" is Arrow's fixed-shape tensor, which pandas, pyarrow and Ray Data read back
+    # as arrays without bict-ray (measured: BENCHMARKS.md, section "Gallery I/O")
+    embedding_encoding: str = "binary"
 
     def __post_init__(self):
         for name in ("rows_per_shard", "batch_size", "concurrency"):
@@ -341,6 +346,7 @@ class GalleryConfig:
         if self.cpus_per_task <= 0:
             raise ConfigError(f"gallery.cpus_per_task must be > 0, got {self.cpus_per_task}")
         _check_choice("gallery.upgrade_precision", self.upgrade_precision, PRECISIONS)
+        _check_choice("gallery.embedding_encoding", self.embedding_encoding, ENCODINGS)
 
 
 @dataclass

@@ -43,7 +43,7 @@ def test_train_stage_needs_its_parent(ray_session, tmp_path, capsys):
     assert "--step must be in 2..2" in capsys.readouterr().err
 
 
-JOBS = {"evaluate": "evaluate", "extract": "extract", "import_gallery": "import-gallery", "sequence": "sequence",
+JOBS = {"append_gallery": "append", "evaluate": "evaluate", "extract": "extract", "import_gallery": "import-gallery", "sequence": "sequence",
         "train": "train", "tune_lambda": "tune", "upgrade_gallery": "upgrade", "upgrade_service": "upgrade-service"}
 
 

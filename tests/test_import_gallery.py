@@ -278,7 +278,7 @@ def test_an_interrupted_import_resumes_without_rewriting_staged_shards(run_impor
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{name} was rewritten"
     # the same bytes as an uninterrupted import
     straight, _ = run_import(folder, tmp_path / "straight")
-    assert [s["sha256"] for s in version.manifest["shards"]] == [s["sha256"] for s in straight.manifest["shards"]]
+    assert [s["blake3"] for s in version.manifest["shards"]] == [s["blake3"] for s in straight.manifest["shards"]]
     np.testing.assert_array_equal(version.read_all().ids, np.arange(23))
 
 

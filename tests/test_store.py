@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from blake3 import blake3
 
 from bict_ray.retrieval.shard import Shard
 from bict_ray.storage.gallery import (
@@ -110,12 +111,110 @@ def test_round_trip_object_store_writes_manifest_last():
 
 
 def test_plain_pyarrow_reads_embeddings_as_float32_matrix(committed):
+    # the default binary column: each row its float32 bytes, little-endian, readable without bict-ray
     table = pq.read_table(committed.shard_paths[0])
     assert table.schema == gallery_schema(4)
-    matrix = table.column("embedding").chunk(0).to_numpy_ndarray()
-    assert matrix.shape == (4, 4) and matrix.dtype == np.float32
+    column = table.column("embedding").combine_chunks()
+    matrix = np.frombuffer(column.buffers()[1], dtype="<f4").reshape(len(column), -1)
     np.testing.assert_array_equal(matrix, make_gallery()[2][:4])
     assert table.column("label").to_pylist() == [0, None, 2, 0]
+    assert table.column("space").to_pylist() == ["phi_2"] * 4
+    assert table.column("lineage").to_pylist() == ["phi_1>psi_1_2"] * 4
+    # pandas sees the same rows, one bytes value each
+    frame = table.to_pandas()
+    np.testing.assert_array_equal(np.frombuffer(frame.embedding[1], "<f4"), make_gallery()[2][1])
+
+
+def test_tensor_encoding_reads_as_matrix_in_pyarrow_and_ray_data(tmp_path, ray_session):
+    import ray
+
+    ids, labels, embeddings = make_gallery()
+    version = write_gallery(str(tmp_path / "t"), ids, labels, embeddings, rows_per_shard=4, encoding="tensor",
+                            **LINEAGE)
+    assert version.encoding == "tensor" and version.manifest["encoding"] == "tensor"
+    table = pq.read_table(version.shard_paths[0])
+    assert table.schema == gallery_schema(4, "tensor")
+    matrix = table.column("embedding").chunk(0).to_numpy_ndarray()
+    assert matrix.shape == (4, 4) and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, embeddings[:4])
+    batch = next(iter(ray.data.read_parquet(version.shard_paths[0]).iter_batches(batch_format="numpy")))
+    assert batch["embedding"].shape == (4, 4) and batch["embedding"].dtype == np.float32
+    np.testing.assert_array_equal(version.read_all().embeddings, embeddings)
+    version.validate()
+
+
+def write_format_1(path, ids, labels, embeddings, rows_per_shard, lineage, space):
+    """A version as bict-ray wrote them before rows kept their space: tensor embeddings, no space and lineage
+    columns, a format-1 manifest."""
+    os.makedirs(path)
+    shards = []
+    for index, start in enumerate(range(0, len(ids), rows_per_shard)):
+        rows = slice(start, start + rows_per_shard)
+        name = f"part-{index:05d}.parquet"
+        table = pa.Table.from_arrays(
+            [pa.array(ids[rows]), pa.array(labels[rows], mask=labels[rows] == UNLABELLED),
+             pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings[rows])], schema=gallery_schema(4, format_version=1))
+        pq.write_table(table, os.path.join(path, name))
+        data = open(os.path.join(path, name), "rb").read()
+        shards.append({"file": name, "rows": len(ids[rows]), "sha256": hashlib.sha256(data).hexdigest(),
+                       "min_id": int(ids[rows].min()), "max_id": int(ids[rows].max()), "bytes": len(data)})
+    manifest = {"format_version": 1, "lineage": lineage, "space": space, "dim": 4, "normalised": True,
+                "num_rows": len(ids), "shards": shards, "created": "2026-11-01T00:00:00+00:00", "extra": {}}
+    json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
+
+
+def test_a_format_1_version_still_reads_with_every_row_in_its_space(tmp_path):
+    ids, labels, embeddings = make_gallery()
+    write_format_1(str(tmp_path / "old"), ids, labels, embeddings, 4, ["phi_1", "psi_1_2"], "phi_2")
+    version = open_gallery(str(tmp_path / "old"))
+    assert (version.format_version, version.encoding) == (1, "tensor")
+    assert version.spaces == {"phi_2": 10} and version.lineages == {"phi_1>psi_1_2": 10}
+    shard, origins = version.read_rows(2)
+    np.testing.assert_array_equal(shard.embeddings, embeddings[8:])
+    assert origins.spaces.to_pylist() == ["phi_2"] * 2 and origins.lineages.to_pylist() == ["phi_1>psi_1_2"] * 2
+    np.testing.assert_array_equal(version.read_all().labels, [0, -1, 2, 0, 1, 2, 0, 1, 2, 0])
+    version.validate()
+
+
+def test_rows_keep_their_own_space_and_lineage(tmp_path):
+    """An upgraded gallery with rows appended: 7 rows came through psi_1_2, 3 were embedded by phi_2 itself."""
+    ids, labels, embeddings = make_gallery()
+    lineages = ["phi_1>psi_1_2"] * 7 + ["phi_2"] * 3
+    version = write_gallery(str(tmp_path / "v"), ids, labels, embeddings, rows_per_shard=4, lineages=lineages,
+                            **LINEAGE)
+    assert version.spaces == {"phi_2": 10}
+    assert version.lineages == {"phi_1>psi_1_2": 7, "phi_2": 3}
+    assert [s["lineages"] for s in version.manifest["shards"]] == [
+        {"phi_1>psi_1_2": 4}, {"phi_1>psi_1_2": 3, "phi_2": 1}, {"phi_2": 2}]
+    assert version.read_rows(1)[1].lineages.to_pylist() == lineages[4:8]
+    spaces = ["phi_1"] * 2 + ["phi_2"] * 8  # a gallery half refreshed from images is representable too
+    mixed = write_gallery(str(tmp_path / "m"), ids, labels, embeddings, rows_per_shard=4, spaces=spaces, **LINEAGE)
+    assert mixed.spaces == {"phi_1": 2, "phi_2": 8}
+    assert mixed.read_rows(0)[1].spaces.to_pylist() == spaces[:4]
+
+
+@pytest.mark.parametrize("origins, message", [
+    (dict(spaces=["phi_2", ""]), "spaces must be non-empty strings"),
+    (dict(spaces="phi>2"), "contains '>'"),
+    (dict(lineages=["phi_1>", "phi_2"]), "lineage 'phi_1>' has an empty name"),
+    (dict(lineages=["phi_2"]), "lineages must have one value per row"),
+    (dict(spaces=pa.array(["phi_2", None])), "spaces has 1 null rows"),
+])
+def test_bad_row_origins_are_refused(tmp_path, origins, message):
+    ids, labels, embeddings = make_gallery(n=2)
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    with pytest.raises(GalleryError, match=message):
+        writer.write_shard(0, ids, labels, embeddings, **origins)
+    assert writer.staged_count() == 0
+
+
+def test_a_resumed_run_with_another_encoding_is_refused(tmp_path):
+    ids, labels, embeddings = make_gallery(n=2)
+    GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE).write_shard(0, ids, labels, embeddings)
+    with pytest.raises(GalleryError, match="encoding: staged 'binary', now 'tensor'"):
+        GalleryWriter(str(tmp_path / "v"), dim=4, encoding="tensor", **LINEAGE)
+    with pytest.raises(GalleryError, match="embedding encoding must be one of binary, tensor"):
+        GalleryWriter(str(tmp_path / "w"), dim=4, encoding="npy", **LINEAGE)
 
 
 # ---- determinism and resumable staging ---------------------------------------------------------
@@ -125,7 +224,7 @@ def test_same_data_gives_identical_shard_bytes(tmp_path, committed):
     ids, labels, embeddings = make_gallery()
     again = write_gallery(str(tmp_path / "again"), ids, labels, embeddings, rows_per_shard=4, **LINEAGE)
     assert shard_bytes(again) == shard_bytes(committed)
-    assert [s["sha256"] for s in again.manifest["shards"]] == [s["sha256"] for s in committed.manifest["shards"]]
+    assert [s["blake3"] for s in again.manifest["shards"]] == [s["blake3"] for s in committed.manifest["shards"]]
 
 
 def forget_staging_settings(out):
@@ -213,8 +312,9 @@ def without_created(manifest):
 def test_write_shard_returns_the_manifest_record(tmp_path):
     writer, records = write_shards(str(tmp_path / "v"))
     shard0 = open(os.path.join(writer.staging_path, "part-00000.parquet"), "rb").read()
-    assert records[0] == {"file": "part-00000.parquet", "rows": 4, "sha256": hashlib.sha256(shard0).hexdigest(),
-                          "min_id": 100, "max_id": 103, "bytes": len(shard0)}
+    assert records[0] == {"file": "part-00000.parquet", "rows": 4, "blake3": blake3(shard0).hexdigest(),
+                          "min_id": 100, "max_id": 103, "bytes": len(shard0), "spaces": {"phi_2": 4},
+                          "lineages": {"phi_1>psi_1_2": 4}}
     assert json.loads(json.dumps(records)) == records  # plain JSON types, as a Ray task would return them
     version = writer.commit()
     assert version.manifest["shards"] == records
@@ -231,12 +331,12 @@ def test_commit_with_records_gives_the_same_manifest(tmp_path, committed):
 
 def test_commit_trusts_a_record_only_for_a_file_of_the_recorded_size(tmp_path):
     writer, records = write_shards(str(tmp_path / "v"))
-    true_sha = records[1]["sha256"]
-    trusted = dict(records[0], sha256="0" * 64)  # size matches: commit does not read the bytes to check
-    stale = dict(records[1], sha256="1" * 64, bytes=records[1]["bytes"] + 1)  # size differs: file replaced
+    true_sha = records[1]["blake3"]
+    trusted = dict(records[0], blake3="0" * 64)  # size matches: commit does not read the bytes to check
+    stale = dict(records[1], blake3="1" * 64, bytes=records[1]["bytes"] + 1)  # size differs: file replaced
     version = writer.commit(records=[trusted, stale, records[2]])
-    assert version.manifest["shards"] == [trusted, dict(records[1], sha256=true_sha), records[2]]
-    with pytest.raises(GalleryError, match="shard part-00000.parquet: sha256 does not match"):
+    assert version.manifest["shards"] == [trusted, dict(records[1], blake3=true_sha), records[2]]
+    with pytest.raises(GalleryError, match="shard part-00000.parquet: blake3 checksum does not match"):
         version.read_shard(0)
 
 
@@ -256,7 +356,7 @@ def test_commit_with_records_still_refuses_a_shard_of_another_dim(tmp_path):
     record = GalleryWriter(out, dim=3, **LINEAGE).write_shard(0, [1], None, [[1.0, 0.0, 0.0]])
     forget_staging_settings(out)
     writer = GalleryWriter(out, dim=4, **LINEAGE)
-    with pytest.raises(GalleryError, match=r"shard part-00000.parquet: column 'embedding' .*\(gallery dim 4\)"):
+    with pytest.raises(GalleryError, match=r"shard part-00000.parquet: column 'embedding' .*\[12\].*\(gallery dim 4"):
         writer.commit(records=[record])
 
 
@@ -264,11 +364,14 @@ def test_commit_with_records_still_refuses_a_shard_of_another_dim(tmp_path):
     "change, message",
     [
         (dict(file="part-00003.parquet"), r"records given for shards \['part-00003.parquet'\], which are not staged"),
-        (dict(rows=5), "shard part-00001.parquet: the record given to commit says rows 5, the file has rows 4"),
+        (dict(rows=5, spaces={"phi_2": 5}, lineages={"phi_1>psi_1_2": 5}),
+         "shard part-00001.parquet: the record given to commit says rows 5, .* the file has rows 4"),
+        (dict(lineages={"phi_1>psi_1_2": 3, "phi_2": 1}), "says lineages .* the file has lineages"),
+        (dict(spaces={"phi_2": 3}), "malformed shard record .*spaces must map names to positive row counts"),
         (dict(min_id=103, max_id=108), "says min_id 103, max_id 108, the file has min_id 104, max_id 107"),
         (dict(file="../part-00001.parquet"), "malformed shard record .*file must be a shard name"),
-        (dict(sha256="ABC"), "malformed shard record .*sha256 must be 64 lowercase hex digits"),
-        (dict(sha256="a" * 64 + "\n"), "malformed shard record .*sha256 must be 64 lowercase hex digits"),
+        (dict(blake3="ABC"), "malformed shard record .*blake3 must be 64 lowercase hex digits"),
+        (dict(blake3="a" * 64 + "\n"), "malformed shard record .*blake3 must be 64 lowercase hex digits"),
         (dict(rows="4"), "malformed shard record .*must be integers"),
         (dict(bytes=0), "malformed shard record .*must be positive"),
         (dict(extra=1), "malformed shard record .*keys"),
@@ -285,7 +388,7 @@ def test_bad_records_are_refused_and_leave_staging_intact(tmp_path, change, mess
 def test_conflicting_records_for_one_shard_are_refused(tmp_path):
     writer, records = write_shards(str(tmp_path / "v"))
     with pytest.raises(GalleryError, match="two different records given for shard part-00000.parquet"):
-        writer.commit(records=records + [dict(records[0], sha256="0" * 64)])
+        writer.commit(records=records + [dict(records[0], blake3="0" * 64)])
     assert writer.commit(records=records + records[:1]).manifest["shards"] == records  # a repeat is harmless
 
 
@@ -317,7 +420,7 @@ def test_a_manifest_record_missing_a_key_is_refused_naming_the_keys(committed):
     manifest = json.load(open(os.path.join(committed.path, "manifest.json")))
     del manifest["shards"][1]["bytes"]
     rewrite_manifest(committed.path, shards=manifest["shards"])
-    with pytest.raises(GalleryError, match=r"malformed shard entry .*part-00001.*keys file, rows, sha256"):
+    with pytest.raises(GalleryError, match=r"malformed shard entry .*part-00001.*keys file, rows, blake3"):
         open_gallery(committed.path)
 
 
@@ -434,7 +537,7 @@ def test_mixed_dims_across_shards_are_refused_at_commit(tmp_path):
     forget_staging_settings(out)
     writer = GalleryWriter(out, dim=4, **LINEAGE)
     writer.write_shard(1, [2], None, [[1.0, 0.0, 0.0, 0.0]])
-    expected = r"shard part-00000.parquet: column 'embedding' has type .*shape=\[3\].*\(gallery dim 4\)"
+    expected = r"shard part-00000.parquet: column 'embedding' has type fixed_size_binary\[12\].*\(gallery dim 4"
     with pytest.raises(GalleryError, match=expected):
         writer.commit()
 
@@ -461,17 +564,17 @@ def test_checksum_mismatch_names_the_shard(committed):
     data[len(data) // 2] ^= 0xFF
     open(shard, "wb").write(bytes(data))
     version = open_gallery(committed.path)
-    with pytest.raises(GalleryError, match="shard part-00001.parquet: sha256 does not match"):
+    with pytest.raises(GalleryError, match="shard part-00001.parquet: blake3 checksum does not match"):
         version.read_shard(1)
     with pytest.raises(GalleryError, match="part-00001.parquet"):
         version.validate()
     assert version.read_shard(0).ids.tolist() == [100, 101, 102, 103]  # the other shards stay readable
 
 
-def test_a_flipped_embedding_byte_is_caught_without_the_sha256_too(committed):
-    """``verify=False`` skips the file's sha256; the pages' own CRCs still catch a flipped value."""
+def test_a_flipped_embedding_byte_is_caught_without_the_checksum_too(committed):
+    """``verify=False`` skips the file's checksum; the pages' own CRCs still catch a flipped value."""
     shard = committed.shard_paths[1]
-    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(2)  # the embedding column
+    chunk = pq.ParquetFile(shard).metadata.row_group(0).column(4)  # the embedding column
     data = bytearray(open(shard, "rb").read())
     data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x01  # inside the last page's values
     open(shard, "wb").write(bytes(data))
@@ -491,36 +594,41 @@ def test_missing_shard_is_named(committed):
         open_gallery(committed.path).read_all()
 
 
+def stored_table(ids, labels, embeddings):
+    """A shard's table as a writer would store it (binary embeddings, every row in phi_2), bypassing its checks."""
+    embeddings = np.ascontiguousarray(embeddings, np.float32)
+    n = len(ids)
+    origin = lambda value: pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value]))
+    return pa.Table.from_arrays(
+        [pa.array(ids), pa.array(labels), origin("phi_2"), origin("phi_1>psi_1_2"),
+         pa.FixedSizeBinaryArray.from_buffers(pa.binary(embeddings.shape[1] * 4), n, [None, pa.py_buffer(embeddings)])],
+        schema=gallery_schema(embeddings.shape[1]))
+
+
 def _replace_shard(version, index, table):
     """Overwrite a committed shard with ``table`` and make the manifest's checksum agree."""
     pq.write_table(table, version.shard_paths[index])
     manifest = json.load(open(os.path.join(version.path, "manifest.json")))
-    manifest["shards"][index]["sha256"] = hashlib.sha256(open(version.shard_paths[index], "rb").read()).hexdigest()
+    manifest["shards"][index]["blake3"] = blake3(open(version.shard_paths[index], "rb").read()).hexdigest()
     rewrite_manifest(version.path, shards=manifest["shards"])
 
 
 def test_nan_embeddings_in_a_stored_shard_are_named(committed):
     embeddings = np.ones((2, 4), np.float32)
     embeddings[1, 2] = np.nan
-    table = pa.table({"id": pa.array([108, 109]), "label": pa.array([0, 1]),
-                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings)})
-    _replace_shard(committed, 2, table)
+    _replace_shard(committed, 2, stored_table([108, 109], [0, 1], embeddings))
     with pytest.raises(GalleryError, match="shard part-00002.parquet: embeddings contain NaN or Inf"):
         open_gallery(committed.path).read_shard(2)
 
 
 def test_wrong_dim_in_a_stored_shard_is_named(committed):
-    table = pa.table({"id": pa.array([108, 109]), "label": pa.array([0, 1]),
-                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ones((2, 3), np.float32))})
-    _replace_shard(committed, 2, table)
-    with pytest.raises(GalleryError, match="shard part-00002.parquet: embedding dim 3, manifest says 4"):
+    _replace_shard(committed, 2, stored_table([108, 109], [0, 1], np.ones((2, 3), np.float32)))
+    with pytest.raises(GalleryError, match=r"shard part-00002.parquet: column 'embedding' .*\[12\], expected .*\[16\]"):
         open_gallery(committed.path).read_shard(2)
 
 
 def test_duplicate_ids_across_stored_shards_fail_validation(committed):
-    table = pa.table({"id": pa.array([108, 100]), "label": pa.array([0, 1]),
-                      "embedding": pa.FixedShapeTensorArray.from_numpy_ndarray(np.eye(2, 4, dtype=np.float32))})
-    _replace_shard(committed, 2, table)
+    _replace_shard(committed, 2, stored_table([108, 100], [0, 1], np.eye(2, 4, dtype=np.float32)))
     manifest = json.load(open(os.path.join(committed.path, "manifest.json")))
     manifest["shards"][2].update(min_id=100, max_id=108)
     rewrite_manifest(committed.path, shards=manifest["shards"])
@@ -539,7 +647,8 @@ def test_manifest_paths_must_stay_inside_the_version(committed, name):
 
 @pytest.mark.parametrize(
     "changes, message",
-    [(dict(format_version=2), "unsupported format_version 2"), (dict(num_rows=11), "num_rows 11"),
+    [(dict(format_version=3), "unsupported format_version 3"), (dict(encoding="npy"), "unknown encoding 'npy'"),
+     (dict(spaces={"phi_2": 9}), "spaces must map names to rows, summing to num_rows"), (dict(num_rows=11), "num_rows 11"),
      (dict(shards=[]), "empty gallery"), (dict(dim=-1), "dim must be a positive integer")],
 )
 def test_malformed_manifest_is_refused(committed, changes, message):

@@ -4,6 +4,7 @@ at a time.
     extract         phi_1 embeds the configured dataset's test split (the gallery) into a new version
     import-gallery  embeddings made elsewhere (Parquet, .npz, .npy) as a new version in their own space (resumable)
     upgrade         G <- psi(G): a new version from the embeddings alone (rerun after a kill to resume)
+    append          G + new rows in G's space (from images, embeddings or a version) as a new version (resumable)
     evaluate        the test split, embedded by a query model, against a gallery version
     export          a gallery version as a faiss index or a Lance dataset, what a retrieval service loads
 """
@@ -49,6 +50,25 @@ def register(subparsers) -> None:
     upgrade.add_argument("--transform", required=True, help="transform folder, e.g. RUN_DIR/transforms/psi_1_2")
     upgrade.add_argument("--out", required=True, help="new gallery version folder, e.g. RUN_DIR/gallery/v2")
     upgrade.set_defaults(func=run_upgrade)
+
+    append = subparsers.add_parser(
+        "append", help="a gallery version with new rows in its space added, as a new version (resumable)")
+    add_config_args(append, out=False)
+    append.add_argument("--gallery", required=True, help="committed gallery version folder or URI")
+    append.add_argument("--out", required=True, help="new gallery version folder or URI (never overwritten)")
+    rows = append.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--rows", help="a committed version of the new rows, in the gallery's space")
+    rows.add_argument("--images", help="a Parquet table of images (data.image_column, data.label_column, "
+                                       "data.id_column), embedded by --model")
+    rows.add_argument("--from", dest="source", metavar="PATH_OR_URI",
+                      help="embeddings in the gallery's space, as import-gallery reads them (with --space)")
+    append.add_argument("--model", help="--images: the gallery's current model, e.g. RUN_DIR/models/phi_2")
+    append.add_argument("--space", help="--from: the space the embeddings are in (must be the gallery's)")
+    append.add_argument("--id-column", default="id", help="--from: integer id column (default: id)")
+    append.add_argument("--embedding-column", default="embedding", help="--from: vector column (default: embedding)")
+    append.add_argument("--label-column", help="--from: integer label column (default: none)")
+    append.add_argument("--normalise", action="store_true", help="--from: scale rows to unit length")
+    append.set_defaults(func=run_append)
 
     evaluate = subparsers.add_parser("evaluate", help="retrieval metrics of a query model against a gallery version")
     add_config_args(evaluate, out=False)
@@ -110,6 +130,83 @@ def run_upgrade(args) -> int:
     print(f"upgraded {args.gallery} -> {version.path}: {_stats_line(stats)}; "
           f"lineage {' -> '.join(version.lineage)}")
     return 0
+
+
+def run_append(args) -> int:
+    from bict_ray.distributed.cluster import ensure_ray
+    from bict_ray.distributed.pipelines import append_gallery
+    from bict_ray.storage.gallery import is_committed, open_gallery
+
+    config = config_from_args(args)
+    _refuse_flags_of_other_sources(args)
+    gallery = open_gallery(args.gallery)
+    ensure_ray(config.ray)
+    if args.rows:
+        version, stats = append_gallery(gallery, args.rows, args.out, config=config.gallery, progress=_progress)
+    else:
+        # the new rows become a version of their own first (resumable, with every check of extract or import), next
+        # to the output; it is removed once the output is committed
+        rows_out = args.out.rstrip("/") + NEW_ROWS_SUFFIX
+        if not is_committed(rows_out):
+            _write_new_rows(args, config, gallery, rows_out)
+        version, stats = append_gallery(gallery, rows_out, args.out, config=config.gallery, progress=_progress)
+        _remove_version(rows_out)
+    print(f"appended {version.manifest['extra']['rows_appended']} rows to {gallery.path} -> {version.path}: "
+          f"{_stats_line(stats)}; rows by lineage {version.lineages}")
+    return 0
+
+
+# beside the output of `append --images/--from`: the new rows, as a version of their own until the output is committed
+NEW_ROWS_SUFFIX = ".new-rows"
+
+
+def _refuse_flags_of_other_sources(args) -> None:
+    """A flag for another source of rows is a mistake the user should hear of, not one silently ignored."""
+    if args.images and not args.model:
+        raise InputError("--images needs --model, the gallery's current model that embeds them")
+    if args.source and not args.space:
+        raise InputError("--from needs --space, the space the embeddings are in (the gallery's)")
+    given = {"--model": args.model is not None and not args.images,
+             "--space": args.space is not None and not args.source,
+             "--label-column": args.label_column is not None and not args.source,
+             "--normalise": args.normalise and not args.source}
+    wrong = [flag for flag, misplaced in given.items() if misplaced]
+    if wrong:
+        raise InputError(f"{', '.join(wrong)} apply to {'--images' if '--model' in wrong else '--from'} only")
+
+
+def _write_new_rows(args, config, gallery, rows_out: str) -> None:
+    from bict_ray.core.data import load_image_set
+    from bict_ray.distributed.import_gallery import import_gallery
+    from bict_ray.distributed.pipelines import extract_gallery
+    from bict_ray.storage.artifacts import load_artifact
+
+    if args.images:
+        model = load_artifact(args.model)
+        if model.card.kind != "embedding" or model.card.name != gallery.space:
+            raise InputError(f"--model {args.model} is {model.card.name} ({model.card.kind}); the rows of "
+                             f"{gallery.path} are in the space of {gallery.space}: embed new images with that model")
+        images = load_image_set(args.images, config.data)
+        extract_gallery(model, images, rows_out, config=config.gallery, progress=_progress)
+    else:
+        if args.space != gallery.space:
+            raise InputError(f"--space {args.space}: the rows of {gallery.path} are in {gallery.space}; only rows in "
+                             "its space can be appended (upgrade the gallery, or the rows, first)")
+        import_gallery(args.source, rows_out, space=args.space, id_column=args.id_column,
+                       embedding_column=args.embedding_column, label_column=args.label_column,
+                       normalise=args.normalise, config=config.gallery, progress=_progress)
+
+
+def _remove_version(path: str) -> None:
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        fs.delete_dir(inner)
+    else:
+        import shutil
+
+        shutil.rmtree(path)
 
 
 def run_evaluate(args) -> int:

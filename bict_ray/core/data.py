@@ -297,6 +297,23 @@ def load_parquet(path: str, cfg: DataConfig) -> Dataset:
                      str(root), test_queries, ids=(table.ids[train_idx], table.ids[test_idx]))
 
 
+def load_image_set(path: str, cfg: DataConfig) -> ImageSet:
+    """One Parquet table of images (a file, or a folder of them as ``load_parquet`` reads one) as a single
+    ``ImageSet``, decoded as ``data.kind: parquet`` decodes: images to embed outside a dataset's splits, such as new
+    rows for a gallery (``bict-ray append --images``). The id column (``cfg.id_column``) is required, since the rows
+    join rows that have ids of their own; so is the label column (``cfg.label_column``)."""
+    from bict_ray.core.image_table import read_image_table  # pyarrow, for this kind only
+
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"Parquet images not found: {root}")
+    table = read_image_table([root] if root.is_file() else _parquet_files(root), cfg.image_column, cfg.label_column,
+                             cfg.id_column)
+    if not len(table.labels):
+        raise DataError(f"{root}: no rows")
+    return ImageSet(_decode_images(table.images, cfg, table.images.where), table.labels, table.ids)
+
+
 # data.kind -> loader; a new format is a loader taking the DataConfig, and one line here
 DATA_KINDS = {
     "fashion_mnist": lambda cfg: load_fashion_mnist(cfg.root),

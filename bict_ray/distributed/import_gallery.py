@@ -164,7 +164,8 @@ def import_gallery(source: str, out: str, *, space: str, id_column: str = "id", 
     plan = plan_import(source, rows_per_shard=int(rows_per_shard), id_column=id_column,
                        embedding_column=embedding_column, label_column=label_column)
     _refuse_out_inside_input(source, out)
-    writer_settings = dict(dim=plan.dim, lineage=[space], space=space, normalised=True, extra={
+    writer_settings = dict(dim=plan.dim, lineage=[space], space=space, normalised=True,
+                           encoding=cfg.embedding_encoding, extra={
         "imported_from": plan.source, "import_fingerprint": plan.fingerprint, "import_files": len(plan.files),
         "rows_per_shard": plan.rows_per_shard, "normalise": bool(normalise),
         "columns": {"id": plan.id_column, "embedding": plan.embedding_column, "label": plan.label_column}})

@@ -32,7 +32,8 @@ from bict_ray.core.embed import embed_images, inference_form, upgrade_embeddings
 from bict_ray.distributed.shards import map_shards
 from bict_ray.errors import InputError
 from bict_ray.storage.artifacts import Artifact, module_from_state
-from bict_ray.storage.gallery import GalleryError, GalleryVersion, GalleryWriter, is_committed, open_gallery
+from bict_ray.storage.gallery import (GalleryError, GalleryVersion, GalleryWriter, extend_lineages, is_committed,
+                                      open_gallery)
 
 
 @dataclass
@@ -69,11 +70,12 @@ def extract_gallery(model: Artifact | str | nn.Module, images: ImageSet, out: st
     dim = model.card.dim
     num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
     started = time.perf_counter()
-    writer = GalleryWriter(out, dim=dim, lineage=[name], space=name, normalised=True)
+    settings = dict(dim=dim, lineage=[name], space=name, encoding=cfg.embedding_encoding)
+    writer = GalleryWriter(out, normalised=True, **settings)
     results = _run_pool(_ExtractShard, cfg, writer, num_shards, progress, dict(
         card=model.card, state=model.state, data=ray.put((images.images, images.labels, images.ids)),
-        out=out, dim=dim, lineage=[name], space=name, rows_per_shard=cfg.rows_per_shard,
-        batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
+        out=out, settings=settings, rows_per_shard=cfg.rows_per_shard, batch_size=cfg.batch_size,
+        use_gpu=cfg.use_gpu))
     version = writer.commit(num_shards=num_shards, records=_records(results))
     return version, _stats(results, started)
 
@@ -87,8 +89,9 @@ def upgrade_gallery(gallery: str | GalleryVersion, transform: Artifact | str | n
     ``UpgradeTransform`` with ``target``, the space it maps into (it is taken to map from the gallery's space).
     config: as for ``extract_gallery`` (also psi's ``upgrade_precision``). progress: as for ``extract_gallery``.
 
-    Refuses a transform whose source model is not the space the gallery is in, and an ``out`` that already holds a
-    committed version.
+    Refuses a transform whose source model is not the space the gallery is in, a gallery with rows in any other
+    space (the manifest's count, and each shard's rows as they are read), and an ``out`` that already holds a
+    committed version. Each row's lineage is extended by psi.
     """
     cfg = config or GalleryConfig()
     source = gallery if isinstance(gallery, GalleryVersion) else open_gallery(gallery)
@@ -101,6 +104,12 @@ def upgrade_gallery(gallery: str | GalleryVersion, transform: Artifact | str | n
         raise GalleryError(
             f"transform {card.name} maps {card.source} embeddings, but gallery {source.path} is in the "
             f"space of {source.space} (lineage {' -> '.join(source.lineage)})")
+    other = {space: rows for space, rows in source.spaces.items() if space != card.source}
+    if other:
+        found = ", ".join(f"{rows} in {space}" for space, rows in other.items())
+        raise GalleryError(f"transform {card.name} maps {card.source} embeddings, but gallery {source.path} holds "
+                           f"rows in other spaces ({found}); upgrade only a gallery whose rows are all in "
+                           f"{card.source}")
     if card.spec["d_in"] != source.dim:
         raise GalleryError(f"transform {card.name} expects dim {card.spec['d_in']}, gallery {source.path} "
                            f"has dim {source.dim}")
@@ -110,13 +119,52 @@ def upgrade_gallery(gallery: str | GalleryVersion, transform: Artifact | str | n
     dim = card.dim
     started = time.perf_counter()
     extra = {"source_version": source.path, "upgrade_precision": cfg.upgrade_precision}
-    writer = GalleryWriter(out, dim=dim, lineage=lineage, space=card.target, normalised=True, extra=extra)
+    settings = dict(dim=dim, lineage=lineage, space=card.target, extra=extra, encoding=cfg.embedding_encoding)
+    writer = GalleryWriter(out, normalised=True, **settings)
     results = _run_pool(_UpgradeShard, cfg, writer, source.num_shards, progress, dict(
-        card=card, state=transform.state, source=source, out=out, dim=dim, lineage=lineage,
-        space=card.target, use_gpu=cfg.use_gpu, extra=extra, precision=cfg.upgrade_precision))
+        card=card, state=transform.state, source=source, out=out, settings=settings, use_gpu=cfg.use_gpu,
+        precision=cfg.upgrade_precision))
     version = writer.commit(num_shards=source.num_shards, records=_records(results))
     if not np.array_equal(_shard_rows(version), _shard_rows(source)):
         raise GalleryError(f"upgrade of {source.path} to {out} changed the row counts of some shards")
+    return version, _stats(results, started)
+
+
+def append_gallery(gallery: str | GalleryVersion, rows: str | GalleryVersion, out: str, *,
+                   config: GalleryConfig | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:
+    """G + R: a new version at ``out`` holding the rows of ``gallery`` and then those of ``rows``, a version of new
+    rows in the gallery's space (embedded by the gallery's current model, or given as embeddings in its space).
+    Every row keeps its own space and lineage, so an upgraded gallery with new rows is one version whose rows say
+    which came through psi and which were embedded directly. Resumable after a kill, like an upgrade.
+
+    The new version has the gallery's space and lineage, and records both inputs in its ``extra``. Refuses, before
+    anything is written: rows in another space than the gallery's (any of them), another dim, an id that both
+    hold (named with both shards), and an ``out`` that already holds a committed version.
+    """
+    cfg = config or GalleryConfig()
+    source = gallery if isinstance(gallery, GalleryVersion) else open_gallery(gallery)
+    new = rows if isinstance(rows, GalleryVersion) else open_gallery(rows)
+    other = {space: n for space, n in new.spaces.items() if space != source.space}
+    if other:
+        found = ", ".join(f"{n} in {space}" for space, n in other.items())
+        raise GalleryError(f"rows {new.path} are not all in the space of gallery {source.path}, {source.space} "
+                           f"({found}): append rows embedded by {source.space}, or upgrade them to it first")
+    if new.dim != source.dim or new.normalised != source.normalised:
+        raise GalleryError(f"rows {new.path} have dim {new.dim} (normalised {new.normalised}), gallery "
+                           f"{source.path} dim {source.dim} (normalised {source.normalised})")
+    _refuse_shared_ids(source, new)
+    out = _absolute(out)
+    _refuse_committed(out)
+    started = time.perf_counter()
+    extra = {"appended_to": source.path, "appended_rows": new.path, "rows_appended": new.num_rows}
+    settings = dict(dim=source.dim, lineage=source.lineage, space=source.space, extra=extra,
+                    encoding=cfg.embedding_encoding)
+    writer = GalleryWriter(out, normalised=True, **settings)
+    num_shards = source.num_shards + new.num_shards
+    results = _run_pool(_AppendShard, cfg, writer, num_shards, progress, dict(
+        sources=(source, new), out=out, settings=settings, use_gpu=False))
+    version = writer.commit(num_shards=num_shards, records=_records(results))
     return version, _stats(results, started)
 
 
@@ -129,12 +177,12 @@ PROGRESS_EVERY_S = 10.0
 class _ShardWorker:
     """Base of the pipeline's per-task workers: open the writer, skip finished shards, write the rest."""
 
-    def __init__(self, out, dim, lineage, space, use_gpu, extra=None, threads=WORKER_THREADS):
+    def __init__(self, out, settings: dict, use_gpu, threads=WORKER_THREADS):
         torch.set_num_threads(threads)
         self.node = ray.get_runtime_context().get_node_id()  # where this task runs, for PipelineStats.nodes
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         # the driver's writer settings, which the staged shards are checked against
-        self.writer = GalleryWriter(out, dim=dim, lineage=lineage, space=space, normalised=True, extra=extra)
+        self.writer = GalleryWriter(out, normalised=True, **settings)
 
     def __call__(self, indices: list[int]) -> list[dict]:
         """One result per shard: its rows, whether an earlier run staged it already, the node, and its manifest
@@ -145,9 +193,9 @@ class _ShardWorker:
             if self.writer.has_shard(index, expected_rows=expected):
                 results.append({"shard": index, "rows": expected, "skipped": True, "node": self.node, "record": None})
                 continue
-            ids, labels, embeddings = self.compute(index)
+            ids, labels, embeddings, origins = self.compute(index)
             # the shard's manifest record, so that the commit need not read the shard back to hash it
-            record = self.writer.write_shard(index, ids, labels, embeddings)
+            record = self.writer.write_shard(index, ids, labels, embeddings, **origins)
             results.append({"shard": index, "rows": len(ids), "skipped": False, "node": self.node, "record": record})
         return results
 
@@ -166,7 +214,7 @@ class _ExtractShard(_ShardWorker):
     def compute(self, index: int):
         part = slice(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
         embeddings = embed_images(self.model, self.images[part], self.batch_size, self.device, ids=self.ids[part])
-        return self.ids[part], self.labels[part], embeddings
+        return self.ids[part], self.labels[part], embeddings, {}  # every row in phi's space, lineage [phi]
 
 
 class _UpgradeShard(_ShardWorker):
@@ -176,15 +224,57 @@ class _UpgradeShard(_ShardWorker):
         self.psi = inference_form(module_from_state(card, state), precision)
         self.precision = precision
         self.source = source
+        self.card = card
 
     def expected_rows(self, index: int) -> int:
         return int(self.source.manifest["shards"][index]["rows"])
 
     def compute(self, index: int):
-        embeddings, labels, ids = self.source.read_shard(index)
+        (embeddings, labels, ids), origins = self.source.read_rows(index)
+        # checked row by row, not only from the manifest's counts: a shard must never be upgraded from a space psi
+        # was not trained on, whatever the manifest says
+        wrong = np.flatnonzero(origins.spaces.to_numpy(zero_copy_only=False) != self.card.source)
+        if len(wrong):
+            row = int(wrong[0])
+            raise GalleryError(f"shard {index} of {self.source.path}: row {row} (id {ids[row]}) is in space "
+                               f"{origins.spaces[row].as_py()}, but {self.card.name} maps {self.card.source} "
+                               f"embeddings")
         # psi's own fixed block size, not gallery.batch_size: a resumed run may change that runtime setting, and
         # a shard's bytes must not depend on it (a matmul's last bit can depend on the batch shape)
-        return ids, labels, upgrade_embeddings([self.psi], embeddings, self.precision)
+        upgraded = upgrade_embeddings([self.psi], embeddings, self.precision)
+        return ids, labels, upgraded, dict(lineages=extend_lineages(origins.lineages, self.card.name))
+
+
+class _AppendShard(_ShardWorker):
+    """Output shard i: shard i of the gallery, then the shards of the new rows, each row with its own origins."""
+
+    def __init__(self, sources: tuple[GalleryVersion, GalleryVersion], **kwargs):
+        super().__init__(**kwargs)
+        self.parts = [(version, index) for version in sources for index in range(version.num_shards)]
+
+    def expected_rows(self, index: int) -> int:
+        version, part = self.parts[index]
+        return version.shard_rows[part]
+
+    def compute(self, index: int):
+        version, part = self.parts[index]
+        (embeddings, labels, ids), origins = version.read_rows(part)
+        return ids, labels, embeddings, origins._asdict()
+
+
+def _refuse_shared_ids(gallery: GalleryVersion, rows: GalleryVersion) -> None:
+    """Raise naming an id of ``rows`` that ``gallery`` holds already, with the shard of each (reads the ids only)."""
+    held = [gallery.read_ids(i) for i in range(gallery.num_shards)]
+    known = np.concatenate(held)
+    for index in range(rows.num_shards):
+        ids = rows.read_ids(index)
+        shared = ids[np.isin(ids, known)]
+        if len(shared):
+            first = int(shared[0])
+            where = next(i for i, part in enumerate(held) if (part == first).any())
+            raise GalleryError(f"id {first} of the rows to append ({rows.path}, {rows.manifest['shards'][index]['file']}) "
+                               f"is in gallery {gallery.path} already ({gallery.manifest['shards'][where]['file']}); "
+                               "appended rows need new ids")
 
 
 def _process_shards(indices: list[int], worker: type[_ShardWorker], kwargs) -> list[dict]:

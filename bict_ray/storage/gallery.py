@@ -3,12 +3,29 @@
 A gallery version is a folder::
 
     part-00000.parquet, part-00001.parquet, ...   columns: id int64, label int64 (null = unlabelled),
-                                                  embedding fixed_shape_tensor<float32>[dim]
-    manifest.json                                 lineage, space, dim, and per shard: rows, sha256,
-                                                  id range, size in bytes
+                                                  space, lineage (dictionary-encoded strings, per row),
+                                                  embedding (float32 rows, see ENCODINGS)
+    manifest.json                                 lineage, space, dim, encoding, rows per space and lineage,
+                                                  and per shard: rows, BLAKE3 checksum, id range, size in bytes
 
-The embedding column uses Arrow's native ``pa.fixed_shape_tensor`` so that plain pyarrow
-(``column.to_numpy_ndarray()``) and Ray Data batches both see an (N, dim) float32 array.
+**Rows keep their space.** Each row records the model space it is in (``space``, e.g. ``phi_2``) and how it got
+there (``lineage``, the names joined by ``>``: ``phi_1>psi_1_2`` for a row upgraded by psi, ``phi_2`` for a row
+embedded by phi_2 directly). A gallery that mixes the two, an upgraded gallery with new rows appended, is then one
+version; an upgrade refuses rows that are not in its transform's source space, wherever they sit.
+
+**The embedding column** is stored as ``fixed_size_binary(4 * dim)``, each row its float32 values little-endian
+(``"binary"``, the default), or as Arrow's ``fixed_shape_tensor`` (``"tensor"``), which plain pyarrow and Ray Data
+read back as (N, dim) arrays. Parquet writes a fixed-size list with a definition level per value, which made the
+column's encoding, not the disk, the first limit of an upgrade; the binary column writes and reads several times
+faster (measured: BENCHMARKS.md, section "Gallery I/O"). ``embeddings_from_column`` reads either as an (N, dim)
+float32 array without a copy.
+
+**Checksums.** Each shard's record holds the BLAKE3 hash of its file's bytes, checked whenever the shard is read
+verified: as strong as sha256 and nearly three times as fast on one core (measured: BENCHMARKS.md, section "Gallery
+I/O"), and an upgrade hashes every shard it reads and writes.
+
+Format 1 (before rows kept their space: no ``space`` and ``lineage`` columns, tensor embeddings, sha256 checksums)
+stays readable; its rows are all in the manifest's space and lineage.
 
 Publication protocol (a version is trusted only when its manifest exists):
 
@@ -25,7 +42,7 @@ the same bytes, so a killed writer is resumed by skipping the shards ``has_shard
 ``write_shard`` returns the shard's manifest record, computed from the bytes it wrote. Handing these
 records to ``commit`` spares it reading every shard back to hash it, which took a large share of a big
 upgrade (measured: BENCHMARKS.md, section "Gallery upgrade", step 3): it then reads only each shard's footer
-and id column.
+and its id, space and lineage columns.
 """
 
 from __future__ import annotations
@@ -35,26 +52,36 @@ import json
 import os
 import posixpath
 import re
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from blake3 import blake3
 
 from bict_ray.errors import GalleryError
 from bict_ray.retrieval.shard import NORM_TOLERANCE, Shard
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1: no per-row space and lineage, tensor embeddings; read as if every row were in the manifest's space.
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # Beside the staged shards until the commit: the settings of the run staging them (GalleryWriter._claim_staging).
 STAGING_SETTINGS_NAME = "staging.json"
 UNLABELLED = -1
 """Label value returned (and accepted) for rows whose stored label is null."""
+ENCODINGS = ("binary", "tensor")
+"""How the embedding column is stored: ``fixed_size_binary(4 * dim)`` of little-endian float32 (fast), or Arrow's
+``fixed_shape_tensor`` (read back as (N, dim) arrays by plain pyarrow and Ray Data)."""
+DEFAULT_ENCODING = "binary"
+LINEAGE_SEPARATOR = ">"
+"""Joins the names of a row's lineage in its ``lineage`` column: ``phi_1>psi_1_2``."""
 
 
 # Fixed writer options: identical inputs must give identical bytes, so that a resumed upgrade
@@ -62,28 +89,62 @@ UNLABELLED = -1
 # only environment-dependent bytes are the writer's "created_by" version string.
 # The embedding column is not compressed: unit float32 rows hardly compress, and zstd was a large
 # part of the cost of writing a shard, while reading is as fast either way (measured: BENCHMARKS.md,
-# section "Figures behind code choices"). ids and labels compress well.
+# section "Figures behind code choices"). ids, labels and the dictionary-encoded origins compress well.
 _PARQUET_OPTIONS = dict(
     row_group_size=65536,
-    compression={"id": "zstd", "label": "zstd", "embedding": "none"},
-    use_dictionary=["label"],
+    compression={"id": "zstd", "label": "zstd", "space": "zstd", "lineage": "zstd", "embedding": "none"},
+    use_dictionary=["label", "space", "lineage"],
     write_statistics=True,
     write_page_checksum=True,
     store_schema=True,
 )
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_RECORD_KEYS = ("file", "rows", "sha256", "min_id", "max_id", "bytes")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_RECORD_KEYS = ("file", "rows", "blake3", "min_id", "max_id", "bytes", "spaces", "lineages")
 """The keys of a shard's manifest record, in manifest order."""
+_V1_RECORD_KEYS = ("file", "rows", "sha256", "min_id", "max_id", "bytes")
+_ORIGIN = pa.dictionary(pa.int32(), pa.string())
+# The metadata of a binary embedding column: what its bytes are, for a reader who finds the file alone.
+_BINARY_METADATA = {b"bict_ray.embedding": b"float32 little-endian, dim values a row"}
 
 
-def gallery_schema(dim: int) -> pa.Schema:
+class ShardOrigins(NamedTuple):
+    """Where the rows of one shard come from, row-aligned with its ``Shard``: ``spaces``, the model space each row
+    is in, and ``lineages``, how it got there (``lineage_key`` of the names), as dictionary-encoded string arrays."""
+
+    spaces: pa.DictionaryArray
+    lineages: pa.DictionaryArray
+
+
+def lineage_key(lineage: list[str]) -> str:
+    """The ``lineage`` column's value for a row with this lineage: ``["phi_1", "psi_1_2"]`` -> ``"phi_1>psi_1_2"``."""
+    return LINEAGE_SEPARATOR.join(lineage)
+
+
+def extend_lineages(lineages: pa.DictionaryArray, name: str) -> pa.DictionaryArray:
+    """Rows' lineages (a ``ShardOrigins.lineages``) with the transform ``name`` applied to every row."""
+    values = [key + LINEAGE_SEPARATOR + name for key in lineages.dictionary.to_pylist()]
+    return pa.DictionaryArray.from_arrays(lineages.indices, pa.array(values, pa.string()))
+
+
+def gallery_schema(dim: int, encoding: str = DEFAULT_ENCODING, format_version: int = FORMAT_VERSION) -> pa.Schema:
     """The Arrow schema of every shard of a gallery of ``dim``-dimensional embeddings."""
+    if format_version == 1:
+        return pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("label", pa.int64(), nullable=True),
+                          pa.field("embedding", pa.fixed_shape_tensor(pa.float32(), [dim]), nullable=False)])
+    if encoding == "binary":
+        embedding = pa.field("embedding", pa.binary(4 * dim), nullable=False, metadata=_BINARY_METADATA)
+    elif encoding == "tensor":
+        embedding = pa.field("embedding", pa.fixed_shape_tensor(pa.float32(), [dim]), nullable=False)
+    else:
+        raise GalleryError(f"embedding encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),
             pa.field("label", pa.int64(), nullable=True),
-            pa.field("embedding", pa.fixed_shape_tensor(pa.float32(), [dim]), nullable=False),
+            pa.field("space", _ORIGIN, nullable=False),
+            pa.field("lineage", _ORIGIN, nullable=False),
+            embedding,
         ]
     )
 
@@ -110,14 +171,18 @@ class GalleryWriter:
         space: str,
         normalised: bool = True,
         extra: dict | None = None,
+        encoding: str = DEFAULT_ENCODING,
         filesystem: pafs.FileSystem | None = None,
     ):
         """``out``: version folder (local path or pyarrow URI; a path inside ``filesystem`` if given).
         ``dim``: embedding size. ``lineage``: the extracting model then each transform applied,
         e.g. ``["phi_1", "psi_1_2"]``. ``space``: the model whose embedding space this is, e.g.
         ``"phi_2"``. ``normalised``: rows are L2-normalised (checked on write). ``extra``: free-form,
-        JSON-serialisable metadata stored in the manifest.
+        JSON-serialisable metadata stored in the manifest. ``encoding``: how the embedding column is stored
+        (``ENCODINGS``). Rows are in ``space`` with ``lineage`` unless ``write_shard`` is told otherwise.
         """
+        if encoding not in ENCODINGS:
+            raise GalleryError(f"embedding encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0:
             raise GalleryError(f"dim must be a positive integer, got {dim!r}")
         _check_lineage(lineage, space)
@@ -131,6 +196,7 @@ class GalleryWriter:
         self.space = space
         self.normalised = bool(normalised)
         self.extra = extra
+        self.encoding = encoding
         self._out = _locate(out, filesystem)
         self._refuse_committed()
         if self._out.is_local:
@@ -145,24 +211,29 @@ class GalleryWriter:
         """Where the shards are staged until ``commit`` (``<out>.staging`` locally, else ``out``)."""
         return self._staging.display
 
-    def write_shard(self, index: int, ids, labels, embeddings) -> dict:
+    def write_shard(self, index: int, ids, labels, embeddings, *, spaces=None, lineages=None) -> dict:
         """Write shard ``index`` (overwriting an unfinished or earlier copy of it) and return its
-        manifest record ``{"file", "rows", "sha256", "min_id", "max_id", "bytes"}``, computed from
-        the bytes written (plain ints and strings: JSON-serialisable and picklable). Passing the
-        records of the shards to ``commit`` spares it reading each shard back to hash it.
+        manifest record ``{"file", "rows", "blake3", "min_id", "max_id", "bytes", "spaces", "lineages"}``,
+        computed from the bytes written (plain ints, strings and dicts: JSON-serialisable and picklable).
+        Passing the records of the shards to ``commit`` spares it reading each shard back to hash it.
 
         ids: (n,) integers, unique. labels: (n,) integers (``UNLABELLED`` = none) or None.
         embeddings: (n, dim) floats, finite (cast to float32; L2-normalised if the gallery is).
+        spaces, lineages: each row's space and ``lineage_key``, as one string for every row, a per-row sequence or
+        Arrow array of strings (dictionary-encoded or not), or None for the writer's ``space`` and ``lineage``.
         """
         if not isinstance(index, (int, np.integer)) or index < 0:
             raise GalleryError(f"shard index must be a non-negative integer, got {index!r}")
         name = shard_name(int(index))
-        table = _shard_table(name, ids, labels, embeddings, self.dim, self.normalised)
+        table = _shard_table(name, ids, labels, embeddings, self.dim, self.normalised, self.encoding,
+                             _origin_column(spaces, len(embeddings), self.space, name, "spaces"),
+                             _origin_column(lineages, len(embeddings), lineage_key(self.lineage), name, "lineages"))
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer, **_PARQUET_OPTIONS)
         data = buffer.getvalue()
         _write_atomic(self._staging, name, data)
-        return _shard_record(name, hashlib.sha256(data).hexdigest(), len(data), table.column("id").to_numpy())
+        return _shard_record(name, _checksum(data), len(data), table.column("id").to_numpy(),
+                             _counts(table.column("space")), _counts(table.column("lineage")))
 
     def staged_count(self) -> int:
         """How many shard files are staged so far (one listing; for progress, not a check)."""
@@ -180,7 +251,7 @@ class GalleryWriter:
             schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowException):
             return False
-        if _schema_problem(schema, self.dim) is not None:
+        if _schema_problem(schema, gallery_schema(self.dim, self.encoding)) is not None:
             return False
         return expected_rows is None or meta.num_rows == expected_rows
 
@@ -219,7 +290,12 @@ class GalleryWriter:
             "space": self.space,
             "dim": self.dim,
             "normalised": self.normalised,
+            "encoding": self.encoding,
             "num_rows": int(sum(r["rows"] for r in shard_records)),
+            # rows per space and per lineage over the whole version, so that a reader (an upgrade refusing rows in
+            # the wrong space, a report) knows the mix without opening a shard
+            "spaces": _total_counts(r["spaces"] for r in shard_records),
+            "lineages": _total_counts(r["lineages"] for r in shard_records),
             "shards": shard_records,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extra": self.extra,
@@ -231,7 +307,7 @@ class GalleryWriter:
 
     def _settings(self) -> dict:
         return {"dim": self.dim, "lineage": self.lineage, "space": self.space, "normalised": self.normalised,
-                "extra": self.extra}
+                "extra": self.extra, "encoding": self.encoding}
 
     def _claim_staging(self) -> None:
         """Record this version's settings beside its staged shards, or check them against those of the run that
@@ -294,15 +370,15 @@ class GalleryWriter:
     def _describe_shard(self, name: str, size: int, record: dict | None) -> tuple[dict, np.ndarray]:
         """The manifest record of a staged shard of ``size`` bytes, and its ids.
 
-        ``record`` (from ``write_shard``, or None) is trusted for the file's sha256 if the file
+        ``record`` (from ``write_shard``, or None) is trusted for the file's checksum if the file
         still has the size it names; then only the footer and the ids are read, and must agree
         with it. Otherwise the whole file is read back and hashed.
         """
         location = self._staging.child(name)
         if record is not None and record["bytes"] == size:
             with location.fs.open_input_file(location.path) as source:
-                ids = self._shard_ids(name, source)
-            found = _shard_record(name, record["sha256"], record["bytes"], ids)
+                ids, spaces, lineages = self._shard_columns(name, source)
+            found = _shard_record(name, record["blake3"], record["bytes"], ids, spaces, lineages)
             if found != record:
                 differ = [key for key in _RECORD_KEYS if found[key] != record[key]]
                 given = ", ".join(f"{key} {record[key]}" for key in differ)
@@ -310,23 +386,23 @@ class GalleryWriter:
                 raise GalleryError(f"shard {name}: the record given to commit says {given}, the file has {actual}")
             return found, ids
         data = _read_bytes(location)
-        ids = self._shard_ids(name, pa.BufferReader(data))
-        return _shard_record(name, hashlib.sha256(data).hexdigest(), len(data), ids), ids
+        ids, spaces, lineages = self._shard_columns(name, pa.BufferReader(data))
+        return _shard_record(name, _checksum(data), len(data), ids, spaces, lineages), ids
 
-    def _shard_ids(self, name: str, source: pa.NativeFile) -> np.ndarray:
-        """The ids of the staged shard ``name`` open as ``source``, after checking from its footer
-        that it has this gallery's schema (reads the footer and the id column only)."""
+    def _shard_columns(self, name: str, source: pa.NativeFile) -> tuple[np.ndarray, dict, dict]:
+        """The ids of the staged shard ``name`` open as ``source`` and its rows per space and per lineage, after
+        checking from its footer that it has this gallery's schema (reads the footer and those columns only)."""
         try:
             with pq.ParquetFile(source) as parquet:
-                problem = _schema_problem(parquet.schema_arrow, self.dim)
+                problem = _schema_problem(parquet.schema_arrow, gallery_schema(self.dim, self.encoding))
                 if problem is not None:
-                    raise GalleryError(f"shard {name}: {problem} (gallery dim {self.dim})")
-                ids = parquet.read(columns=["id"]).column("id").to_numpy()
+                    raise GalleryError(f"shard {name}: {problem} (gallery dim {self.dim}, encoding {self.encoding})")
+                table = parquet.read(columns=["id", "space", "lineage"])
         except (OSError, pa.ArrowException) as err:
             raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None
-        if len(ids) == 0:
+        if table.num_rows == 0:
             raise GalleryError(f"shard {name}: no rows")
-        return ids
+        return (table.column("id").to_numpy(), _counts(table.column("space")), _counts(table.column("lineage")))
 
 
 def open_gallery(path: str, *, filesystem: pafs.FileSystem | None = None) -> "GalleryVersion":
@@ -363,10 +439,15 @@ def write_gallery(
     space: str,
     normalised: bool = True,
     extra: dict | None = None,
+    encoding: str = DEFAULT_ENCODING,
+    spaces=None,
+    lineages=None,
     filesystem: pafs.FileSystem | None = None,
 ) -> "GalleryVersion":
     """Shard (N,) ids, (N,) labels (or None) and (N, D) embeddings into ``rows_per_shard``-row
-    shards and commit them as the version ``out``. Resumes a killed earlier call on the same ``out``."""
+    shards and commit them as the version ``out``. Resumes a killed earlier call on the same ``out``.
+    ``spaces``, ``lineages``: (N,) strings, each row's space and ``lineage_key`` (None: ``space`` and
+    ``lineage`` for every row)."""
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise GalleryError(f"empty gallery or bad shape: embeddings must be (N, D) with N > 0, got {embeddings.shape}")
@@ -376,9 +457,14 @@ def write_gallery(
     labels = None if labels is None else np.asarray(labels)
     if len(ids) != len(embeddings) or (labels is not None and len(labels) != len(embeddings)):
         raise GalleryError(f"ids, labels and embeddings must have the same number of rows ({len(embeddings)})")
+    origins = {key: None if values is None else np.asarray(values, dtype=object)
+               for key, values in (("spaces", spaces), ("lineages", lineages))}
+    for key, values in origins.items():
+        if values is not None and values.shape != (len(embeddings),):
+            raise GalleryError(f"{key} must have one value per row ({len(embeddings)}), got shape {values.shape}")
     writer = GalleryWriter(
         out, dim=embeddings.shape[1], lineage=lineage, space=space,
-        normalised=normalised, extra=extra, filesystem=filesystem,
+        normalised=normalised, extra=extra, encoding=encoding, filesystem=filesystem,
     )
     starts = range(0, len(embeddings), rows_per_shard)
     records = []
@@ -386,7 +472,8 @@ def write_gallery(
         rows = slice(start, start + rows_per_shard)
         if not writer.has_shard(index, expected_rows=len(ids[rows])):
             shard_labels = None if labels is None else labels[rows]
-            records.append(writer.write_shard(index, ids[rows], shard_labels, embeddings[rows]))
+            shard_origins = {key: None if values is None else values[rows] for key, values in origins.items()}
+            records.append(writer.write_shard(index, ids[rows], shard_labels, embeddings[rows], **shard_origins))
     return writer.commit(num_shards=len(starts), records=records)
 
 
@@ -424,6 +511,26 @@ class GalleryVersion:
         return self.manifest["normalised"]
 
     @property
+    def format_version(self) -> int:
+        return self.manifest["format_version"]
+
+    @property
+    def encoding(self) -> str:
+        """How the embedding column is stored (``ENCODINGS``; format 1: ``"tensor"``)."""
+        return self.manifest.get("encoding", "tensor")
+
+    @property
+    def spaces(self) -> dict[str, int]:
+        """Rows per space, e.g. ``{"phi_2": 10000}`` (format 1: every row in the manifest's space)."""
+        return dict(self.manifest.get("spaces", {self.space: self.num_rows}))
+
+    @property
+    def lineages(self) -> dict[str, int]:
+        """Rows per ``lineage_key``, e.g. ``{"phi_1>psi_1_2": 9000, "phi_2": 1000}`` for an upgraded gallery with rows
+        appended (format 1: every row with the manifest's lineage)."""
+        return dict(self.manifest.get("lineages", {lineage_key(self.lineage): self.num_rows}))
+
+    @property
     def num_rows(self) -> int:
         return self.manifest["num_rows"]
 
@@ -443,33 +550,40 @@ class GalleryVersion:
 
     def read_shard(self, index: int, *, verify: bool = True) -> Shard:
         """Shard ``index`` as ``Shard(embeddings (n, dim) float32, labels (n,) int64 with ``UNLABELLED`` for null,
-        ids (n,) int64)``. ``verify``: check the file's sha256 against the manifest.
-        Always checks schema, row count, id range and that embeddings are finite."""
+        ids (n,) int64)``. ``verify``: check the file's checksum against the manifest.
+        Always checks schema, row count, id range and that embeddings are finite. The embeddings of a binary
+        column are a view of the bytes read, not a copy."""
+        return self.read_rows(index, verify=verify)[0]
+
+    def read_rows(self, index: int, *, verify: bool = True) -> tuple[Shard, ShardOrigins]:
+        """Shard ``index`` as ``read_shard`` gives it, and where its rows come from (``ShardOrigins``: each row's
+        space and lineage; for a format-1 shard, the manifest's)."""
         record = self.manifest["shards"][index]
         name = record["file"]
         try:
             data = _read_bytes(self._location.child(name))
         except FileNotFoundError:
             raise GalleryError(f"shard {name} listed in {self.path}/{MANIFEST_NAME} is missing") from None
-        if verify and hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise GalleryError(f"shard {name}: sha256 does not match the manifest (corrupt or replaced file)")
+        algorithm = "blake3" if self.format_version >= 2 else "sha256"
+        if verify and _checksum(data, algorithm) != record[algorithm]:
+            raise GalleryError(f"shard {name}: {algorithm} checksum does not match the manifest (corrupt or replaced "
+                               "file)")
         try:
-            # the pages' CRCs only when the file's sha256 was not checked: a matching sha256 covers every byte,
+            # the pages' CRCs only when the file's checksum was not checked: a matching one covers every byte,
             # and checking the CRCs too is a measurable part of decoding (measured: BENCHMARKS.md, section
             # "Gallery upgrade")
             table = pq.read_table(pa.BufferReader(data), page_checksum_verification=not verify)
         except (OSError, pa.ArrowException) as err:  # a failed page CRC is an OSError
             raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None
-        if set(table.column_names) != {"id", "label", "embedding"}:
-            raise GalleryError(f"shard {name}: columns {table.column_names}, expected id, label, embedding")
+        problem = _schema_problem(table.schema, gallery_schema(self.dim, self.encoding, self.format_version))
+        if problem is not None:
+            raise GalleryError(f"shard {name}: {problem}")
         if table.num_rows != record["rows"]:
             raise GalleryError(f"shard {name}: {table.num_rows} rows, manifest says {record['rows']}")
         try:
             embeddings = embeddings_from_column(table.column("embedding"))
         except GalleryError as err:
             raise GalleryError(f"shard {name}: {err}") from None
-        if embeddings.shape[1] != self.dim:
-            raise GalleryError(f"shard {name}: embedding dim {embeddings.shape[1]}, manifest says {self.dim}")
         if not np.isfinite(embeddings).all():
             raise GalleryError(f"shard {name}: embeddings contain NaN or Inf")
         ids = _int64_column(table, "id", name)
@@ -477,7 +591,22 @@ class GalleryVersion:
             expected = f"[{record['min_id']}, {record['max_id']}]"
             raise GalleryError(f"shard {name}: ids outside the manifest's range {expected}")
         labels = _int64_column(table, "label", name)
-        return Shard(embeddings, labels, ids)
+        if self.format_version == 1:
+            origins = ShardOrigins(_constant_origin(self.space, len(ids)),
+                                   _constant_origin(lineage_key(self.lineage), len(ids)))
+        else:
+            origins = ShardOrigins(*(_single_chunk(table.column(key)) for key in ("space", "lineage")))
+        return Shard(embeddings, labels, ids), origins
+
+    def read_ids(self, index: int) -> np.ndarray:
+        """Shard ``index``'s ids (its id column only, no checksum: for planning, e.g. checking that rows to append
+        are new)."""
+        name = self.manifest["shards"][index]["file"]
+        location = self._location.child(name)
+        try:
+            return pq.read_table(location.path, columns=["id"], filesystem=location.fs).column("id").to_numpy()
+        except (OSError, pa.ArrowException) as err:
+            raise GalleryError(f"shard {name} of {self.path}: unreadable Parquet ({err})") from None
 
     def iter_shards(self, *, verify: bool = True) -> Iterator[Shard]:
         """Yield ``read_shard(i)`` for every shard in order (one shard in memory at a time)."""
@@ -509,7 +638,8 @@ class GalleryVersion:
 def embeddings_from_column(column) -> np.ndarray:
     """An embedding column as an (n, d) float32 C-contiguous array.
 
-    Accepts Arrow's ``fixed_shape_tensor``, Ray's tensor extension types, ``fixed_size_list``,
+    Accepts a gallery's binary column (``fixed_size_binary(4 * d)``, little-endian float32: a view of its
+    bytes, not a copy), Arrow's ``fixed_shape_tensor``, Ray's tensor extension types, ``fixed_size_list``,
     ``list`` / ``large_list`` with rows of equal length (Arrow arrays or chunked arrays), and numpy
     arrays: numeric (n, d) or object (n,) arrays of 1-D vectors (as Ray Data hands out list columns).
     Raises ``GalleryError`` for nulls, ragged rows, multi-dimensional tensors or non-float values.
@@ -517,11 +647,18 @@ def embeddings_from_column(column) -> np.ndarray:
     if isinstance(column, np.ndarray):
         return _embeddings_from_numpy(column)
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        column = _single_chunk(column)
     if not isinstance(column, pa.Array):
         raise GalleryError(f"embedding column must be an Arrow or numpy array, got {type(column).__name__}")
     if column.null_count:
         raise GalleryError(f"embedding column has {column.null_count} null rows")
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width
+        if width % 4:
+            raise GalleryError(f"binary embedding column of {width} bytes a row: not a whole number of float32s")
+        values = np.frombuffer(column.buffers()[1], dtype="<f4", count=len(column) * width // 4,
+                               offset=column.offset * width)
+        return values.reshape(len(column), width // 4).astype(np.float32, copy=False)
     if isinstance(column.type, pa.BaseExtensionType):
         shape = getattr(column.type, "shape", None)
         if shape is not None and len(shape) != 1:
@@ -557,8 +694,9 @@ def _embeddings_from_numpy(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _shard_table(name: str, ids, labels, embeddings, dim: int, normalised: bool) -> pa.Table:
-    """Validated shard contents as a table with ``gallery_schema(dim)``."""
+def _shard_table(name: str, ids, labels, embeddings, dim: int, normalised: bool, encoding: str,
+                 spaces: pa.DictionaryArray, lineages: pa.DictionaryArray) -> pa.Table:
+    """Validated shard contents as a table with ``gallery_schema(dim, encoding)``."""
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[1] != dim:
         raise GalleryError(f"shard {name}: embeddings must be (n, {dim}), got shape {embeddings.shape}")
@@ -588,10 +726,72 @@ def _shard_table(name: str, ids, labels, embeddings, dim: int, normalised: bool)
         if (labels < UNLABELLED).any():
             raise GalleryError(f"shard {name}: labels must be >= 0 or {UNLABELLED} (unlabelled)")
         label_array = pa.array(labels, mask=labels == UNLABELLED)
-    return pa.Table.from_arrays(
-        [pa.array(ids), label_array, pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings)],
-        schema=gallery_schema(dim),
-    )
+    if encoding == "binary":
+        # the rows' bytes as they are in memory, no copy; little-endian whatever the machine
+        values = embeddings if sys.byteorder == "little" else embeddings.astype("<f4")
+        embedding_array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * dim), n, [None, pa.py_buffer(values)])
+    else:
+        embedding_array = pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings)
+    return pa.Table.from_arrays([pa.array(ids), label_array, spaces, lineages, embedding_array],
+                                schema=gallery_schema(dim, encoding))
+
+
+def _origin_column(values, n: int, default: str, name: str, what: str) -> pa.DictionaryArray:
+    """``write_shard``'s ``spaces`` or ``lineages`` as the shard's dictionary column of ``n`` rows: one string for
+    every row (None: ``default``), or per-row strings (a sequence, a numpy array, an Arrow array)."""
+    if values is None or isinstance(values, str):
+        value = default if values is None else values
+        _check_origin(value, name, what)
+        return _constant_origin(value, n)
+    if isinstance(values, pa.ChunkedArray):
+        values = _single_chunk(values)
+    if not isinstance(values, pa.Array):
+        values = pa.array(np.asarray(values, dtype=object), type=pa.string())
+    if len(values) != n:
+        raise GalleryError(f"shard {name}: {what} must have one value per row ({n}), got {len(values)}")
+    if values.null_count:
+        raise GalleryError(f"shard {name}: {what} has {values.null_count} null rows")
+    if not isinstance(values, pa.DictionaryArray):
+        values = values.cast(pa.string()).dictionary_encode()
+    values = values.cast(_ORIGIN)
+    for value in values.dictionary.to_pylist():
+        _check_origin(value, name, what)
+    return values
+
+
+def _check_origin(value, name: str, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise GalleryError(f"shard {name}: {what} must be non-empty strings, got {value!r}")
+    if what == "spaces" and LINEAGE_SEPARATOR in value:
+        raise GalleryError(f"shard {name}: space {value!r} contains {LINEAGE_SEPARATOR!r}, which joins lineages")
+    if what == "lineages" and "" in value.split(LINEAGE_SEPARATOR):
+        raise GalleryError(f"shard {name}: lineage {value!r} has an empty name")
+
+
+def _constant_origin(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+
+
+def _single_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def _counts(column) -> dict[str, int]:
+    """Rows per value of a dictionary column (chunked or not), in the order the values first occur."""
+    column = _single_chunk(column) if isinstance(column, pa.ChunkedArray) else column
+    codes = column.indices.to_numpy()
+    present, first = np.unique(codes, return_index=True)
+    counts = np.bincount(codes, minlength=len(column.dictionary))
+    names = column.dictionary.to_pylist()
+    return {names[code]: int(counts[code]) for code in present[np.argsort(first)]}
+
+
+def _total_counts(per_shard) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_shard:
+        for key, rows in counts.items():
+            total[key] = total.get(key, 0) + rows
+    return total
 
 
 def _as_int64(values, n: int, what: str) -> np.ndarray:
@@ -612,9 +812,8 @@ def _int64_column(table: pa.Table, column: str, name: str) -> np.ndarray:
     return pc.fill_null(values, UNLABELLED).to_numpy()
 
 
-def _schema_problem(schema: pa.Schema, dim: int) -> str | None:
-    """What makes ``schema`` differ from ``gallery_schema(dim)``, or None if it matches."""
-    expected = gallery_schema(dim)
+def _schema_problem(schema: pa.Schema, expected: pa.Schema) -> str | None:
+    """What makes ``schema`` differ from a gallery's ``expected`` schema (names and types), or None if it matches."""
     if schema.names != expected.names:
         return f"columns {schema.names}, expected {expected.names}"
     for field in expected:
@@ -623,16 +822,26 @@ def _schema_problem(schema: pa.Schema, dim: int) -> str | None:
     return None
 
 
-def _shard_record(name: str, sha256: str, size: int, ids: np.ndarray) -> dict:
-    """The manifest record of shard ``name``: a file of ``size`` bytes hashing to ``sha256`` and
-    holding the (non-empty) ``ids``; plain Python values, in ``_RECORD_KEYS`` order."""
+def _checksum(data, algorithm: str = "blake3") -> str:
+    """The hex digest of a shard file's bytes: BLAKE3 (format 2), or sha256 (format 1)."""
+    if algorithm == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    return blake3(data).hexdigest()
+
+
+def _shard_record(name: str, checksum: str, size: int, ids: np.ndarray, spaces: dict, lineages: dict) -> dict:
+    """The manifest record of shard ``name``: a file of ``size`` bytes whose BLAKE3 digest is ``checksum`` and
+    holding the (non-empty) ``ids``, with rows per space and per lineage; plain Python values, in ``_RECORD_KEYS``
+    order."""
     return {
         "file": name,
         "rows": len(ids),
-        "sha256": sha256,
+        "blake3": checksum,
         "min_id": int(ids.min()),
         "max_id": int(ids.max()),
         "bytes": int(size),
+        "spaces": dict(spaces),
+        "lineages": dict(lineages),
     }
 
 
@@ -644,7 +853,8 @@ def _records_by_file(records) -> dict[str, dict]:
         problem = _record_problem(record)
         if problem is not None:
             raise GalleryError(f"malformed shard record {record!r}: {problem}")
-        record = {key: record[key] if key in ("file", "sha256") else int(record[key]) for key in _RECORD_KEYS}
+        record = {key: record[key] if key in ("file", "blake3", "spaces", "lineages") else int(record[key])
+                  for key in _RECORD_KEYS}
         earlier = by_file.setdefault(record["file"], record)
         if earlier != record:
             raise GalleryError(f"two different records given for shard {record['file']}: {earlier} and {record}")
@@ -659,13 +869,19 @@ def _record_problem(record: Any) -> str | None:
         return f"keys {sorted(record)}, expected {sorted(_RECORD_KEYS)}"
     if not isinstance(record["file"], str) or _SHARD_RE.match(record["file"]) is None:
         return "file must be a shard name like part-00000.parquet"
-    if not isinstance(record["sha256"], str) or _SHA256_RE.fullmatch(record["sha256"]) is None:
-        return "sha256 must be 64 lowercase hex digits"
+    if not isinstance(record["blake3"], str) or _DIGEST_RE.fullmatch(record["blake3"]) is None:
+        return "blake3 must be 64 lowercase hex digits"
     numbers = [record[key] for key in ("rows", "min_id", "max_id", "bytes")]
     if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in numbers):
         return "rows, min_id, max_id and bytes must be integers"
     if record["rows"] <= 0 or record["bytes"] <= 0 or record["min_id"] > record["max_id"]:
         return "rows and bytes must be positive and min_id <= max_id"
+    for key in ("spaces", "lineages"):
+        counts = record[key]
+        if (not isinstance(counts, dict) or not all(isinstance(k, str) and k for k in counts)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in counts.values())
+                or sum(counts.values()) != record["rows"]):
+            return f"{key} must map names to positive row counts summing to rows"
     return None
 
 
@@ -702,10 +918,14 @@ def _check_manifest(manifest: Any, where: str) -> None:
     """Raise unless ``manifest`` is a well-formed version-1 manifest whose files stay in its folder."""
     if not isinstance(manifest, dict):
         raise GalleryError(f"{where}: expected a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version")
-        raise GalleryError(f"{where}: unsupported format_version {found!r} (expected {FORMAT_VERSION})")
-    missing = {"lineage", "space", "dim", "normalised", "num_rows", "shards", "created", "extra"} - set(manifest)
+    found = manifest.get("format_version")
+    if found not in READABLE_FORMATS:
+        readable = " or ".join(map(str, READABLE_FORMATS))
+        raise GalleryError(f"{where}: unsupported format_version {found!r} (expected {readable})")
+    required = {"lineage", "space", "dim", "normalised", "num_rows", "shards", "created", "extra"}
+    if found >= 2:
+        required |= {"encoding", "spaces", "lineages"}
+    missing = required - set(manifest)
     if missing:
         raise GalleryError(f"{where}: missing keys {sorted(missing)}")
     try:
@@ -717,14 +937,21 @@ def _check_manifest(manifest: Any, where: str) -> None:
     shards = manifest["shards"]
     if not isinstance(shards, list) or not shards:
         raise GalleryError(f"{where}: empty gallery (no shards)")
+    if found >= 2 and manifest["encoding"] not in ENCODINGS:
+        raise GalleryError(f"{where}: unknown encoding {manifest['encoding']!r} (one of {', '.join(ENCODINGS)})")
+    keys = _RECORD_KEYS if found >= 2 else _V1_RECORD_KEYS
     for record in shards:
-        if not isinstance(record, dict) or not set(_RECORD_KEYS) <= set(record):
-            raise GalleryError(f"{where}: malformed shard entry {record!r} (keys {', '.join(_RECORD_KEYS)})")
+        if not isinstance(record, dict) or not set(keys) <= set(record):
+            raise GalleryError(f"{where}: malformed shard entry {record!r} (keys {', '.join(keys)})")
         name = record["file"]
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
             raise GalleryError(f"{where}: shard file {name!r} is not a plain file name inside the version folder")
     if sum(r["rows"] for r in shards) != manifest["num_rows"]:
         raise GalleryError(f"{where}: num_rows {manifest['num_rows']} is not the sum of the shards' rows")
+    for key in ("spaces", "lineages") if found >= 2 else ():
+        counts = manifest[key]
+        if not isinstance(counts, dict) or sum(counts.values()) != manifest["num_rows"]:
+            raise GalleryError(f"{where}: {key} must map names to rows, summing to num_rows")
 
 
 @dataclass(frozen=True)
@@ -760,8 +987,10 @@ def _read_bytes(location: _Location) -> bytes:
     """The whole file (raises FileNotFoundError if absent)."""
     if location.fs.get_file_info(location.path).type != pafs.FileType.File:
         raise FileNotFoundError(location.display)
-    with location.fs.open_input_stream(location.path) as stream:
-        return stream.readall()
+    # a random-access file read whole in one call: a stream's readall() was 15 times slower on local disk (measured:
+    # BENCHMARKS.md, section "Gallery I/O")
+    with location.fs.open_input_file(location.path) as file:
+        return file.read()
 
 
 def _write_atomic(folder: _Location, name: str, data: bytes) -> None:

@@ -84,7 +84,7 @@ def test_a_corrupt_shard_found_inside_a_ray_task_is_one_line_and_exit_2(ray_sess
     open(shard, "wb").write(bytes(data))
     assert main(upgrade_args(version, psi, tmp_path / "v2")) == 2
     line = one_line_error(capsys)
-    assert line.startswith("bict-ray upgrade: error: ") and "sha256 does not match the manifest" in line
+    assert line.startswith("bict-ray upgrade: error: ") and "checksum does not match the manifest" in line
     assert "part-00001" in line
     assert not (tmp_path / "v2" / "manifest.json").exists()
 

@@ -4,6 +4,7 @@ the wrong space, on Ray Data, through the Python API and the CLI."""
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -162,7 +163,7 @@ def test_cli_append_from_images_and_from_embeddings(upgraded, models, tmp_path, 
 ])
 def test_cli_append_refuses_mistakes_by_name(upgraded, tmp_path, capsys, flags, message):
     assert main(["append", "--gallery", upgraded.path, "--out", str(tmp_path / "out"), *flags]) == 2
-    assert __import__("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "out")
 
 

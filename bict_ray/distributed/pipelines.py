@@ -233,7 +233,9 @@ class _UpgradeShard(_ShardWorker):
         (embeddings, labels, ids), origins = self.source.read_rows(index)
         # checked row by row, not only from the manifest's counts: a shard must never be upgraded from a space psi
         # was not trained on, whatever the manifest says
-        wrong = np.flatnonzero(origins.spaces.to_numpy(zero_copy_only=False) != self.card.source)
+        # on the dictionary's codes, not on a string per row
+        other = [code for code, space in enumerate(origins.spaces.dictionary.to_pylist()) if space != self.card.source]
+        wrong = np.flatnonzero(np.isin(origins.spaces.indices.to_numpy(), other))
         if len(wrong):
             row = int(wrong[0])
             raise GalleryError(f"shard {index} of {self.source.path}: row {row} (id {ids[row]}) is in space "

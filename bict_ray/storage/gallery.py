@@ -915,7 +915,7 @@ def _check_lineage(lineage, space) -> None:
 
 
 def _check_manifest(manifest: Any, where: str) -> None:
-    """Raise unless ``manifest`` is a well-formed version-1 manifest whose files stay in its folder."""
+    """Raise unless ``manifest`` is a well-formed manifest of a readable format whose files stay in its folder."""
     if not isinstance(manifest, dict):
         raise GalleryError(f"{where}: expected a JSON object")
     found = manifest.get("format_version")

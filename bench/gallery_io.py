@@ -2,7 +2,7 @@
 
 One process, one thread, no Ray: the store alone. One generated gallery (seeded random unit float32 rows), shards of
 ``--rows-per-shard`` rows, in a temporary folder under ``--workdir``. Measured in the same run, for each encoding of
-the embedding column (``bict_ray.storage.gallery.ENCODINGS``):
+the embedding column (``bict_ray.core.embedding_column.ENCODINGS``):
 
 - Parquet alone: ``pq.write_table`` of one shard's table into memory and ``pq.read_table`` back to an (n, dim)
   array, as GB/s of embedding bytes: what the column's encoding costs without a disk;

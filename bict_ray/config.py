@@ -27,7 +27,7 @@ from bict_ray.core.losses import COMPAT_LOSSES
 from bict_ray.core.models import CLASSIFIERS, backbone_problem
 from bict_ray.core.splits import SCENARIOS
 from bict_ray.errors import ConfigError
-from bict_ray.storage.gallery import ENCODINGS
+from bict_ray.core.embedding_column import ENCODINGS
 
 
 # The arms a run can compare with BiCT (bict_ray.pipeline.arms), each on the run's own phi_1, gallery v1 and splits:
@@ -334,8 +334,8 @@ class GalleryConfig:
     # with AVX512-BF16 or AMX, at a cost in mAP too small to matter on the demo (measured: BENCHMARKS.md, section
     # "Gallery upgrade"); the version's manifest records it.
     upgrade_precision: str = "float32"
-    # How a version's embedding column is stored (bict_ray.storage.gallery.ENCODINGS): "binary" writes and reads
-    # several times faster; "tensor" is Arrow's fixed-shape tensor, which pandas, pyarrow and Ray Data read back
+    # How a version's embedding column is stored (bict_ray.core.embedding_column.ENCODINGS): "binary" writes and
+    # reads several times faster; "tensor" is Arrow's fixed-shape tensor, which pandas, pyarrow and Ray Data read back
     # as arrays without bict-ray (measured: BENCHMARKS.md, section "Gallery I/O")
     embedding_encoding: str = "binary"
 

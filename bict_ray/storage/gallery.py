@@ -18,7 +18,8 @@ version; an upgrade refuses rows that are not in its transform's source space, w
 read back as (N, dim) arrays. Parquet writes a fixed-size list with a definition level per value, which made the
 column's encoding, not the disk, the first limit of an upgrade; the binary column writes and reads several times
 faster (measured: BENCHMARKS.md, section "Gallery I/O"). ``embeddings_from_column`` reads either as an (N, dim)
-float32 array without a copy.
+float32 array without a copy. Both encodings live in ``bict_ray.core.embedding_column``, which the configuration
+checks its choice against.
 
 **Checksums.** Each shard's record holds the BLAKE3 hash of its file's bytes, checked whenever the shard is read
 verified: as strong as sha256 and nearly three times as fast on one core (measured: BENCHMARKS.md, section "Gallery
@@ -52,7 +53,6 @@ import json
 import os
 import posixpath
 import re
-import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +65,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from blake3 import blake3
 
+from bict_ray.core.embedding_column import DEFAULT_ENCODING, ENCODINGS, embedding_field, embedding_array
+from bict_ray.core.embedding_column import embeddings_from_column  # noqa: F401 (the storage API re-exports it)
 from bict_ray.errors import GalleryError
 from bict_ray.retrieval.shard import NORM_TOLERANCE, Shard
 
@@ -76,10 +78,6 @@ MANIFEST_NAME = "manifest.json"
 STAGING_SETTINGS_NAME = "staging.json"
 UNLABELLED = -1
 """Label value returned (and accepted) for rows whose stored label is null."""
-ENCODINGS = ("binary", "tensor")
-"""How the embedding column is stored: ``fixed_size_binary(4 * dim)`` of little-endian float32 (fast), or Arrow's
-``fixed_shape_tensor`` (read back as (N, dim) arrays by plain pyarrow and Ray Data)."""
-DEFAULT_ENCODING = "binary"
 LINEAGE_SEPARATOR = ">"
 """Joins the names of a row's lineage in its ``lineage`` column: ``phi_1>psi_1_2``."""
 
@@ -104,8 +102,6 @@ _RECORD_KEYS = ("file", "rows", "blake3", "min_id", "max_id", "bytes", "spaces",
 """The keys of a shard's manifest record, in manifest order."""
 _V1_RECORD_KEYS = ("file", "rows", "sha256", "min_id", "max_id", "bytes")
 _ORIGIN = pa.dictionary(pa.int32(), pa.string())
-# The metadata of a binary embedding column: what its bytes are, for a reader who finds the file alone.
-_BINARY_METADATA = {b"bict_ray.embedding": b"float32 little-endian, dim values a row"}
 
 
 class ShardOrigins(NamedTuple):
@@ -132,12 +128,7 @@ def gallery_schema(dim: int, encoding: str = DEFAULT_ENCODING, format_version: i
     if format_version == 1:
         return pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("label", pa.int64(), nullable=True),
                           pa.field("embedding", pa.fixed_shape_tensor(pa.float32(), [dim]), nullable=False)])
-    if encoding == "binary":
-        embedding = pa.field("embedding", pa.binary(4 * dim), nullable=False, metadata=_BINARY_METADATA)
-    elif encoding == "tensor":
-        embedding = pa.field("embedding", pa.fixed_shape_tensor(pa.float32(), [dim]), nullable=False)
-    else:
-        raise GalleryError(f"embedding encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    embedding = embedding_field(dim, encoding)
     return pa.schema(
         [
             pa.field("id", pa.int64(), nullable=False),
@@ -635,65 +626,6 @@ class GalleryVersion:
         )
 
 
-def embeddings_from_column(column) -> np.ndarray:
-    """An embedding column as an (n, d) float32 C-contiguous array.
-
-    Accepts a gallery's binary column (``fixed_size_binary(4 * d)``, little-endian float32: a view of its
-    bytes, not a copy), Arrow's ``fixed_shape_tensor``, Ray's tensor extension types, ``fixed_size_list``,
-    ``list`` / ``large_list`` with rows of equal length (Arrow arrays or chunked arrays), and numpy
-    arrays: numeric (n, d) or object (n,) arrays of 1-D vectors (as Ray Data hands out list columns).
-    Raises ``GalleryError`` for nulls, ragged rows, multi-dimensional tensors or non-float values.
-    """
-    if isinstance(column, np.ndarray):
-        return _embeddings_from_numpy(column)
-    if isinstance(column, pa.ChunkedArray):
-        column = _single_chunk(column)
-    if not isinstance(column, pa.Array):
-        raise GalleryError(f"embedding column must be an Arrow or numpy array, got {type(column).__name__}")
-    if column.null_count:
-        raise GalleryError(f"embedding column has {column.null_count} null rows")
-    if pa.types.is_fixed_size_binary(column.type):
-        width = column.type.byte_width
-        if width % 4:
-            raise GalleryError(f"binary embedding column of {width} bytes a row: not a whole number of float32s")
-        values = np.frombuffer(column.buffers()[1], dtype="<f4", count=len(column) * width // 4,
-                               offset=column.offset * width)
-        return values.reshape(len(column), width // 4).astype(np.float32, copy=False)
-    if isinstance(column.type, pa.BaseExtensionType):
-        shape = getattr(column.type, "shape", None)
-        if shape is not None and len(shape) != 1:
-            raise GalleryError(f"embedding column holds tensors of shape {list(shape)}, expected 1-D vectors")
-        column = column.storage
-    kind = column.type
-    if not (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind)):
-        raise GalleryError(f"embedding column type {column.type} is not a vector type")
-    if not pa.types.is_floating(column.type.value_type):
-        raise GalleryError(f"embedding values must be floating point, got {column.type.value_type}")
-    n = len(column)
-    if n == 0:
-        return np.zeros((0, getattr(column.type, "list_size", 0)), dtype=np.float32)
-    lengths = pc.list_value_length(column)
-    d = pc.min(lengths).as_py()
-    if pc.max(lengths).as_py() != d:
-        raise GalleryError(f"embedding rows have mixed dims ({d} to {pc.max(lengths).as_py()})")
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(values.reshape(n, d), dtype=np.float32)
-
-
-def _embeddings_from_numpy(array: np.ndarray) -> np.ndarray:
-    if array.dtype == object:
-        rows = [np.asarray(row) for row in array]
-        dims = {row.shape for row in rows}
-        if len(dims) > 1 or any(len(shape) != 1 for shape in dims):
-            raise GalleryError(f"embedding rows have mixed or non-vector shapes {sorted(dims)}")
-        array = np.stack(rows) if rows else np.zeros((0, 0))
-    if array.ndim != 2:
-        raise GalleryError(f"embeddings must be (n, d), got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise GalleryError(f"embedding values must be floating point, got {array.dtype}")
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
 def _shard_table(name: str, ids, labels, embeddings, dim: int, normalised: bool, encoding: str,
                  spaces: pa.DictionaryArray, lineages: pa.DictionaryArray) -> pa.Table:
     """Validated shard contents as a table with ``gallery_schema(dim, encoding)``."""
@@ -726,13 +658,7 @@ def _shard_table(name: str, ids, labels, embeddings, dim: int, normalised: bool,
         if (labels < UNLABELLED).any():
             raise GalleryError(f"shard {name}: labels must be >= 0 or {UNLABELLED} (unlabelled)")
         label_array = pa.array(labels, mask=labels == UNLABELLED)
-    if encoding == "binary":
-        # the rows' bytes as they are in memory, no copy; little-endian whatever the machine
-        values = embeddings if sys.byteorder == "little" else embeddings.astype("<f4")
-        embedding_array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * dim), n, [None, pa.py_buffer(values)])
-    else:
-        embedding_array = pa.FixedShapeTensorArray.from_numpy_ndarray(embeddings)
-    return pa.Table.from_arrays([pa.array(ids), label_array, spaces, lineages, embedding_array],
+    return pa.Table.from_arrays([pa.array(ids), label_array, spaces, lineages, embedding_array(embeddings, encoding)],
                                 schema=gallery_schema(dim, encoding))
 
 

@@ -24,8 +24,10 @@ def test_quick_benchmark_compares_ray_train_with_the_plain_loop(ray_session, cap
     assert report["quick"] is True and report["epochs"] >= 3
     assert report["plain_images_per_s"] > 0 and report["ray_images_per_s"] > 0
     one = report["ray"]["1"]
-    # the same work on both paths: Ray Train's epoch is the plain one plus its overhead, never a fraction of it
-    assert -0.5 < report["overhead_vs_plain_torch"] < 3
+    # the same work on both paths: Ray Train's epoch is the plain one plus its overhead, never a fraction of it.
+    # No upper bound: how large the overhead is is the benchmark's figure, and a busy machine moves it (CI measured
+    # 10.7 with other work running beside the suite)
+    assert report["overhead_vs_plain_torch"] > -0.5
     assert one["epoch_seconds"] >= one["compute_seconds"] > 0
     assert one["startup_seconds"] > 0 and one["finish_seconds"] > 0
     assert one["total_seconds"] > one["startup_seconds"] + 2 * one["epoch_seconds"]

@@ -19,9 +19,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${BICT_FASHION_MNIST_ROOT
   fi
 fi
 
-# 2. The virtualenv, reinstalled only when what defines it changes (the compiled top-k included: an editable
+# 2. The virtualenv, reinstalled only when what defines it changes (the compiled parts included: an editable
 #    install builds it once, so a change to its source needs a reinstall).
-stamp_src=$(cat pyproject.toml setup.py bict_ray/retrieval/_topk.cpp scripts/setup.sh | sha256sum | cut -c1-16)
+stamp_src=$(cat pyproject.toml setup.py bict_ray/retrieval/_topk.cpp bict_ray/retrieval/_ranks.cpp scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.bict-installed-$stamp_src"
 if [ -f "$stamp" ]; then
   exit 0

@@ -22,7 +22,8 @@ def test_quick_benchmark_prints_its_figures_as_json_last():
     report = json.loads(lines[-1])
     for key in (
         "queries_per_s", "speedup_vs_numpy_bruteforce", "exact_map_seconds", "map_at_100_seconds",
-        "matmul_gflops", "search_gflops", "sharded_exact_seconds",
+        "matmul_gflops", "search_gflops", "sharded_exact_seconds", "exact_map_matmul_seconds",
+        "exact_map_vs_matmul", "sharded_vs_in_memory",
     ):
         assert report[key] > 0, key
     assert 0 < report["fraction_of_matmul_rate"] < 2
@@ -31,6 +32,7 @@ def test_quick_benchmark_prints_its_figures_as_json_last():
     assert report["topk_agreement"] > 0.9
     assert report["sharded_max_abs_diff"] < 1e-6
     assert 0 < report["mAP"] <= 1 and 0 < report["mAP@100"] <= 1
+    assert report["ranking_kernel"] == "compiled"
     assert report["machine"]["cpu_count"] >= 1
     assert report["threads"]["faiss"] >= 1 and report["threads"]["blas"] >= 1
     assert report["quick"] is True and report["queries"] * report["gallery"] <= 10**7

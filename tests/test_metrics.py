@@ -94,11 +94,16 @@ def split_into_shards(problem, cuts, seed):
     ]
 
 
-@pytest.fixture(params=["one pass", "two passes"])
-def sort_passes(request, monkeypatch):
-    """Exact mode sorts narrow rows by 16-bit score buckets (one radix pass) and wide rows by exact
-    score keys (two passes): run the test both ways."""
-    if request.param == "two passes":
+@pytest.fixture(params=["compiled", "numpy one pass", "numpy two passes"])
+def ranking(request, monkeypatch):
+    """Exact mode ranks with the compiled kernel (`_ranks.cpp`) where it is built, else with numpy, which sorts
+    narrow rows by 16-bit score buckets (one radix pass) and wide rows by exact score keys (two passes): run the
+    test all three ways."""
+    if request.param == "compiled":
+        assert metrics._rank_kernel() is not None, "bict_ray/retrieval/_ranks.cpp was not built: reinstall with g++"
+    else:
+        monkeypatch.setattr(metrics, "_rank_kernel", lambda: None)
+    if request.param == "numpy two passes":
         monkeypatch.setattr(metrics, "_ONE_PASS_WIDTH", 0)
     return request.param
 
@@ -113,7 +118,7 @@ HAND = dict(
 )
 
 
-def test_hand_computed_exact_map_and_recall(sort_passes):
+def test_hand_computed_exact_map_and_recall(ranking):
     result = retrieval_metrics(**HAND, ks=(1, 2))
     # AP0 = (1/1 + 2/3) / 2 = 5/6, AP1 = (1/2 + 2/4) / 2 = 1/2
     assert result == pytest.approx(
@@ -133,7 +138,7 @@ def test_hand_computed_map_at_k(map_at, expected):
     assert retrieval_metrics(**HAND, ks=(1,), map_at=map_at)["mAP"] == pytest.approx(expected)
 
 
-def test_self_match_is_excluded_by_id_not_position(sort_passes):
+def test_self_match_is_excluded_by_id_not_position(ranking):
     # The same four images embedded by two models: the query copy sits 2 degrees from its gallery copy.
     # Without self-exclusion each query would find itself first. With it:
     # q0 (2, label 0): g1 g2 g3 -> positive g2 at rank 2: AP 1/2.  q1 (12, label 1): g0 g2 g3 -> g3 at 3: 1/3.
@@ -154,7 +159,7 @@ def test_self_match_is_excluded_by_id_not_position(sort_passes):
 
 
 @pytest.mark.parametrize(("ids", "expected_ap", "expected_r1"), [([5, 9, 1], 7 / 12, 0.0), ([9, 5, 1], 5 / 6, 1.0)])
-def test_score_ties_are_broken_by_gallery_id(ids, expected_ap, expected_r1, sort_passes):
+def test_score_ties_are_broken_by_gallery_id(ids, expected_ap, expected_r1, ranking):
     # Gallery items 0 and 1 are the same vector (label 1 and label 0); item 2 scores lower (label 0).
     # Ids 5, 9: the negative ranks first -> positives at 2 and 3, AP (1/2 + 2/3) / 2 = 7/12.
     # Ids 9, 5: the positive ranks first -> positives at 1 and 3, AP (1 + 2/3) / 2 = 5/6.
@@ -172,7 +177,7 @@ def test_score_ties_are_broken_by_gallery_id(ids, expected_ap, expected_r1, sort
         )["R@1"] == expected_r1
 
 
-def test_a_query_class_missing_between_gallery_classes_has_no_positive(sort_passes):
+def test_a_query_class_missing_between_gallery_classes_has_no_positive(ranking):
     # Gallery classes 0 and 2; a query of class 1 matches neither.
     result = retrieval_metrics(HAND["query"], np.array([1, 2]), HAND["gallery"], np.array([0, 2, 0, 2]), ks=(1,))
     assert result == pytest.approx(
@@ -180,7 +185,7 @@ def test_a_query_class_missing_between_gallery_classes_has_no_positive(sort_pass
     )
 
 
-def test_queries_without_positive_are_counted_and_left_out_of_the_means(sort_passes):
+def test_queries_without_positive_are_counted_and_left_out_of_the_means(ranking):
     # Query 2's label is absent; query 3's only positive is its own entry, which is excluded.
     query = at_angles(0, 0, 0, 40)
     result = retrieval_metrics(
@@ -195,7 +200,7 @@ def test_queries_without_positive_are_counted_and_left_out_of_the_means(sort_pas
 
 @pytest.mark.parametrize("map_at", [None, 1, 5, 20])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_brute_force_on_tied_data(seed, map_at, sort_passes):
+def test_matches_brute_force_on_tied_data(seed, map_at, ranking):
     problem = tied_problem(seed)
     ks = (1, 3, 10)
     expected = brute_force(**problem, ks=ks, map_at=map_at)
@@ -203,7 +208,7 @@ def test_matches_brute_force_on_tied_data(seed, map_at, sort_passes):
 
 
 @pytest.mark.parametrize("map_at", [None, 10])
-def test_matches_brute_force_on_continuous_data(map_at, sort_passes):
+def test_matches_brute_force_on_continuous_data(map_at, ranking):
     rng = np.random.default_rng(3)
     gallery = rng.standard_normal((150, 12)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -238,7 +243,7 @@ def crowded_problem(num_classes=5, num_gallery=3000, num_query=25, seed=9):
 
 
 @pytest.mark.parametrize("num_classes", [5, 300])
-def test_matches_brute_force_where_scores_share_buckets(num_classes, sort_passes):
+def test_matches_brute_force_where_scores_share_buckets(num_classes, ranking):
     # 300 classes: label codes wider than one byte.
     problem = crowded_problem(num_classes)
     expected = brute_force(**problem, ks=(1, 5), map_at=None)
@@ -279,6 +284,7 @@ def test_crowded_score_buckets_fall_back_to_exact_keys(monkeypatch, make_gallery
         gallery_labels=labels, query_ids=gallery_ids[::10], gallery_ids=gallery_ids,
     )
     problem["query"] /= np.linalg.norm(problem["query"], axis=1, keepdims=True)
+    monkeypatch.setattr(metrics, "_rank_kernel", lambda: None)  # the numpy ranking's own fallback
     exact_flags = []
     sort_order = metrics._sort_order
     monkeypatch.setattr(metrics, "_sort_order", lambda *args: exact_flags.append(args[2]) or sort_order(*args))
@@ -286,7 +292,7 @@ def test_crowded_score_buckets_fall_back_to_exact_keys(monkeypatch, make_gallery
     assert exact_flags == [False, True]
 
 
-def test_embeddings_far_from_unit_length_are_refused_naming_the_row(sort_passes):
+def test_embeddings_far_from_unit_length_are_refused_naming_the_row(ranking):
     """Raw features would be ranked by their norms as much as their directions (and overflow float32 to inf or
     NaN): the metrics refuse them instead of ranking them silently."""
     big = np.float32(1e20)
@@ -299,7 +305,7 @@ def test_embeddings_far_from_unit_length_are_refused_naming_the_row(sort_passes)
 
 
 @pytest.mark.parametrize(("block_elements", "matmul_rows"), [(7, 1), (400, 7), (400, 256)])
-def test_results_do_not_depend_on_the_block_size(monkeypatch, sort_passes, block_elements, matmul_rows):
+def test_results_do_not_depend_on_the_block_size(monkeypatch, ranking, block_elements, matmul_rows):
     problem = tied_problem(4)  # 30 queries, 80 gallery items
     expected = retrieval_metrics(**problem)
     # 7 elements: one query row per block; 400: 5 rows per block, in matmuls of 7 rows (blocks of 5 and 2)
@@ -315,7 +321,7 @@ def test_results_do_not_depend_on_the_block_size(monkeypatch, sort_passes, block
 
 @pytest.mark.parametrize("map_at", [None, 5])
 @pytest.mark.parametrize("cuts", [[], [40], [1, 2, 79], [0, 25, 25, 60]])
-def test_sharded_equals_in_memory(cuts, map_at, sort_passes):
+def test_sharded_equals_in_memory(cuts, map_at, ranking):
     problem = tied_problem(len(cuts))
     shards = split_into_shards(problem, cuts, seed=len(cuts))
     expected = retrieval_metrics(**problem, ks=(1, 5), map_at=map_at)
@@ -327,7 +333,7 @@ def test_sharded_equals_in_memory(cuts, map_at, sort_passes):
 
 
 @pytest.mark.parametrize("map_at", [None, 10])
-def test_sharded_equals_in_memory_on_continuous_data(map_at, sort_passes):
+def test_sharded_equals_in_memory_on_continuous_data(map_at, ranking):
     rng = np.random.default_rng(5)
     gallery = rng.standard_normal((300, 32)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -376,7 +382,7 @@ def test_shard_passes_combine_as_documented():
     )
 
 
-def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently(sort_passes):
+def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently(ranking):
     # A BLAS call of another block shape may change a score's last bit between the passes; pass 2
     # compares a positive stored in its shard by the score it computes itself.
     problem = tied_problem(8)
@@ -391,7 +397,7 @@ def test_a_positive_never_outranks_itself_when_pass_one_scored_it_differently(so
 
 
 @pytest.mark.parametrize(("positive_id", "expected"), [(0, 0), (5, 2)])
-def test_minus_zero_and_zero_are_one_score(positive_id, expected, sort_passes):
+def test_minus_zero_and_zero_are_one_score(positive_id, expected, ranking):
     # Both shard items score +0.0 against e_1; a positive scored -0.0 ties with them, so only ids decide.
     query = np.eye(4, dtype=np.float32)[[0]]
     positives = QueryPositives(np.array([0, 1]), np.array([-0.0], np.float32), np.array([positive_id]))
@@ -465,3 +471,23 @@ def test_a_gathering_executor_scores_a_small_gallery_in_one_pass_with_the_same_n
     too_small = InProcess(gather_bytes=problem["gallery"].nbytes - 1)
     assert sharded_retrieval_metrics(*args, query_ids=problem["query_ids"], executor=too_small) == expected
     assert len(passes) == source.num_shards
+
+
+def test_merged_positives_come_in_rank_order_with_the_compiled_ranking(ranking):
+    """Pass 2 and metrics_from_ranks skip their sorts on positives in rank order (score descending, id ascending);
+    the numbers are the same either way."""
+    problem = tied_problem(5)
+    shards = split_into_shards(problem, [30, 55], seed=5)
+    parts = [
+        shard_positives(problem["query"], problem["query_labels"], emb, labels, ids, query_ids=problem["query_ids"])
+        for emb, labels, ids in shards
+    ]
+    merged = merge_positives(parts)
+    if ranking == "compiled":
+        for q in range(merged.num_queries):
+            entries = slice(merged.offsets[q], merged.offsets[q + 1])
+            order = np.lexsort((merged.ids[entries], -merged.scores[entries]))
+            np.testing.assert_array_equal(order, np.arange(len(order)))
+    above = sum(shard_rank_counts(problem["query"], merged, emb, ids, query_ids=problem["query_ids"])
+                for emb, _, ids in shards)
+    assert_same_metrics(metrics_from_ranks(merged, above), brute_force(**problem, ks=(1, 5, 10), map_at=None))

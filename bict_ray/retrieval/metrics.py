@@ -29,13 +29,20 @@ Both give the same numbers. In mAP@k mode the scores come from `exact_search`, w
 identically in any block or shard. In exact mode they come from a BLAS matmul, whose last bit can depend on the block
 shape, so two items within one float32 ulp of each other may swap between the two paths.
 
-Exact mode sorts every score row by integer keys that numpy sorts by radix (`_sort_order`): one pass
-over a 16-bit score bucket, or two over the exact score for rows too wide for 16 bits; it compares
-scores and ids only between entries that share a key (`_key_corrections`).
+Exact mode ranks with a compiled kernel (`_ranks.cpp`, built at install): per score row it sorts the row's
+positives, not the row, into fine score buckets and places every item among them in one pass, comparing scores and
+ids exactly only inside a positive's bucket (O(W + P) a row). Pass 1 over shards scores only the pairs of one class.
+Where the kernel was not built, numpy sorts every score row by integer keys by radix (`_sort_order`): one pass over
+a 16-bit score bucket, or two over the exact score for rows too wide for 16 bits, comparing scores and ids only
+between entries that share a key (`_key_corrections`). Both give the same numbers.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +53,7 @@ from bict_ray.retrieval.search import (
     check_ids,
     check_integer_vector,
     check_positive_int,
+    default_threads,
     exact_search,
     merge_order,
     query_blocks,
@@ -142,10 +150,18 @@ def retrieval_metrics(
         topk = _shard_topk(query, query_labels, query_ids, shard, topk_depth(ks, map_at), None)
         return _summarise(*_per_query_from_topk(topk, query_labels, map_at), topk.num_positives, ks)
     query_codes, shard_codes = _label_codes(query_labels, shard.labels)
-    parts = [
-        _exact_block(scores, query_codes[block], shard_codes, shard, _own_columns(shard, query_ids, block))
-        for block, scores in _score_blocks(query, shard.emb)
-    ]
+    kernel = _rank_kernel()
+    if kernel is None:
+        parts = [
+            _exact_block(scores, query_codes[block], shard_codes, shard, _own_columns(shard, query_ids, block))
+            for block, scores in _score_blocks(query, shard.emb)
+        ]
+    else:
+        query_codes, shard_codes = query_codes.astype(np.int32), shard_codes.astype(np.int32)
+        parts = [
+            kernel.exact_ap(scores, shard.ids, shard_codes, query_codes[block], _own_columns(shard, query_ids, block))
+            for block, scores in _score_blocks(query, shard.emb, ranked_in_cache=False)
+        ]
     return _summarise(*(np.concatenate(column) for column in zip(*parts)), ks)
 
 
@@ -211,24 +227,44 @@ def shard_positives(
     *,
     query_ids: np.ndarray | None = None,
 ) -> QueryPositives:
-    """Exact-mAP pass 1 over one shard: each query's positives in it (self excluded) with their scores."""
+    """Exact-mAP pass 1 over one shard: each query's positives in it (self excluded) with their scores.
+
+    Only pairs of one class are scored: the queries of each class against the shard's items of that class, a
+    tenth of the full matmul with ten classes and less with more (pass 2 scores every pair)."""
     query_labels, query_ids = check_queries(query, query_labels, query_ids)
     shard = _ShardIndex.checked(query.shape[1], shard_emb, shard_labels, shard_ids, "shard")
-    counts, scores, ids = [], [], []
-    for block, block_scores in _score_blocks(query, shard.emb):
-        rows, cols = _block_positives(query_labels[block], shard, _own_columns(shard, query_ids, block))
-        counts.append(np.bincount(rows, minlength=block_scores.shape[0]))
-        scores.append(block_scores[rows, cols])
-        ids.append(shard.ids[cols])
-    return QueryPositives(
-        offsets=_offsets(np.concatenate(counts)),
-        scores=np.concatenate(scores).astype(np.float32, copy=False),
-        ids=np.concatenate(ids).astype(np.int64, copy=False),
-    )
+    offsets = _offsets(_positive_counts(query_labels, query_ids, shard))
+    scores = np.empty(offsets[-1], dtype=np.float32)
+    ids = np.empty(offsets[-1], dtype=np.int64)
+    own = _own_columns(shard, query_ids, slice(0, len(query)))
+    classes, item_class = np.unique(shard.labels, return_inverse=True)
+    item_order = np.argsort(item_class, kind="stable")
+    item_bounds = _offsets(np.bincount(item_class, minlength=len(classes)))
+    emb_by_class, ids_by_class = shard.emb[item_order], shard.ids[item_order]
+    query_class = np.searchsorted(classes, query_labels)
+    query_class[~np.isin(query_labels, classes)] = -1
+    query_order = np.argsort(query_class, kind="stable")
+    query_bounds = np.searchsorted(query_class[query_order], np.arange(len(classes) + 1))
+    for c in np.flatnonzero(np.diff(query_bounds)):
+        items = slice(item_bounds[c], item_bounds[c + 1])
+        class_queries = query_order[query_bounds[c] : query_bounds[c + 1]]
+        for block in query_blocks(len(class_queries), rows_per_block(items.stop - items.start, _MATMUL_ELEMENTS)):
+            rows = class_queries[block]
+            block_scores = query[rows] @ emb_by_class[items].T
+            keep = item_order[items][None, :] != own[rows][:, None]
+            flat = np.flatnonzero(keep)
+            row = flat // keep.shape[1]
+            kept = keep.sum(axis=1)
+            dest = offsets[rows][row] + np.arange(len(flat)) - (np.cumsum(kept) - kept)[row]
+            scores[dest] = block_scores.ravel()[flat]
+            ids[dest] = ids_by_class[items][flat - row * keep.shape[1]]
+    return QueryPositives(offsets=offsets, scores=scores, ids=ids)
 
 
 def merge_positives(parts: Sequence[QueryPositives]) -> QueryPositives:
-    """Concatenate per-shard positives query by query (the order within a query does not matter)."""
+    """Concatenate per-shard positives query by query. The order within a query does not matter to the result;
+    with the compiled ranking it is rank order (score descending, id ascending), which spares pass 2 and
+    `metrics_from_ranks` their sorts."""
     if not parts:
         raise InputError("merge_positives needs at least one part")
     num_queries = parts[0].num_queries
@@ -245,7 +281,11 @@ def merge_positives(parts: Sequence[QueryPositives]) -> QueryPositives:
         dest = offsets[rows] + part_earlier[rows] + within
         scores[dest] = part.scores
         ids[dest] = part.ids
-    return QueryPositives(offsets=offsets, scores=scores, ids=ids)
+    merged = QueryPositives(offsets=offsets, scores=scores, ids=ids)
+    kernel = _rank_kernel()
+    if kernel is not None:
+        kernel.sort_positives(merged)
+    return merged
 
 
 def shard_rank_counts(
@@ -266,8 +306,19 @@ def shard_rank_counts(
         query_ids = check_integer_vector("query_ids", query_ids, len(query))
     shard = _ShardIndex.checked(query.shape[1], shard_emb, None, shard_ids, "shard")
     above = np.empty(len(positives.ids), dtype=np.int64)
-    for block, scores in _score_blocks(query, shard.emb):
+    kernel = _rank_kernel()
+    if kernel is not None:
+        # A positive stored in this shard is compared by the score this pass computes for it (see count_above).
+        columns = shard.find(positives.ids)
+    for block, scores in _score_blocks(query, shard.emb, ranked_in_cache=kernel is None):
         entries = slice(positives.offsets[block.start], positives.offsets[block.stop])
+        own_cols = _own_columns(shard, query_ids, block)
+        if kernel is not None:
+            above[entries] = kernel.count_above(
+                scores, shard.ids, own_cols, positives.offsets[block.start : block.stop + 1],
+                positives.scores[entries], positives.ids[entries], columns[entries],
+            )
+            continue
         rows = np.repeat(np.arange(scores.shape[0]), np.diff(positives.offsets[block.start : block.stop + 1]))
         pos_scores = positives.scores[entries].copy()
         pos_ids = positives.ids[entries]
@@ -276,7 +327,6 @@ def shard_rank_counts(
         cols = shard.find(pos_ids)
         mine = cols >= 0
         pos_scores[mine] = scores[rows[mine], cols[mine]]
-        own_cols = _own_columns(shard, query_ids, block)
         above[entries] = _ranked_above(scores, shard.ids, own_cols, rows, pos_scores, pos_ids)
     return above
 
@@ -295,6 +345,87 @@ def metrics_from_ranks(
     return _summarise(ap, best_rank, np.diff(positives.offsets), ks)
 
 
+class _RankKernel:
+    """The compiled exact ranking (`bict_ray/retrieval/_ranks.cpp`) behind a small Python face. Each call ranks a
+    block of score rows on `default_threads()` threads; ties and self-exclusion as in the module doc."""
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.bict_count_above.argtypes = [pointer, size, size, size] + [pointer] * 7 + [size]
+        lib.bict_count_above.restype = ctypes.c_int
+        lib.bict_exact_ap.argtypes = [pointer, size, size, size] + [pointer] * 4 + [size] + [pointer] * 3 + [size]
+        lib.bict_exact_ap.restype = ctypes.c_int
+        lib.bict_sort_positives.argtypes = [size] + [pointer] * 3 + [size]
+        lib.bict_sort_positives.restype = ctypes.c_int
+        self.lib = lib
+
+    def exact_ap(self, scores, ids, codes, query_codes, own_cols) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B,) exact AP, best rank and positive count of each score row (the positives: items of its code)."""
+        rows, width = scores.shape
+        ap = np.empty(rows, dtype=np.float64)
+        best_rank = np.empty(rows, dtype=np.int64)
+        counts = np.empty(rows, dtype=np.int64)
+        self._check(self.lib.bict_exact_ap(
+            scores.ctypes.data, rows, width, _row_stride(scores), ids.ctypes.data, codes.ctypes.data,
+            np.ascontiguousarray(query_codes).ctypes.data, np.ascontiguousarray(own_cols).ctypes.data, NO_HIT,
+            ap.ctypes.data, best_rank.ctypes.data, counts.ctypes.data, default_threads(),
+        ))
+        return ap, best_rank, counts
+
+    def count_above(self, scores, ids, own_cols, offsets, needle_scores, needle_ids, needle_cols) -> np.ndarray:
+        """For each needle (CSR by score row: ``offsets`` (B + 1,)), the number of items ranked above it; a needle
+        with a column (needle_cols >= 0) is compared by the block's score for it."""
+        counts = np.empty(len(needle_ids), dtype=np.int64)
+        needle_scores, needle_ids, needle_cols = (
+            np.ascontiguousarray(a, dtype=t) for a, t in
+            ((needle_scores, np.float32), (needle_ids, np.int64), (needle_cols, np.int64))
+        )
+        self._check(self.lib.bict_count_above(
+            scores.ctypes.data, scores.shape[0], scores.shape[1], _row_stride(scores), ids.ctypes.data,
+            np.ascontiguousarray(own_cols).ctypes.data, np.ascontiguousarray(offsets).ctypes.data,
+            needle_scores.ctypes.data, needle_ids.ctypes.data, needle_cols.ctypes.data, counts.ctypes.data,
+            default_threads(),
+        ))
+        return counts
+
+    def sort_positives(self, positives: QueryPositives) -> None:
+        """Put each query's positives into rank order (score descending, id ascending), in place."""
+        self._check(self.lib.bict_sort_positives(
+            positives.num_queries, positives.offsets.ctypes.data, positives.scores.ctypes.data,
+            positives.ids.ctypes.data, default_threads(),
+        ))
+
+    @staticmethod
+    def _check(code: int) -> None:
+        if code == -2:
+            raise InputError("scores overflow float32 (NaN): embeddings must be L2-normalised")
+        if code != 0:
+            raise RuntimeError(f"bict_ray.retrieval._ranks refused its arguments (code {code}): a bug in bict_ray.retrieval.metrics")
+
+
+def _row_stride(scores: np.ndarray) -> int:
+    """The row stride of a (B, W) float32 block in floats; its rows must be contiguous."""
+    if scores.size == 0:
+        return scores.shape[1]
+    if scores.dtype != np.float32 or scores.strides[1] != 4:
+        raise RuntimeError("the compiled ranking needs float32 score rows with contiguous columns")
+    return scores.strides[0] // 4
+
+
+@functools.cache
+def _rank_kernel() -> _RankKernel | None:
+    """The compiled exact ranking, or None where the install could not build it."""
+    spec = importlib.util.find_spec("bict_ray.retrieval._ranks")
+    if spec is None or not spec.origin:
+        logging.getLogger(__name__).warning(
+            "bict_ray.retrieval._ranks is not built (no C++ compiler at install?): exact mAP ranks with numpy, "
+            "several times slower; reinstall the package with g++ available to build it"
+        )
+        return None
+    return _RankKernel(spec.origin)
+
+
 class _ShardIndex:
     """A validated gallery shard with its ids sorted for lookups (labels None where not needed).
     id_order: the item positions in ascending id order."""
@@ -310,7 +441,9 @@ class _ShardIndex:
         self._first_id, self._table = 0, None
         if self.size and int(self._sorted_ids[-1]) - int(self._sorted_ids[0]) < _dense_id_span(self.size):
             self._first_id = int(self._sorted_ids[0])
-            self._table = np.full(int(self._sorted_ids[-1]) - self._first_id + 1, -1, dtype=np.int64)
+            # one entry past the span holds -1: an id outside it is clipped onto that entry (from either side,
+            # since index -1 reads it too), which spares the lookup its range masks
+            self._table = np.full(int(self._sorted_ids[-1]) - self._first_id + 2, -1, dtype=np.min_scalar_type(-self.size))
             self._table[ids - self._first_id] = np.arange(self.size)
 
     @classmethod
@@ -328,8 +461,8 @@ class _ShardIndex:
             return np.full(len(wanted), -1, dtype=np.int64)
         if self._table is not None:
             offset = np.asarray(wanted, dtype=np.int64) - self._first_id
-            inside = (offset >= 0) & (offset < len(self._table))
-            return np.where(inside, self._table[np.where(inside, offset, 0)], -1)
+            np.clip(offset, -1, len(self._table) - 1, out=offset)
+            return self._table[offset].astype(np.int64)
         pos = np.minimum(np.searchsorted(self._sorted_ids, wanted), self.size - 1)
         return np.where(self._sorted_ids[pos] == wanted, self.id_order[pos], -1)
 
@@ -364,11 +497,15 @@ def _positive_counts(query_labels, query_ids, shard: _ShardIndex) -> np.ndarray:
     return result
 
 
-def _score_blocks(query: np.ndarray, emb: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
-    """Query row blocks of at most _BLOCK_ELEMENTS scores, with their scores (B, G) float32, computed
-    by matmuls of up to _MATMUL_ROWS rows."""
+def _score_blocks(query: np.ndarray, emb: np.ndarray, ranked_in_cache: bool = True
+                  ) -> Iterator[tuple[slice, np.ndarray]]:
+    """Query row blocks with their scores (B, G) float32, computed by matmuls of up to _MATMUL_ROWS rows. Blocks of
+    at most _BLOCK_ELEMENTS scores where ranked_in_cache (numpy's sorts), else the matmul's own blocks (the
+    compiled ranking reads one row at a time)."""
     rows = rows_per_block(len(emb), _BLOCK_ELEMENTS)
     matmul_rows = max(rows, min(_MATMUL_ROWS, rows_per_block(len(emb), _MATMUL_ELEMENTS)))
+    if not ranked_in_cache:
+        rows = matmul_rows
     for outer in query_blocks(len(query), matmul_rows):
         scores = query[outer] @ emb.T
         for inner in query_blocks(outer.stop - outer.start, rows):
@@ -645,9 +782,12 @@ def _per_query_from_ranks(offsets, ranks, map_at) -> tuple[np.ndarray, np.ndarra
     num_queries = len(offsets) - 1
     num_positives = np.diff(offsets)
     rows = np.repeat(np.arange(num_queries, dtype=np.int64), num_positives)
-    # Put each query's positives in rank order: the j-th of them then has precision j / rank_j.
-    width = int(ranks.max()) + 1 if len(ranks) else 1
-    ranks = np.sort(rows * width + ranks) - rows * width
+    # Put each query's positives in rank order: the j-th of them then has precision j / rank_j. Positives merged
+    # in rank order (merge_positives) come with their ranks ascending already.
+    falls = np.flatnonzero(np.diff(ranks) <= 0) + 1
+    if not np.isin(falls, offsets).all():
+        width = int(ranks.max()) + 1 if len(ranks) else 1
+        ranks = np.sort(rows * width + ranks) - rows * width
     precision = (np.arange(1, len(ranks) + 1) - offsets[rows]) / ranks
     denominator = num_positives
     if map_at is not None:

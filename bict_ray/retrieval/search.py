@@ -78,7 +78,7 @@ def exact_search(
     if kernel is None:
         with _faiss_threads(threads), _faiss_blocks():
             return _search_tie_exact(query, gallery, k, tie_key)
-    return _search_tiled(kernel, query, gallery, k, tie_key, threads or faiss.omp_get_max_threads())
+    return _search_tiled(kernel, query, gallery, k, tie_key, threads or default_threads())
 
 
 def merge_topk(
@@ -127,6 +127,12 @@ def merge_order(
     ids = np.concatenate(ids_parts, axis=1)
     order = _rank_rows(scores, ids)[:, : min(int(k), scores.shape[1])]
     return scores, ids, order
+
+
+def default_threads() -> int:
+    """The threads a search or ranking uses unless told: OpenMP's count, which honours OMP_NUM_THREADS (as Ray
+    sets it for a task to its CPUs)."""
+    return faiss.omp_get_max_threads()
 
 
 def check_positive_int(name: str, value) -> int:

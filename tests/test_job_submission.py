@@ -53,11 +53,15 @@ def local_cluster(tmp_path_factory):
         for process in reversed(processes):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
+        # `ray start --block` stops its node's processes on SIGTERM; a node still up after a few seconds is waiting
+        # on its own shutdown timeouts (about 30 s here), and its process group goes down with SIGKILL instead
+        deadline = time.monotonic() + 5
         for process in processes:
             try:
-                process.wait(timeout=60)
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=60)
 
 
 def test_submitted_smoke_sequence_succeeds(local_cluster, tmp_path):

@@ -45,11 +45,12 @@ class Ranker {
   public:
     // For each needle of needles[0:n] (any order), the number of items of row[0:width] (ids[i] for item i;
     // the item at column `own` left out, -1 for none) that rank above it, written to counts[needle.slot];
-    // needles come back sorted in rank order. With codes, the items of code `code` are the needles themselves:
-    // they are not placed (the k-th needle in rank order has k of them above it), which spares the scan the
-    // exact comparisons every needle would need with itself. Returns OK or NOT_A_NUMBER.
+    // needles come back sorted in rank order. A needle that is itself one of the row's items (columns[slot] >= 0,
+    // its score the row's) is not placed as an item: the needles above another are counted from the rank order,
+    // which spares the scan the exact comparisons every such item would need with its own needle. Returns OK or
+    // NOT_A_NUMBER.
     int count_above(const float* row, int64_t width, const int64_t* ids, int64_t own, Needle* needles, int64_t n,
-                    int64_t* counts, const int32_t* codes = nullptr, int32_t code = 0) {
+                    int64_t* counts, const int64_t* columns) {
         if (n == 0) return OK;
         float hi = -INFINITY, lo = INFINITY;
         for (int64_t k = 0; k < n; ++k) {
@@ -96,6 +97,10 @@ class Ranker {
         // One pass over the items, without a branch: count each in its bucket and flag those in a bucket holding
         // needles (a small share with fine buckets: 6% of the items on bench/evaluate.py's data); then collect the
         // flagged columns.
+        is_needle_.assign(width, 0);
+        for (int64_t k = 0; k < n; ++k)
+            if (columns[needles[k].slot] >= 0) is_needle_[columns[needles[k].slot]] = 1;
+        const uint8_t* is_needle = is_needle_.data();
         flags_.resize(width + 1);
         int32_t* hist = hist_.data();
         uint8_t* flags = flags_.data();
@@ -103,7 +108,7 @@ class Ranker {
         for (int64_t i = 0; i < width; ++i) {
             const float s = row[i];
             nan |= s != s;
-            const int64_t b = (codes && codes[i] == code) || i == own ? last + 1 : bucket_of(s);
+            const int64_t b = is_needle[i] || i == own ? last + 1 : bucket_of(s);
             flags[i] = hist[2 * b + (i & 1)]++ < 0 && b <= last;
         }
         if (nan) return NOT_A_NUMBER;
@@ -132,7 +137,8 @@ class Ranker {
         int64_t total = 0;
         for (int64_t j = 0; j < n; ++j) {
             total += placed[j];
-            counts[sorted[j].slot] = total + (codes ? j : 0);
+            counts[sorted[j].slot] = total;
+            total += columns[sorted[j].slot] >= 0;  // an item itself: above every later needle
         }
         std::copy(sorted_.begin(), sorted_.end(), needles);
         return OK;
@@ -140,10 +146,11 @@ class Ranker {
 
     std::vector<Needle> needles;  // the caller's per-row needle buffer
     std::vector<int64_t> counts;  // and its per-row answers
+    std::vector<int64_t> columns;  // and its needles' columns
 
   private:
     std::vector<int32_t> end_, bucket_, hist_, contested_, placed_;
-    std::vector<uint8_t> flags_;
+    std::vector<uint8_t> flags_, is_needle_;
     std::vector<Needle> sorted_;
 };
 
@@ -188,13 +195,13 @@ int bict_count_above(const float* scores, int64_t rows, int64_t width, int64_t l
         const int64_t begin = offsets[r] - base, n = offsets[r + 1] - offsets[r];
         if (n < 0) return static_cast<int>(BAD_ARGUMENTS);
         const float* row = scores + r * ld;
+        const int64_t* columns = needle_cols + begin;
         ranker.needles.resize(n);
         for (int64_t k = 0; k < n; ++k) {
-            const int64_t col = needle_cols[begin + k];
-            if (col >= width) return static_cast<int>(BAD_ARGUMENTS);
-            ranker.needles[k] = Needle{col >= 0 ? row[col] : needle_scores[begin + k], needle_ids[begin + k], k};
+            if (columns[k] >= width || (columns[k] >= 0 && columns[k] == own[r])) return static_cast<int>(BAD_ARGUMENTS);
+            ranker.needles[k] = Needle{columns[k] >= 0 ? row[columns[k]] : needle_scores[begin + k], needle_ids[begin + k], k};
         }
-        return ranker.count_above(row, width, ids, own[r], ranker.needles.data(), n, counts + begin);
+        return ranker.count_above(row, width, ids, own[r], ranker.needles.data(), n, counts + begin, columns);
     });
 }
 
@@ -225,13 +232,19 @@ int bict_exact_ap(const float* scores, int64_t rows, int64_t width, int64_t ld, 
         const float* row = scores + r * ld;
         const int32_t code = query_codes[r];
         auto& needles = ranker.needles;
+        auto& columns = ranker.columns;
         needles.clear();
-        for (int64_t i = 0; i < width; ++i)
-            if (codes[i] == code && i != own[r]) needles.push_back(Needle{row[i], ids[i], int64_t(needles.size())});
+        columns.clear();
+        for (int64_t i = 0; i < width; ++i) {
+            if (codes[i] == code && i != own[r]) {
+                needles.push_back(Needle{row[i], ids[i], int64_t(needles.size())});
+                columns.push_back(i);
+            }
+        }
         const int64_t n = static_cast<int64_t>(needles.size());
         auto& above = ranker.counts;
         above.resize(n);
-        const int status = ranker.count_above(row, width, ids, own[r], needles.data(), n, above.data(), codes, code);
+        const int status = ranker.count_above(row, width, ids, own[r], needles.data(), n, above.data(), columns.data());
         if (status != OK) return status;
         // The j-th positive in rank order (needles now are) stands at rank above + 1 and adds j / rank to AP.
         double sum = 0;

@@ -26,9 +26,10 @@ def test_quick_benchmark_prints_its_figures_as_json_last(tmp_path):
     for key in (
         "speedup_vs_single_process", "fraction_of_identity", "peak_rss_mb", "peak_anon_mb", "rows", "dim",
         "gallery_bytes", "ours_rows_per_s", "single_process_rows_per_s", "memcopy_gb_per_s", "memcopy_rows_per_s",
+        "identity_fraction_of_disk_bound", "fraction_of_compute_bound",
     ):
         assert report[key] > 0, key
-    for path in ("ours", "identity"):
+    for path in ("ours", "identity", "disk_bound", "compute_bound"):
         rates = report[f"{path}_rows_per_s_by_concurrency"]
         assert set(rates) == {"1", "2"} and all(rate > 0 for rate in rates.values()), path
     assert all(seconds > 0 for seconds in report["seconds"].values())

@@ -5,7 +5,11 @@ loop), on the same images, batch size and torch threads; the only difference is 
 
 - plain: ``run_in_process`` trains in this process, no Ray Train, no report, no checkpoint;
 - Ray Train, 1 worker (all threads), then 2 workers (DDP, the threads split between them): the project's
-  ``train_embedding_model``, which reports and checkpoints every epoch.
+  ``train_embedding_model``, which reports and checkpoints every epoch;
+- a Ray task: ``run_in_process`` in one task with all the threads' CPUs, twice (the first starts a worker process,
+  the second finds it): what a single-worker stage would cost without a Ray Train worker group (issue 18, item 3).
+  ``saving_per_fit_without_worker_group_seconds`` = the 1-worker fit's start-up + finish - the warm task's time
+  around its epochs.
 
 Per-epoch time in Ray Train is the wall time from one epoch's start to the next's (so it includes reducing the
 metrics, the report and the checkpoint), taken from the epoch start times the workers record; the first epoch
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"  {ray_runs[workers]['epoch_seconds']:.2f} s per epoch, start-up "
                 f"{ray_runs[workers]['startup_seconds']:.1f} s")
         plain_runs.append(plain(config(1), images, args.classes, log))
+        tasks = {name: in_ray_task(config(1), images, args.classes, args.threads, log) for name in ("cold", "warm")}
 
     best_plain = min(plain_runs, key=lambda run: run["epoch_seconds"])
     one = ray_runs[args.workers[0]] if args.workers[0] == 1 else None
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_epoch_seconds": best_plain["epoch_seconds"],
         "plain_epoch_seconds_runs": [run["epoch_seconds"] for run in plain_runs],
         "ray": {str(w): run for w, run in ray_runs.items()},
+        "ray_task": tasks,
         "target_overhead": TARGET_OVERHEAD,
         "machine": machine_info(load_start, torch=torch.__version__, ray=ray.__version__),
     }
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["overhead_vs_plain_torch"] = one["epoch_seconds"] / best_plain["epoch_seconds"] - 1
         report["ray_images_per_s"] = one["images_per_s"]
         report["compute_overhead_vs_plain_torch"] = one["compute_seconds"] / best_plain["epoch_seconds"] - 1
+        report["saving_per_fit_without_worker_group_seconds"] = (
+            one["startup_seconds"] + one["finish_seconds"] - tasks["warm"]["fixed_seconds"])
     print_table(report)
     print(json.dumps(report))
     return report
@@ -114,6 +122,24 @@ def plain(config, images, num_classes: int, log) -> dict:
     samples = statistics.mean(r["samples"] for r in steady)
     log(f"  {seconds:.2f} s per epoch")
     return {"epoch_seconds": seconds, "images_per_s": samples / seconds, "first_epoch_seconds": records[0]["seconds"]}
+
+
+def in_ray_task(config, images, num_classes: int, cpus: int, log) -> dict:
+    """The plain loop in one Ray task (no worker group, no report, no checkpoint): its wall time from the call to
+    the result, the time of its epochs, and the rest (scheduling, a worker process, the stage's data)."""
+    import ray
+
+    from bict_ray.distributed.train import embedding_stage, run_in_process
+
+    log("the plain loop in a Ray task ...")
+    stage = embedding_stage(config, 1, images, num_classes)
+    started = time.time()
+    cpus = min(cpus, int(ray.cluster_resources().get("CPU", 1)))  # never more than the instance has: it would wait
+    records = ray.get(ray.remote(num_cpus=cpus)(run_in_process).remote(stage))
+    total = time.time() - started
+    epochs = sum(r["seconds"] for r in records)
+    log(f"  {total:.1f} s, {total - epochs:.1f} s of it around the epochs")
+    return {"total_seconds": total, "epochs_seconds": epochs, "fixed_seconds": total - epochs}
 
 
 def ray_timings(history: list[dict], called: float, returned: float) -> dict:
@@ -186,6 +212,12 @@ def print_table(report: dict) -> None:
     print(f"  {'path':<22} {'s/epoch':>8} {'images/s':>9} {'vs plain':>9}  fixed costs")
     for name, seconds, rate, overhead, note in rows:
         print(f"  {name:<22} {seconds:8.2f} {rate:9,.0f} {overhead:>9}  {note}")
+    for name, task in report["ray_task"].items():
+        print(f"  the plain loop in a Ray task ({name}): {task['total_seconds']:.1f} s, of which "
+              f"{task['fixed_seconds']:.1f} s around its epochs")
+    if "saving_per_fit_without_worker_group_seconds" in report:
+        print(f"  a 1-worker stage without a worker group would save "
+              f"{report['saving_per_fit_without_worker_group_seconds']:.1f} s a fit")
     if "overhead_vs_plain_torch" in report:
         verdict = "met" if report["overhead_vs_plain_torch"] <= TARGET_OVERHEAD else "NOT met"
         print(f"  per-epoch overhead at 1 worker: {report['overhead_vs_plain_torch']:+.1%} "

@@ -29,6 +29,9 @@ def test_quick_benchmark_compares_ray_train_with_the_plain_loop(ray_session, cap
     # 10.7 with other work running beside the suite)
     assert report["overhead_vs_plain_torch"] > -0.5
     assert one["epoch_seconds"] >= one["compute_seconds"] > 0
+    for task in report["ray_task"].values():  # the plain loop in a Ray task: its epochs inside its wall time
+        assert task["total_seconds"] > task["epochs_seconds"] > 0
+    assert "saving_per_fit_without_worker_group_seconds" in report
     assert one["startup_seconds"] > 0 and one["finish_seconds"] > 0
     assert one["total_seconds"] > one["startup_seconds"] + 2 * one["epoch_seconds"]
     assert report["machine"]["cpu_count"] >= 1 and report["threads"] >= 1

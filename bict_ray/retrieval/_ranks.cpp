@@ -94,31 +94,25 @@ class Ranker {
             if (size) hist_[2 * b] = hist_[2 * b + 1] = INT32_MIN;
         }
 
-        // One pass over the items, without a branch: count each in its bucket and flag those in a bucket holding
-        // needles (a small share with fine buckets: 6% of the items on bench/evaluate.py's data); then collect the
-        // flagged columns.
+        // One pass over the items, without a branch: count each in its bucket and collect the columns of those in
+        // a bucket holding needles (a small share with fine buckets: 6% of the items on bench/evaluate.py's data).
         is_needle_.assign(width, 0);
         for (int64_t k = 0; k < n; ++k)
             if (columns[needles[k].slot] >= 0) is_needle_[columns[needles[k].slot]] = 1;
         const uint8_t* is_needle = is_needle_.data();
-        flags_.resize(width + 1);
+        contested_.resize(width);
         int32_t* hist = hist_.data();
-        uint8_t* flags = flags_.data();
+        int32_t* contested = contested_.data();
+        int64_t m = 0;
         bool nan = false;
         for (int64_t i = 0; i < width; ++i) {
             const float s = row[i];
             nan |= s != s;
             const int64_t b = is_needle[i] || i == own ? last + 1 : bucket_of(s);
-            flags[i] = hist[2 * b + (i & 1)]++ < 0 && b <= last;
+            contested[m] = static_cast<int32_t>(i);
+            m += hist[2 * b + (i & 1)]++ < 0 && b <= last;
         }
         if (nan) return NOT_A_NUMBER;
-        contested_.resize(width);
-        int32_t* contested = contested_.data();
-        int64_t m = 0;
-        for (int64_t i = 0; i < width; ++i) {
-            contested[m] = static_cast<int32_t>(i);
-            m += flags[i];
-        }
 
         // placed[j]: the items whose first needle ranked below them is j (n: none). An item of a bucket without
         // needles is placed at the bucket's end; a contested one by exact comparison with its bucket's needles.
@@ -150,7 +144,7 @@ class Ranker {
 
   private:
     std::vector<int32_t> end_, bucket_, hist_, contested_, placed_;
-    std::vector<uint8_t> flags_, is_needle_;
+    std::vector<uint8_t> is_needle_;
     std::vector<Needle> sorted_;
 };
 

@@ -247,17 +247,18 @@ def shard_positives(
     query_bounds = np.searchsorted(query_class[query_order], np.arange(len(classes) + 1))
     for c in np.flatnonzero(np.diff(query_bounds)):
         items = slice(item_bounds[c], item_bounds[c + 1])
+        class_emb, class_ids, class_columns = emb_by_class[items], ids_by_class[items], item_order[items]
         class_queries = query_order[query_bounds[c] : query_bounds[c + 1]]
-        for block in query_blocks(len(class_queries), rows_per_block(items.stop - items.start, _MATMUL_ELEMENTS)):
+        for block in query_blocks(len(class_queries), rows_per_block(len(class_ids), _MATMUL_ELEMENTS)):
             rows = class_queries[block]
-            block_scores = query[rows] @ emb_by_class[items].T
-            keep = item_order[items][None, :] != own[rows][:, None]
+            block_scores = query[rows] @ class_emb.T
+            keep = class_columns[None, :] != own[rows][:, None]
             flat = np.flatnonzero(keep)
-            row = flat // keep.shape[1]
+            row = flat // len(class_ids)
             kept = keep.sum(axis=1)
             dest = offsets[rows][row] + np.arange(len(flat)) - (np.cumsum(kept) - kept)[row]
             scores[dest] = block_scores.ravel()[flat]
-            ids[dest] = ids_by_class[items][flat - row * keep.shape[1]]
+            ids[dest] = class_ids[flat - row * len(class_ids)]
     return QueryPositives(offsets=offsets, scores=scores, ids=ids)
 
 
@@ -527,16 +528,6 @@ def _label_codes(query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray]:
     query_codes[~np.isin(query_labels, classes)] = -1
     dtype = np.min_scalar_type(-len(classes) - 1)
     return query_codes.astype(dtype), gallery_codes.astype(dtype)
-
-
-def _block_positives(block_labels, shard: _ShardIndex, own_cols) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of every positive of a block of queries, row-major; own entries excluded."""
-    is_positive = shard.labels[None, :] == block_labels[:, None]
-    mine = np.flatnonzero(own_cols >= 0)
-    is_positive[mine, own_cols[mine]] = False
-    flat = np.flatnonzero(is_positive)
-    rows = flat // max(shard.size, 1)
-    return rows, flat - rows * shard.size
 
 
 def _exact_block(scores, block_codes, shard_codes, shard: _ShardIndex, own_cols) -> tuple[np.ndarray, ...]:

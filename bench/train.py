@@ -9,7 +9,11 @@ loop), on the same images, batch size and torch threads; the only difference is 
 - a Ray task: ``run_in_process`` in one task with all the threads' CPUs, twice (the first starts a worker process,
   the second finds it): what a single-worker stage would cost without a Ray Train worker group (issue 18, item 3).
   ``saving_per_fit_without_worker_group_seconds`` = the 1-worker fit's start-up + finish - the warm task's time
-  around its epochs.
+  around its epochs;
+- the task launcher (``train.single_worker=task``, the default for one worker): ``train_embedding_model`` in one
+  Ray task that reports and checkpoints every epoch like Ray Train. ``task_launcher_saving_per_fit_seconds`` = the
+  1-worker Ray Train fit's start-up + finish - the task launcher's, and ``task_launcher_overhead_vs_plain_torch``
+  its per-epoch time against the plain loop's, as for Ray Train.
 
 Per-epoch time in Ray Train is the wall time from one epoch's start to the next's (so it includes reducing the
 metrics, the report and the checkpoint), taken from the epoch start times the workers record; the first epoch
@@ -61,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     classes = list(range(args.classes))
     start_ray(args.threads)  # worker logs stay off stdout: the JSON line must be the last line
 
-    def config(workers: int):
-        return load_config(None, [
+    def config(workers: int, single_worker: str = "ray_train"):
+        return load_config(None, [f"train.single_worker={single_worker}",
             f"model.backbone={args.backbone}", f"model.embedding_dim={args.embedding_dim}",
             f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"train.num_workers={workers}",
             f"train.cpus_per_worker={args.threads / workers}", f"train.torch_threads={max(1, args.threads // workers)}",
@@ -79,6 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
             ray_runs[workers] = ray_timings(artifact.card.training["history"], started, time.time())
             log(f"  {ray_runs[workers]['epoch_seconds']:.2f} s per epoch, start-up "
                 f"{ray_runs[workers]['startup_seconds']:.1f} s")
+        log("the task launcher, 1 worker ...")
+        started = time.time()
+        artifact = train_embedding_model(config(1, "task"), Path(work) / "task" / "models" / "phi_1", 1, images,
+                                         classes, args.classes, run_name="bench-train-task")
+        launcher = ray_timings(artifact.card.training["history"], started, time.time())
+        log(f"  {launcher['epoch_seconds']:.2f} s per epoch, start-up {launcher['startup_seconds']:.1f} s")
         plain_runs.append(plain(config(1), images, args.classes, log))
         tasks = {name: in_ray_task(config(1), images, args.classes, args.threads, log) for name in ("cold", "warm")}
 
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_epoch_seconds_runs": [run["epoch_seconds"] for run in plain_runs],
         "ray": {str(w): run for w, run in ray_runs.items()},
         "ray_task": tasks,
+        "task_launcher": launcher,
+        "task_launcher_overhead_vs_plain_torch": launcher["epoch_seconds"] / best_plain["epoch_seconds"] - 1,
         "target_overhead": TARGET_OVERHEAD,
         "machine": machine_info(load_start, torch=torch.__version__, ray=ray.__version__),
     }
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["compute_overhead_vs_plain_torch"] = one["compute_seconds"] / best_plain["epoch_seconds"] - 1
         report["saving_per_fit_without_worker_group_seconds"] = (
             one["startup_seconds"] + one["finish_seconds"] - tasks["warm"]["fixed_seconds"])
+        report["task_launcher_saving_per_fit_seconds"] = (
+            one["startup_seconds"] + one["finish_seconds"] - launcher["startup_seconds"] - launcher["finish_seconds"])
     print_table(report)
     print(json.dumps(report))
     return report
@@ -212,12 +226,18 @@ def print_table(report: dict) -> None:
     print(f"  {'path':<22} {'s/epoch':>8} {'images/s':>9} {'vs plain':>9}  fixed costs")
     for name, seconds, rate, overhead, note in rows:
         print(f"  {name:<22} {seconds:8.2f} {rate:9,.0f} {overhead:>9}  {note}")
+    launcher = report["task_launcher"]
+    print(f"  {'task launcher':<22} {launcher['epoch_seconds']:8.2f} {launcher['images_per_s']:9,.0f} "
+          f"{report['task_launcher_overhead_vs_plain_torch']:>+9.1%}  start-up {launcher['startup_seconds']:.1f} s, "
+          f"report+checkpoint {launcher['report_and_checkpoint_seconds'] * 1000:.0f} ms/epoch, "
+          f"finish {launcher['finish_seconds']:.1f} s")
     for name, task in report["ray_task"].items():
         print(f"  the plain loop in a Ray task ({name}): {task['total_seconds']:.1f} s, of which "
               f"{task['fixed_seconds']:.1f} s around its epochs")
     if "saving_per_fit_without_worker_group_seconds" in report:
         print(f"  a 1-worker stage without a worker group would save "
-              f"{report['saving_per_fit_without_worker_group_seconds']:.1f} s a fit")
+              f"{report['saving_per_fit_without_worker_group_seconds']:.1f} s a fit; the task launcher saves "
+              f"{report['task_launcher_saving_per_fit_seconds']:.1f} s")
     if "overhead_vs_plain_torch" in report:
         verdict = "met" if report["overhead_vs_plain_torch"] <= TARGET_OVERHEAD else "NOT met"
         print(f"  per-epoch overhead at 1 worker: {report['overhead_vs_plain_torch']:+.1%} "

@@ -29,6 +29,7 @@ from bict_ray.core.splits import SCENARIOS
 from bict_ray.errors import ConfigError
 from bict_ray.core.embedding_column import ENCODINGS
 
+SINGLE_WORKER = ("task", "ray_train")  # train.single_worker: where a stage with one worker runs
 
 # The arms a run can compare with BiCT (bict_ray.pipeline.arms), each on the run's own phi_1, gallery v1 and splits:
 # bct_chained (phi_t compatible with phi_{t-1}, gallery never upgraded), bct_anchored (every phi_t compatible with
@@ -266,6 +267,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     num_workers: int = 1  # Ray Train workers (DDP)
+    # how a stage with one worker runs: "task", one Ray task that checkpoints and retries like Ray Train without a
+    # worker group's start-up (seconds per fit); "ray_train", a TorchTrainer like several workers
+    single_worker: str = "task"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
@@ -281,6 +285,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.max_failures < 0:
             raise ConfigError(f"train.max_failures must be >= 0, got {self.max_failures}")
+        if self.single_worker not in SINGLE_WORKER:
+            raise ConfigError(f"train.single_worker must be one of {', '.join(SINGLE_WORKER)}, "
+                              f"got {self.single_worker!r}")
 
 
 @dataclass

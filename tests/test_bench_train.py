@@ -32,6 +32,9 @@ def test_quick_benchmark_compares_ray_train_with_the_plain_loop(ray_session, cap
     for task in report["ray_task"].values():  # the plain loop in a Ray task: its epochs inside its wall time
         assert task["total_seconds"] > task["epochs_seconds"] > 0
     assert "saving_per_fit_without_worker_group_seconds" in report
+    launcher = report["task_launcher"]  # the same fit as a Ray task: the same epochs, its own fixed costs
+    assert launcher["epoch_seconds"] >= launcher["compute_seconds"] > 0 and launcher["startup_seconds"] > 0
+    assert "task_launcher_saving_per_fit_seconds" in report and report["task_launcher_overhead_vs_plain_torch"] > -0.5
     assert one["startup_seconds"] > 0 and one["finish_seconds"] > 0
     assert one["total_seconds"] > one["startup_seconds"] + 2 * one["epoch_seconds"]
     assert report["machine"]["cpu_count"] >= 1 and report["threads"] >= 1

@@ -47,6 +47,7 @@ def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
     ("transform.alpha=0", "not both 0"),
     ("data.kind=npz", "data.root is required"),
     ("train", "must look like section.key=value"),
+    ("train.single_worker=local", "train.single_worker must be one of task, ray_train, got 'local'"),
     ("gallery.upgrade_precision=float16", "gallery.upgrade_precision must be one of float32, bfloat16, got 'float16'"),
 ])
 def test_bad_values_fail_naming_the_key(override, message):

@@ -84,6 +84,30 @@ def test_two_worker_ddp(ray_session, smoke_data, tmp_path):
     assert model.card.training["history"][0]["samples"] == pytest.approx(600, abs=2 * 64)
 
 
+def test_one_worker_in_a_task_trains_as_ray_train_does(old_model, smoke_data, tmp_path):
+    # old_model was trained in a Ray task (train.single_worker=task, the default): the same loop on Ray Train's
+    # worker group gives the same weights and losses, so the launcher changes the cost of a fit, not its numbers
+    config = load_config("configs/smoke.yaml", ["train.epochs=3", "train.single_worker=ray_train"])
+    twin = train_embedding_model(config, tmp_path / "phi_1", 1, train_subset(smoke_data, OLD_CLASSES), OLD_CLASSES,
+                                 smoke_data.num_classes, run_name=f"test-twin-{tmp_path.name}")
+    state, twin_state = old_model.module.state_dict(), twin.module.state_dict()
+    assert all(torch.equal(state[k], twin_state[k]) for k in state)
+    losses = [[h["loss"] for h in m.card.training["history"]] for m in (old_model, twin)]
+    assert losses[0] == losses[1]
+    assert old_model.card.training["workers"][0]["pid"] != twin.card.training["workers"][0]["pid"]
+
+
+def test_a_rerun_under_the_same_name_resumes_the_finished_task(old_model, smoke_data):
+    # as Ray Train does: the same storage and run name find the last checkpoint, and no epoch is trained again
+    config = load_config("configs/smoke.yaml", ["train.epochs=3"])
+    run = old_model.path.parent.parent
+    again = train_embedding_model(config, run / "models" / "phi_1_again", 1, train_subset(smoke_data, OLD_CLASSES),
+                                  OLD_CLASSES, smoke_data.num_classes, run_name=f"test-old-{run.name}")
+    history, rerun = old_model.card.training["history"], again.card.training["history"]
+    assert [h["started_at"] for h in rerun] == [h["started_at"] for h in history]
+    assert all(torch.equal(v, again.module.state_dict()[k]) for k, v in old_model.module.state_dict().items())
+
+
 def test_nan_loss_fails_naming_the_step_and_writes_nothing(ray_session, smoke_data, tmp_path):
     config = load_config("configs/smoke.yaml", ["train.lr=1e30", "train.max_failures=0", "train.epochs=1"])
     with pytest.raises(TrainingError, match=r"NaN/Inf loss at phi_1 epoch 1 step \d+"):

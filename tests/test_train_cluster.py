@@ -29,9 +29,12 @@ def test_two_workers_on_two_nodes(tmp_path):
     assert report["epochs"] == 1
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_session, smoke_data, tmp_path):
+@pytest.mark.parametrize("single_worker", ["task", "ray_train"])
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, smoke_data, tmp_path, single_worker):
+    # the one worker is a Ray task by default, a Ray Train worker group on request: both come back from a SIGKILL
     epochs = 30  # long enough (about 0.3 s each on a quiet machine) to kill the worker mid-run
-    config = load_config("configs/smoke.yaml", [f"train.epochs={epochs}", "train.max_failures=1"])
+    config = load_config("configs/smoke.yaml", [f"train.epochs={epochs}", "train.max_failures=1",
+                                                f"train.single_worker={single_worker}"])
     storage = tmp_path / "ray_results"
     name = f"test-fault-{tmp_path.name}"
     outcome = {}

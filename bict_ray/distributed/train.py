@@ -3,15 +3,16 @@
 One ``train_loop_per_worker`` serves all three stages. The driver side (``train_embedding_model``,
 ``train_upgrade_transform``) describes a stage as a typed ``EmbeddingStage`` or ``TransformStage`` — what the workers
 need (images, the frozen old model and its synthesised classifier, psi's training pairs, shipped once through the
-object store) and how to optimise — runs a ``TorchTrainer`` on it and saves the result as a model folder with its
-card. A stage builds its own model, data loader and epoch; the loop around it is the same for all. Epoch progress is printed by rank 0 and reported with a checkpoint every epoch, so a
-lost worker resumes from the last finished epoch (``FailureConfig``), and a killed run resumes on re-run.
+object store) and how to optimise — trains it and saves the result as a model folder with its card. A stage builds
+its own model, data loader and epoch; the loop around it (``train_stage``) is the same for all, and runs where its
+session says (``sessions.py``): a ``TorchTrainer`` for several workers, one Ray task for one. Epoch progress is
+printed by rank 0 and reported with a checkpoint every epoch, so a lost worker resumes from the last finished epoch
+(``train.max_failures``), and a killed run resumes on re-run.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-import ray.train
-import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from bict_ray.config import Config
@@ -38,9 +37,9 @@ from bict_ray.storage.artifacts import (Artifact, ModelCard, is_external, load_a
 from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTrainingLoss, check_finite, compat_loss_for,
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform, backbone_spec
+from bict_ray.distributed.sessions import CHECKPOINT_FILE, CheckpointStore, RayTrainSession, TaskSession, TrainSession
 from bict_ray.errors import AlreadyExistsError, InputError, TrainingError
 
-CHECKPOINT_FILE = "checkpoint.pt"
 # per unseen class, how many images the pseudo old classifier averages (enough for a stable mean direction)
 SYNTHESIS_SAMPLES_PER_CLASS = 2000
 
@@ -309,38 +308,48 @@ def fit_linear_upgrade_transform(config: Config, out_dir: str | Path, source: in
     return load_artifact(out_dir)
 
 
-def train_loop_per_worker(loop: dict[str, Stage]) -> list[dict[str, Any]]:
-    """One Ray Train worker: build ``loop["stage"]``'s model, resume from the latest checkpoint, train, report every
-    epoch.
+def train_loop_per_worker(loop: dict[str, Stage]) -> None:
+    """One Ray Train worker: ``loop["stage"]`` trained by ``train_stage`` in a ``RayTrainSession`` (the driver reads
+    the result from the last checkpoint)."""
+    train_stage(loop["stage"], RayTrainSession())
 
-    Returns the per-epoch history (carried in the checkpoint, so it has no gap across restarts); each entry
-    records the attempt it ran in (1 = first start, 2 = after the first failure, ...).
+
+def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
+    """Build ``stage``'s model, resume from the session's latest checkpoint, train, report every epoch.
+
+    Returns the final checkpoint's contents (rank 0; None on other ranks): the model's state, the per-epoch history (carried in the checkpoint,
+    so it has no gap across restarts; each entry records the attempt it ran in, 1 = first start, 2 = after the
+    first failure, ...) and where the workers ran.
     """
-    stage = loop["stage"]
     opt = stage.optimisation
     if opt.threads:
         torch.set_num_threads(opt.threads)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, device = session.rank, session.device
     torch.manual_seed(opt.seed)
-    device = ray.train.torch.get_device()
-    workers = _gather_placement(rank)
+    workers = session.placement()
     parts = stage.build(device)
-    model = ray.train.torch.prepare_model(parts.model)
+    model = session.prepare_model(parts.model)
     optimizer, scheduler = _optimizer(stage, model)
-    loader = ray.train.torch.prepare_data_loader(parts.loader)
+    loader = session.prepare_loader(parts.loader)
 
     start_epoch, history, attempt = 0, [], 1
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    saved = session.restore()
+    if saved is not None:
         _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         start_epoch, history, attempt = saved["epoch"] + 1, list(saved["history"]), saved["attempt"] + 1
         if rank == 0:
             print(f"[{stage.name}] attempt {attempt}: resumed from the checkpoint of epoch {start_epoch}", flush=True)
+
+    def report(metrics, epoch):
+        state = None
+        if rank == 0:
+            state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                     "attempt": attempt, "workers": workers}
+        session.report(metrics, state)
+        return state
 
     for epoch in range(start_epoch, opt.epochs):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
@@ -356,11 +365,11 @@ def train_loop_per_worker(loop: dict[str, Stage]) -> list[dict[str, Any]]:
         if rank == 0:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "attempt", "started_at"))
             print(f"[{stage.name}] epoch {epoch + 1}/{opt.epochs} {shown}", flush=True)
-        _report(metrics, model, optimizer, scheduler, epoch, history, attempt, workers, rank)
+        saved = report(metrics, epoch)
     if start_epoch >= opt.epochs and history:
         # a rerun of a finished run reports its final state again, so the driver gets a checkpoint
-        _report(history[-1], model, optimizer, scheduler, opt.epochs - 1, history, attempt, workers, rank)
-    return history
+        saved = report(history[-1], opt.epochs - 1)
+    return saved
 
 
 def run_in_process(stage: Stage) -> list[dict[str, float]]:
@@ -422,39 +431,32 @@ def _reduce(sums: dict[str, float], device) -> dict[str, float]:
     return out
 
 
-def _report(metrics, model, optimizer, scheduler, epoch, history, attempt, workers, rank):
-    if rank != 0:
-        ray.train.report(metrics)  # every rank reports; only rank 0 carries the checkpoint
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                    "attempt": attempt, "workers": workers},
-                   os.path.join(folder, CHECKPOINT_FILE))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
-
-
-def _gather_placement(rank: int) -> list[dict[str, Any]]:
-    """Where each rank runs (node id, pid), gathered from all ranks: recorded in the model card."""
-    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [me]
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, me)
-    return everyone
-
-
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
 def _fit(config: Config, out_dir: Path, stage: Stage, run_name: str | None):
-    """Run the TorchTrainer; return (history, final state_dict, worker placement) or raise TrainingError."""
+    """Train ``stage`` on ``train.num_workers`` workers; return (history, final state_dict, worker placement) or raise
+    TrainingError. One worker runs in a Ray task unless ``train.single_worker`` is ray_train (``sessions.py``)."""
     if (out_dir / "model.json").exists():
         raise AlreadyExistsError(f"{out_dir} already holds a trained {stage.name}; it is never overwritten")
     train_cfg = config.train
     storage = train_cfg.storage_path or str((out_dir.parent.parent / "ray_results").resolve())
     name = run_name or f"{config.name}-{stage.name}"
+    try:
+        if train_cfg.num_workers == 1 and train_cfg.single_worker == "task":
+            saved = _fit_in_task(train_cfg, stage, CheckpointStore(storage, name))
+        else:
+            saved = _fit_on_ray_train(train_cfg, stage, storage, name)
+    except Exception as err:  # Ray wraps the worker's exception; keep its message, name the stage
+        raise TrainingError(f"training {stage.name} failed: {_root_cause(err)}") from err
+    if saved is None:
+        raise TrainingError(f"training {stage.name} finished without a checkpoint (storage {storage}/{name})")
+    model = {key: value.cpu() for key, value in saved["model"].items()}
+    return saved["history"], model, saved["workers"]
+
+
+def _fit_on_ray_train(train_cfg, stage: Stage, storage: str, name: str) -> dict[str, Any] | None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": stage},
@@ -464,18 +466,31 @@ def _fit(config: Config, out_dir: Path, stage: Stage, run_name: str | None):
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # Ray wraps the worker's exception; keep its message, name the stage
-        raise TrainingError(f"training {stage.name} failed: {_root_cause(err)}") from err
+    result = trainer.fit()
     if result.checkpoint is None:
-        raise TrainingError(f"training {stage.name} finished without a checkpoint (storage {storage}/{name})")
+        return None
     with result.checkpoint.as_directory() as folder:
-        saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    return saved["history"], saved["model"], saved["workers"]
+        return torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def _fit_in_task(train_cfg, stage: Stage, store: CheckpointStore) -> dict[str, Any]:
+    """The one worker as a Ray task with a worker's resources. Ray retries it as Ray Train restarts a worker group:
+    when its process or node dies or the loop raises, up to ``max_failures`` times, from the newest checkpoint.
+    DEFAULT scheduling: inside a Tune trial the task must not be captured by the trial's CPU-less placement group."""
+    task = _train_task.options(num_cpus=train_cfg.cpus_per_worker, num_gpus=1 if train_cfg.use_gpu else 0,
+                               max_retries=train_cfg.max_failures, retry_exceptions=True,
+                               scheduling_strategy="DEFAULT")
+    return ray.get(task.remote(stage, store, train_cfg.use_gpu))
+
+
+@ray.remote
+def _train_task(stage: Stage, store: CheckpointStore, use_gpu: bool) -> dict[str, Any]:
+    return train_stage(stage, TaskSession(store, use_gpu))
 
 
 def _root_cause(err: BaseException) -> str:
+    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        err = err.cause  # a task's exception, without the traceback Ray prints around it
     while err.__cause__ is not None:
         err = err.__cause__
     text = str(err).strip().splitlines()

@@ -24,7 +24,7 @@ from bict_ray.errors import InputError
 # How a run is executed, not what it computes: these may change between a run and its resumption.
 RUNTIME_KEYS = frozenset({
     "ray", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage_path",
-    "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
+    "train.single_worker", "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
     "gallery.use_gpu", "gallery.batch_size",
     "eval.test",  # what is evaluated, not what is trained: a search's best trial is tested after selection
     "arms",  # arms run beside the run, each in its own directory: one can be added to a finished run

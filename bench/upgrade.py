@@ -24,6 +24,10 @@ same run, each as rows/s over the whole gallery, wall clock from the call to the
 - (e) the compute bound: psi alone on as many threads as the tasks at each concurrency have;
   ``fraction_of_compute_bound`` = ours / (e) at the best concurrency (target 0.85: the pipeline hides its I/O
   behind psi);
+- (f) the shared-cores bound: when the tasks' threads fill every core, the pipeline's own work (b) has no idle core
+  to hide behind, and a row costs psi's time plus the pipeline's: 1 / (1/(b) + 1/(e)) at each concurrency.
+  ``fraction_of_shared_cores_bound`` = ours / (f) says how much of the gap to (e) is that sum and how much is lost
+  beside it;
 - ours with ``gallery.upgrade_precision=bfloat16`` (psi computing in bfloat16) at the largest concurrency: rows/s,
   its fraction of (b), and how far its rows are from float32's on the sample shards.
 
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                     args.threads: psi_only_rate(torch, psi, input_samples[0], args.threads)}
         psi_bf16_rate = psi_only_rate(torch, psi, input_samples[0], 1, "bfloat16")
         torch.set_num_threads(args.threads)
+        shared = {c: 1 / (1 / ident[c]["rows_per_s"] + 1 / compute_rate[c]) for c in args.concurrency}
 
         best_c = max(ours, key=lambda c: ours[c]["rows_per_s"])
         compare = {c: compare_samples(ours[c], single) for c in ours}
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
             "compute_bound_rows_per_s_by_concurrency": {str(c): r for c, r in compute_rate.items()},
             "fraction_of_compute_bound": ours[best_c]["rows_per_s"] / compute_rate[best_c],
             "fraction_of_compute_bound_by_concurrency": {str(c): ours[c]["rows_per_s"] / compute_rate[c] for c in ours},
+            "shared_cores_bound_rows_per_s_by_concurrency": {str(c): shared[c] for c in shared},
+            "fraction_of_shared_cores_bound": ours[best_c]["rows_per_s"] / shared[best_c],
+            "fraction_of_shared_cores_bound_by_concurrency": {str(c): ours[c]["rows_per_s"] / shared[c]
+                                                              for c in ours},
             "bfloat16": {
                 "concurrency": fast_c,
                 "rows_per_s": fast["rows_per_s"],
@@ -713,6 +722,10 @@ def print_table(report: dict) -> None:
         lines.append((f"(e) psi alone, {c} task(s)' threads", None,
                       f"{rate:,.0f} rows/s: ours reaches {report['fraction_of_compute_bound_by_concurrency'][c]:.2f} "
                       f"of it"))
+    for c, rate in report["shared_cores_bound_rows_per_s_by_concurrency"].items():
+        lines.append((f"(f) psi + the pipeline's work on shared cores, {c} task(s)", None,
+                      f"{rate:,.0f} rows/s: ours reaches "
+                      f"{report['fraction_of_shared_cores_bound_by_concurrency'][c]:.2f} of it"))
     psi_rates = ", ".join(f"{t} thread(s) {r:,.0f}" for t, r in report["psi_only_rows_per_s_by_threads"].items())
     lines.append(("psi alone, one shard in memory", None,
                   f"{psi_rates} rows/s; bfloat16, 1 thread {fast['psi_only_rows_per_s_1_thread']:,.0f}"))

@@ -26,14 +26,18 @@ def test_quick_benchmark_prints_its_figures_as_json_last(tmp_path):
     for key in (
         "speedup_vs_single_process", "fraction_of_identity", "peak_rss_mb", "peak_anon_mb", "rows", "dim",
         "gallery_bytes", "ours_rows_per_s", "single_process_rows_per_s", "memcopy_gb_per_s", "memcopy_rows_per_s",
-        "identity_fraction_of_disk_bound", "fraction_of_compute_bound",
+        "identity_fraction_of_disk_bound", "fraction_of_compute_bound", "fraction_of_shared_cores_bound",
     ):
         assert report[key] > 0, key
-    for path in ("ours", "identity", "disk_bound", "compute_bound"):
+    for path in ("ours", "identity", "disk_bound", "compute_bound", "shared_cores_bound"):
         rates = report[f"{path}_rows_per_s_by_concurrency"]
         assert set(rates) == {"1", "2"} and all(rate > 0 for rate in rates.values()), path
     assert all(seconds > 0 for seconds in report["seconds"].values())
     assert report["seconds"]["pipeline_fixed"] > 0 and report["concurrency"] == [1, 2]
+    for c in ("1", "2"):  # psi and the pipeline's own work on the same cores: slower than either alone
+        bound = report["shared_cores_bound_rows_per_s_by_concurrency"][c]
+        assert bound < min(report["identity_rows_per_s_by_concurrency"][c],
+                           report["compute_bound_rows_per_s_by_concurrency"][c])
     # correctness of every output, checked by the benchmark itself
     for key in ("rows_equal", "ids_equal", "ray_equals_single_process", "identity_equals_input", "psi_moved_rows"):
         assert report[key] is True, key

@@ -44,6 +44,11 @@ class NotFoundError(BictError, FileNotFoundError):
     """A stage's input that does not exist yet (a model not trained, a preset not shipped)."""
 
 
+class StorageError(BictError, OSError):
+    """A store (a disk, an object store) that failed to read or write: unreachable, full, refusing. The message names
+    what was being written and the store's own words; the operation resumes when it is rerun once the store answers."""
+
+
 class TrainingError(BictError, RuntimeError):
     """A training run that failed; the message names the stage, the model and the cause."""
 

@@ -1,13 +1,19 @@
 """Shared fixtures. One Ray instance serves the whole session: starting Ray costs seconds on this machine."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import local_s3
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# S3 means the local test server (local_s3.py), named by the standard AWS variables. Set before Ray starts, so that
+# every Ray worker and driver subprocess of the session inherits them; the server itself starts with the `s3` fixture.
+os.environ.update(local_s3.ENVIRONMENT)
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +28,24 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The session's S3-compatible server on 127.0.0.1 (moto), reached through AWS_ENDPOINT_URL."""
+    server = local_s3.LocalS3()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    """A new, empty bucket for one test: its name."""
+    import boto3
+
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 1000}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from bict_ray.core.embed import embed_images, upgrade_embeddings
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform
 from bict_ray.distributed.evaluate import RayDataExecutor, evaluate_gallery
 from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
+from bict_ray.errors import StorageError
 from bict_ray.retrieval.metrics import retrieval_metrics
 from bict_ray.retrieval.protocol import PartialRefresh
 from bict_ray.retrieval.sharded import IN_PROCESS, sharded_retrieval_metrics
@@ -181,21 +182,7 @@ def test_upgrade_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgrad
                                                             tmp_path):
     out = str(tmp_path / "v2")
     staging = out + ".staging"
-    driver = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "scripts", "upgrade_gallery.py"),
-         ray_session.get_runtime_context().gcs_address, source_gallery.path, str(artifacts["psi_1_2"].path), out],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while staged_shards(staging) < 3:
-            assert driver.poll() is None, f"the driver ended before the kill: {driver.stdout.read()[-2000:]}"
-            assert time.monotonic() < deadline, "the driver staged no shards within 60 s"
-            time.sleep(0.02)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=10)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    sigkill_upgrade_driver(ray_session, source_gallery, artifacts, out, lambda: staged_shards(staging))
     killed_at = staged_shards(staging)
     assert killed_at < SHARDS and not os.path.exists(out)
 
@@ -205,6 +192,26 @@ def test_upgrade_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgrad
     assert len(ids) == len(np.unique(ids)) == source_gallery.num_rows
     np.testing.assert_array_equal(np.sort(ids), np.sort(source_gallery.read_all().ids))
     assert file_bytes(version) == file_bytes(upgraded[0])
+
+
+def sigkill_upgrade_driver(ray_session, source_gallery, artifacts, out, staged) -> None:
+    """Upgrade ``source_gallery`` by psi_1_2 into ``out`` in a driver process of the session's Ray instance, and
+    SIGKILL that driver once ``staged()`` counts 3 shards written."""
+    driver = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests", "scripts", "upgrade_gallery.py"),
+         ray_session.get_runtime_context().gcs_address, source_gallery.path, str(artifacts["psi_1_2"].path), out],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while staged() < 3:
+            assert driver.poll() is None, f"the driver ended before the kill: {driver.stdout.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the driver staged no shards within 60 s"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
 
 
 def staged_shards(staging):
@@ -298,3 +305,95 @@ def test_cli_extract_then_evaluate_prints_the_metrics(ray_session, artifacts, tm
     assert written["metrics"] == pytest.approx(in_memory, abs=1e-4)
     assert (written["query_model"], written["gallery_lineage"]) == ("phi_1", ["phi_1"])
     assert printed == written
+
+
+# ---- on S3 (the local server of tests/local_s3.py, through the standard AWS variables) ---------------------
+
+
+def s3_objects(bucket, prefix):
+    """{key: bytes} of the objects under ``prefix``, read with boto3, as any S3 client would see them (without the
+    empty "folder/" markers pyarrow creates)."""
+    import boto3
+
+    client = boto3.client("s3")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+def s3_shards(bucket, prefix):
+    import boto3
+
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return len([o for o in listing.get("Contents", []) if re.search(r"/part-\d+\.parquet$", o["Key"])])
+
+
+def test_upgrade_on_s3_writes_the_same_version_as_on_disk(ray_session, upgraded, source_gallery, artifacts, bucket):
+    # the source read from S3, the upgrade written there by Ray Data tasks: byte for byte the local upgrade
+    ids, labels, embeddings = source_gallery.read_all()[2], source_gallery.read_all()[1], source_gallery.read_all()[0]
+    source = write_gallery(f"s3://{bucket}/v1", ids, labels, embeddings, rows_per_shard=ROWS_PER_SHARD,
+                           lineage=["phi_1"], space="phi_1")
+    version, stats = upgrade_gallery(source.path, artifacts["psi_1_2"], f"s3://{bucket}/v2", config=CONFIG)
+    assert stats.shards == SHARDS and version.path == f"s3://{bucket}/v2"
+    stored = s3_objects(bucket, "v2/")
+    assert sorted(stored) == ["v2/manifest.json"] + [f"v2/part-{i:05d}.parquet" for i in range(SHARDS)]
+    local = upgraded[0]
+    assert [stored[f"v2/{os.path.basename(p)}"] for p in local.shard_paths] == file_bytes(local)
+    np.testing.assert_array_equal(open_gallery(f"s3://{bucket}/v2").read_all().embeddings,
+                                  local.read_all().embeddings)
+
+
+def assert_resumes_on_s3(upgraded, source_gallery, artifacts, bucket) -> None:
+    """s3://bucket/v2 holds an unfinished upgrade (no version yet); its rerun skips what is there and ends with the
+    bytes of the uninterrupted upgrade."""
+    out = f"s3://{bucket}/v2"
+    with pytest.raises(GalleryError, match="not a committed gallery version"):
+        open_gallery(out)
+    version, stats = upgrade_gallery(source_gallery, artifacts["psi_1_2"], out, config=CONFIG)
+    assert stats.skipped_shards >= 3 and stats.shards == SHARDS
+    stored = s3_objects(bucket, "v2/")
+    assert [stored[f"v2/{os.path.basename(p)}"] for p in upgraded[0].shard_paths] == file_bytes(upgraded[0])
+
+
+def test_upgrade_on_s3_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgraded, source_gallery, artifacts,
+                                                                  bucket):
+    out = f"s3://{bucket}/v2"
+    sigkill_upgrade_driver(ray_session, source_gallery, artifacts, out, lambda: s3_shards(bucket, "v2/"))
+    time.sleep(1)  # the task that was writing when its driver died may finish its shard
+    killed_at = s3_shards(bucket, "v2/")
+    assert killed_at < SHARDS and "v2/manifest.json" not in s3_objects(bucket, "v2/manifest")
+    assert_resumes_on_s3(upgraded, source_gallery, artifacts, bucket)
+
+
+def test_s3_lost_mid_upgrade_fails_naming_it_commits_nothing_and_resumes(ray_session, s3, upgraded, source_gallery,
+                                                                         artifacts, bucket):
+    import threading
+
+    out = f"s3://{bucket}/v2"
+    outcome = {}
+
+    def upgrade():
+        try:
+            outcome["version"] = upgrade_gallery(source_gallery, artifacts["psi_1_2"], out, config=CONFIG)
+        except Exception as err:  # checked below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=upgrade)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while s3_shards(bucket, "v2/") < 3:
+            assert thread.is_alive(), f"the upgrade ended before the server went away: {outcome}"
+            assert time.monotonic() < deadline, "no shards staged within 60 s"
+            time.sleep(0.05)
+        s3.stop()
+        thread.join(timeout=180)
+    finally:
+        s3.start()
+    assert not thread.is_alive(), "the upgrade hung when the server went away"
+    assert "error" in outcome, "the upgrade finished although the server was gone"
+    error = outcome["error"]  # the version it was writing, the store's own words, and what is left
+    assert isinstance(error, StorageError), repr(error)
+    assert re.search(rf"writing gallery version {out} failed in its storage: .*connect.* Nothing was committed",
+                     str(error), re.IGNORECASE), str(error)
+    assert_resumes_on_s3(upgraded, source_gallery, artifacts, bucket)

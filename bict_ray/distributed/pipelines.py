@@ -30,7 +30,7 @@ from bict_ray.config import GalleryConfig
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, inference_form, upgrade_embeddings
 from bict_ray.distributed.shards import map_shards
-from bict_ray.errors import InputError
+from bict_ray.errors import InputError, StorageError
 from bict_ray.storage.artifacts import Artifact, module_from_state
 from bict_ray.storage.gallery import (GalleryError, GalleryVersion, GalleryWriter, extend_lineages, is_committed,
                                       open_gallery)
@@ -286,10 +286,18 @@ def _process_shards(indices: list[int], worker: type[_ShardWorker], kwargs) -> l
 
 def _run_pool(worker: type[_ShardWorker], cfg: GalleryConfig, writer: GalleryWriter, num_shards: int,
               progress: Callable[[str], None] | None, kwargs: dict) -> list[dict]:
-    """Map shard indices through Ray Data tasks; returns one record per shard."""
+    """Map shard indices through Ray Data tasks; returns one record per shard.
+
+    A task whose store failed fails the pipeline with a StorageError that names the version being written.
+    Nothing is committed then, and the shards staged stay for a rerun to resume from."""
     with _watch(writer, num_shards, progress):
-        return list(map_shards(num_shards, cfg.concurrency, _process_shards, dict(worker=worker, kwargs=ray.put(kwargs)),
-                               num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0))
+        try:
+            return list(map_shards(num_shards, cfg.concurrency, _process_shards,
+                                   dict(worker=worker, kwargs=ray.put(kwargs)),
+                                   num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0))
+        except StorageError as err:
+            raise StorageError(f"writing gallery version {writer.path} failed in its storage: {err}. Nothing was "
+                               "committed; the shards written so far are kept, and a rerun resumes from them") from err
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from bict_ray.errors import BictError
+from bict_ray.errors import BictError, StorageError
 
 # Tasks per concurrent slot: each task takes an equal run of consecutive shards. Few and long, because Ray Data
 # notices a finished task only at its next poll and a task's start costs too: fewer tasks a slot upgraded faster
@@ -31,7 +31,9 @@ def map_shards(num_shards: int, concurrency: int, fn: Callable, fn_kwargs: dict,
 
     A bict-ray error that ``fn`` raises comes back as data and is raised here as itself: the caller gets the check's
     own error and message (a corrupt shard, a version committed meanwhile), where Ray would deliver it wrapped in a
-    remote traceback and log it as a failed task. Any other exception fails the task as usual.
+    remote traceback and log it as a failed task. So does a failed store (an OSError from pyarrow or the OS: an
+    object store gone, a full disk), as a ``StorageError`` with the store's message. Any other exception fails the
+    task as usual.
     """
     dataset = map_shard_tasks(num_shards, concurrency, _reporting, {"fn": fn, "fn_kwargs": fn_kwargs},
                               num_cpus=num_cpus, num_gpus=num_gpus)
@@ -49,6 +51,9 @@ def _reporting(batch: dict[str, np.ndarray], *, fn: Callable, fn_kwargs: dict) -
         results = fn(batch["id"].tolist(), **fn_kwargs)
     except BictError as err:
         results = [err]
+    except OSError as err:
+        text = str(err).strip().splitlines()
+        results = [StorageError(text[-1] if text else type(err).__name__)]
     return {"result": np.array([pickle.dumps(r, protocol=5) for r in results], dtype=object)}
 
 

@@ -198,6 +198,11 @@ class GalleryWriter:
         self._claim_staging()
 
     @property
+    def path(self) -> str:
+        """The version being written, as the caller named it (path or URI)."""
+        return self._out.display
+
+    @property
     def staging_path(self) -> str:
         """Where the shards are staged until ``commit`` (``<out>.staging`` locally, else ``out``)."""
         return self._staging.display

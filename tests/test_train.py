@@ -8,7 +8,7 @@ import torch
 
 from bict_ray.config import load_config
 from bict_ray.core.embed import embed_images, model_features
-from bict_ray.distributed.train import TrainingError, train_embedding_model, train_upgrade_transform
+from bict_ray.distributed.train import CHECKPOINT_FILE, TrainingError, train_embedding_model, train_upgrade_transform
 from bict_ray.retrieval.metrics import retrieval_metrics
 from bict_ray.storage.artifacts import ArtifactError, load_artifact
 from conftest import train_subset
@@ -139,3 +139,24 @@ def test_corrupt_or_missing_checkpoint_is_named(old_model, tmp_path):
         load_artifact(copy)
     with pytest.raises(ArtifactError, match="no model.json"):
         load_artifact(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("single_worker", ["task", "ray_train"])
+def test_checkpoints_on_s3_and_a_rerun_resumes_from_them(ray_session, smoke_data, bucket, tmp_path, single_worker):
+    # train.storage_path on the tests' S3 server (the standard AWS variables): both launchers keep their
+    # checkpoints there, and a rerun under the same name finds the finished run instead of training again
+    import boto3
+
+    config = load_config("configs/smoke.yaml", ["train.epochs=3", f"train.storage_path=s3://{bucket}/ray_results",
+                                                f"train.single_worker={single_worker}"])
+    subset = train_subset(smoke_data, OLD_CLASSES)
+    name = f"test-s3-{single_worker}"
+    first = train_embedding_model(config, tmp_path / "a" / "phi_1", 1, subset, OLD_CLASSES, smoke_data.num_classes,
+                                  run_name=name)
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"ray_results/{name}/")
+    checkpoints = {o["Key"].split("/")[2] for o in listing.get("Contents", []) if o["Key"].endswith(CHECKPOINT_FILE)}
+    assert len(checkpoints) == 2 and all(c.startswith("checkpoint_") for c in checkpoints), checkpoints  # newest two
+    again = train_embedding_model(config, tmp_path / "b" / "phi_1", 1, subset, OLD_CLASSES, smoke_data.num_classes,
+                                  run_name=name)
+    assert [h["started_at"] for h in again.card.training["history"]] == \
+        [h["started_at"] for h in first.card.training["history"]]

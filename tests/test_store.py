@@ -110,6 +110,31 @@ def test_round_trip_object_store_writes_manifest_last():
     np.testing.assert_array_equal(version.read_all().embeddings, embeddings)
 
 
+def test_two_writers_racing_on_s3_commit_one_version(bucket, monkeypatch):
+    # both staged v2 and checked that it was not committed; the first to commit wins, the second is refused and the
+    # first's manifest stays (a conditional put on S3: plain object stores would let the second replace it)
+    import boto3
+
+    ids, labels, embeddings = make_gallery(n=6)
+    first, second = (GalleryWriter(f"s3://{bucket}/v2", dim=4, **LINEAGE) for _ in range(2))
+    for writer in (first, second):
+        writer.write_shard(0, ids, labels, embeddings)
+    monkeypatch.setattr(second, "_refuse_committed", lambda: None)  # it checked before the first committed
+    first.commit()
+    stored = boto3.client("s3").get_object(Bucket=bucket, Key="v2/manifest.json")["Body"].read()
+    with pytest.raises(GalleryError, match="committed by another writer .* never overwritten"):
+        second.commit()
+    assert boto3.client("s3").get_object(Bucket=bucket, Key="v2/manifest.json")["Body"].read() == stored
+    np.testing.assert_array_equal(open_gallery(f"s3://{bucket}/v2").read_all().embeddings, embeddings)
+
+
+def test_a_second_writer_with_other_settings_on_s3_is_refused(bucket):
+    ids, labels, embeddings = make_gallery(n=6)
+    GalleryWriter(f"s3://{bucket}/v2", dim=4, **LINEAGE).write_shard(0, ids, labels, embeddings)
+    with pytest.raises(GalleryError, match=r"holds shards staged by another run \(extra: staged \{\}"):
+        GalleryWriter(f"s3://{bucket}/v2", dim=4, extra={"upgrade_precision": "bfloat16"}, **LINEAGE)
+
+
 def test_plain_pyarrow_reads_embeddings_as_float32_matrix(committed):
     # the default binary column: each row its float32 bytes, little-endian, readable without bict-ray
     table = pq.read_table(committed.shard_paths[0])

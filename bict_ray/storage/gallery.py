@@ -35,7 +35,9 @@ Publication protocol (a version is trusted only when its manifest exists):
   either no version or a complete one.
 * Any other filesystem (object stores, where rename is a copy): shards are staged directly in
   ``<out>`` and the manifest is written last. A folder without ``manifest.json`` is an unfinished
-  upgrade, which ``open_gallery`` refuses and a new ``GalleryWriter`` resumes.
+  upgrade, which ``open_gallery`` refuses and a new ``GalleryWriter`` resumes. On S3 the manifest
+  (and the staging settings) go up with a conditional put, so that of two writers committing one
+  version exactly one succeeds (``_put_if_absent``).
 
 Each shard file appears complete or not at all (temp file + rename), and the same data always gives
 the same bytes, so a killed writer is resumed by skipping the shards ``has_shard`` reports done.
@@ -296,7 +298,9 @@ class GalleryWriter:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extra": self.extra,
         }
-        _write_atomic(self._staging, MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n")
+        if not _put_if_absent(self._staging, MANIFEST_NAME, json.dumps(manifest, indent=2).encode() + b"\n"):
+            raise GalleryError(f"{self._out.display} was committed by another writer while this one checked its "
+                               "shards; that version stands, and is never overwritten")
         if self._out.is_local:
             self._out.fs.move(self._staging.path, self._out.path)
         return GalleryVersion(self._out, manifest)
@@ -310,13 +314,15 @@ class GalleryWriter:
         staged them: a resumed run with another transform, lineage or extra (an upgrade's precision, say) would
         otherwise commit a mixture of both runs' shards."""
         location = self._staging.child(STAGING_SETTINGS_NAME)
+        claim = json.dumps(self._settings(), sort_keys=True).encode()
         try:
-            staged = json.loads(_read_bytes(location))
-        except FileNotFoundError:
-            _write_atomic(self._staging, STAGING_SETTINGS_NAME, json.dumps(self._settings(), sort_keys=True).encode())
-            return
+            # the claim is written only where none is; one found (or one that another writer wrote first) must match
+            staged = None if _put_if_absent(self._staging, STAGING_SETTINGS_NAME, claim) else \
+                json.loads(_read_bytes(location))
         except (ValueError, OSError) as err:
             raise GalleryError(f"cannot read {location.display}: {err}") from None
+        if staged is None:
+            return
         mine = json.loads(json.dumps(self._settings()))  # as JSON gives them back (lists, not tuples)
         different = sorted(key for key in set(mine) | set(staged) if mine.get(key) != staged.get(key))
         if different:
@@ -887,18 +893,21 @@ def _check_manifest(manifest: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class _Location:
-    """A folder on a pyarrow filesystem; ``display`` is how users name it (path or URI)."""
+    """A folder on a pyarrow filesystem; ``display`` is how users name it (path or URI). ``s3_from_uri``: an s3://
+    URI opened from the standard AWS configuration, which boto3 reads the same way (``_put_if_absent``)."""
 
     fs: pafs.FileSystem
     path: str
     display: str
+    s3_from_uri: bool = False
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def child(self, name: str) -> "_Location":
-        return _Location(self.fs, posixpath.join(self.path, name), self.display.rstrip("/") + "/" + name)
+        return _Location(self.fs, posixpath.join(self.path, name), self.display.rstrip("/") + "/" + name,
+                         self.s3_from_uri)
 
 
 def _locate(path: str, filesystem: pafs.FileSystem | None) -> _Location:
@@ -911,7 +920,7 @@ def _locate(path: str, filesystem: pafs.FileSystem | None) -> _Location:
         fs, inner = pafs.FileSystem.from_uri(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise GalleryError(f"cannot open filesystem for {path!r}: {err}") from None
-    return _Location(fs, inner.rstrip("/"), path.rstrip("/"))
+    return _Location(fs, inner.rstrip("/"), path.rstrip("/"), isinstance(fs, pafs.S3FileSystem))
 
 
 def _read_bytes(location: _Location) -> bytes:
@@ -922,6 +931,32 @@ def _read_bytes(location: _Location) -> bytes:
     # BENCHMARKS.md, section "Gallery I/O")
     with location.fs.open_input_file(location.path) as file:
         return file.read()
+
+
+def _put_if_absent(folder: _Location, name: str, data: bytes) -> bool:
+    """Write ``folder/name`` unless it exists, as one step; False (and nothing written) if it existed.
+
+    On S3 a conditional put (``If-None-Match: *``, through boto3: pyarrow has no conditional write), so that of two
+    writers racing to commit one version exactly one wins and the other's manifest never replaces it. Elsewhere a
+    check then an atomic write: on a local filesystem the commit's folder rename is what excludes a second writer;
+    on other object stores the window between the check and the write stays open (docs/STORAGE.md)."""
+    if folder.s3_from_uri:
+        import boto3
+        from botocore.exceptions import ClientError
+
+        bucket, _, prefix = folder.path.partition("/")
+        key = posixpath.join(prefix, name) if prefix else name
+        try:
+            boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise OSError(f"writing {folder.child(name).display}: {err}") from err
+        return True
+    if folder.fs.get_file_info(folder.child(name).path).type != pafs.FileType.NotFound:
+        return False
+    _write_atomic(folder, name, data)
+    return True
 
 
 def _write_atomic(folder: _Location, name: str, data: bytes) -> None:

@@ -72,10 +72,16 @@ def test_a_preset_is_found_by_name_outside_a_checkout(tmp_path, monkeypatch, cap
     assert "no_such_preset" in err and "demo" in err and "smoke" in err
 
 
-def test_an_object_storage_run_directory_is_refused_not_made_a_local_folder(tmp_path, monkeypatch, capsys):
+def test_a_run_directory_uri_is_opened_in_its_store_or_refused_never_made_a_local_folder(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # Path("s3://bucket/run") is the local folder "s3:/bucket/run": no command may turn a URI into one
     monkeypatch.chdir(tmp_path)
-    assert main(["splits", "-c", "smoke", "--out", "s3://bucket/run"]) == 2
-    assert "s3://bucket/run: URIs are not supported for run directories" in capsys.readouterr().err
+    assert main(["splits", "-c", "smoke", "--out", "nosuch://bucket/run"]) == 2
+    assert "run directory nosuch://bucket/run: cannot open its filesystem" in capsys.readouterr().err
+    assert main(["sequence", "-c", "smoke", "--seeds", "0,1", "--out", "s3://bucket/run"]) == 2
+    assert "run directory s3://bucket/run: a run over seeds does not take a URI yet" in capsys.readouterr().err
+    assert main(["demo", "--out", "s3://bucket/run"]) == 2
+    assert "the demo does not take a URI yet" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

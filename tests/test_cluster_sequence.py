@@ -1,4 +1,5 @@
-"""The whole smoke sequence on a 3-node cluster, and a gallery upgrade that loses a worker node halfway.
+"""The whole smoke sequence on a 3-node cluster with its run directory on S3, and a gallery upgrade that loses a worker
+node halfway.
 
 Each test drives its own ray.cluster_utils.Cluster from tests/scripts/cluster_sequence.py in a subprocess (the
 session's ``ray_session`` fixture holds an in-process Ray instance), in a process group of its own so that a
@@ -19,6 +20,7 @@ import pytest
 from bict_ray.core.embed import upgrade_embeddings
 from bict_ray.storage.artifacts import load_artifact
 from bict_ray.storage.gallery import open_gallery
+from bict_ray.storage.rundir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "cluster_sequence.py")
@@ -95,12 +97,16 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
-def test_smoke_sequence_spreads_train_and_data_over_two_nodes(tmp_path):
-    out = tmp_path / "run"
-    report = run_script("sequence", out, timeout=900)
+def test_smoke_sequence_spreads_train_and_data_over_two_nodes(bucket, tmp_path, monkeypatch):
+    # the run directory is on the tests' S3 server, as a cluster's would be on object storage: the nodes share it
+    # through the bucket (galleries written there by the Ray Data tasks on both workers, checkpoints by Train)
+    uri = f"s3://{bucket}/run"
+    report = run_script("sequence", uri, timeout=900)
     workers = set(report["worker_nodes"])
     assert len(workers) == 2 and report["head_node"] not in workers
 
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "reader"))  # what another machine reads from the bucket
+    out = RunDir(uri).path
     results = json.loads((out / "results.json").read_text())
     (step,) = results["steps"]
     assert step["step"] == 2 and set(step["tests"]) == set(TESTS)
@@ -116,7 +122,7 @@ def test_smoke_sequence_spreads_train_and_data_over_two_nodes(tmp_path):
 
     # Ray Data: both pipelines had shards processed on both worker nodes
     assert results["gallery_nodes"] == {"v1": sorted(workers), "v2": sorted(workers)}
-    ids = [open_gallery(str(out / "gallery" / v)).read_all().ids for v in ("v1", "v2")]
+    ids = [open_gallery(f"{uri}/gallery/{v}").read_all().ids for v in ("v1", "v2")]
     np.testing.assert_array_equal(np.sort(ids[0]), np.sort(ids[1]))
 
 

@@ -79,6 +79,13 @@ def random_images(n, seed):
     return ImageSet(images, rng.integers(0, NUM_CLASSES, n), np.arange(1000, 1000 + n, dtype=np.int64))
 
 
+def npz_dataset(images, npz) -> list[str]:
+    """``images`` saved as an npz dataset (train and test the same images); the CLI settings that load it."""
+    np.savez(npz, images=images.images[:, 0], labels=images.labels, test_images=images.images[:, 0],
+             test_labels=images.labels)
+    return ["--set", "data.kind=npz", "--set", f"data.root={npz}", "--set", "gallery.rows_per_shard=16"]
+
+
 def file_bytes(version):
     return [open(path, "rb").read() for path in version.shard_paths]
 
@@ -278,10 +285,7 @@ def test_cli_upgrade_onto_a_committed_version_exits_2(upgraded, source_gallery, 
 
 def test_cli_extract_then_evaluate_prints_the_metrics(ray_session, artifacts, tmp_path, capsys):
     images = random_images(48, seed=5)
-    npz = tmp_path / "data.npz"
-    np.savez(npz, images=images.images[:, 0], labels=images.labels, test_images=images.images[:, 0],
-             test_labels=images.labels)
-    settings = ["--set", "data.kind=npz", "--set", f"data.root={npz}", "--set", "gallery.rows_per_shard=16"]
+    settings = npz_dataset(images, tmp_path / "data.npz")
     model = str(artifacts["phi_1"].path)
     assert main(["extract", "--model", model, "--out", str(tmp_path / "v1"), *settings]) == 0
     assert "48 rows in 3 shards (0 resumed)" in capsys.readouterr().out
@@ -353,6 +357,21 @@ def assert_resumes_on_s3(upgraded, source_gallery, artifacts, bucket) -> None:
     assert stats.skipped_shards >= 3 and stats.shards == SHARDS
     stored = s3_objects(bucket, "v2/")
     assert [stored[f"v2/{os.path.basename(p)}"] for p in upgraded[0].shard_paths] == file_bytes(upgraded[0])
+
+
+def test_cli_gallery_commands_take_s3_uris(ray_session, artifacts, bucket, tmp_path, monkeypatch, capsys):
+    # extract into the bucket, evaluate from it, the metrics written back to it: nothing becomes a local "s3:" folder
+    monkeypatch.chdir(tmp_path)
+    images = random_images(48, seed=5)
+    settings = npz_dataset(images, tmp_path / "data.npz")
+    model = str(artifacts["phi_1"].path)
+    assert main(["extract", "--model", model, "--out", f"s3://{bucket}/v1", *settings]) == 0
+    assert main(["evaluate", "--gallery", f"s3://{bucket}/v1", "--model", model, "--out",
+                 f"s3://{bucket}/metrics.json", *settings]) == 0
+    out = capsys.readouterr().out
+    stored = s3_objects(bucket, "")
+    assert json.loads(stored["metrics.json"]) == json.loads(out[out.index("{"):])
+    assert "v1/manifest.json" in stored and sorted(p.name for p in tmp_path.iterdir()) == ["data.npz"]
 
 
 def test_upgrade_on_s3_killed_by_sigkill_resumes_to_the_same_bytes(ray_session, upgraded, source_gallery, artifacts,

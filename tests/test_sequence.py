@@ -177,3 +177,41 @@ def test_bad_search_space_is_named(smoke_config, tmp_path):
         load_space(space_file, smoke_config)
     for shipped in ("lambda_grid", "lambda_loguniform_asha", "lambda_and_loss", "demo_lambda"):
         load_space(f"tune_spaces/{shipped}.yaml", smoke_config)
+
+
+def test_a_sequence_on_s3_keeps_its_run_directory_in_the_bucket_and_resumes_elsewhere(
+        ray_session, smoke_config, smoke_data, smoke_run, bucket, tmp_path, monkeypatch):
+    # `--out s3://bucket/run`: every file of the run directory ends up in the bucket (galleries written there by the
+    # Ray Data tasks, checkpoints by training), nothing in the working directory; a second machine (another cache)
+    # resumes it from the bucket alone, training nothing again; and the report goes to the bucket too
+    import boto3
+
+    from bict_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "machine-a"))
+    uri = f"s3://{bucket}/run"
+    results = run_sequence(smoke_config, uri, dataset=smoke_data, log=lambda line: None)
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="run/", MaxKeys=1000)["Contents"]
+    keys = {o["Key"][len("run/"):] for o in listing}
+    for key in ("config.yaml", "results.json", "models/phi_1/model.json", "models/phi_2/weights.pt",
+                "transforms/psi_1_2/model.json", "gallery/v1/manifest.json", "gallery/v2/manifest.json"):
+        assert key in keys, key
+    assert any(k.startswith("ray_results/") and k.endswith("checkpoint.pt") for k in keys)
+    assert any(k.startswith("splits/") for k in keys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["machine-a"]  # no "s3:" folder
+    saved = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key="run/results.json")["Body"].read())
+    assert saved["steps"] == results["steps"]
+    # the same numbers as the same config run on local disk
+    assert results["steps"] == smoke_run[1]["steps"]
+
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "machine-b"))
+    lines = []
+    again = run_sequence(smoke_config, uri, dataset=smoke_data, log=lines.append)
+    assert again["steps"] == results["steps"]
+    assert not any(line.startswith("[sequence] training") for line in lines), lines
+    assert any("trained already" in line for line in lines) and any("committed already" in line for line in lines)
+
+    assert main(["report", uri]) == 0
+    body = boto3.client("s3").get_object(Bucket=bucket, Key="run/report.md")["Body"].read().decode()
+    assert body.startswith("# BiCT report")

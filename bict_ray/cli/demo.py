@@ -39,7 +39,7 @@ def run(args) -> int:
 
     started = time.perf_counter()
     config = load_config(args.config or DEMO_CONFIG, args.overrides)
-    out = RunDir(args.out or "runs/demo").path  # refuses a URI before anything runs
+    out = RunDir.local(args.out or "runs/demo", "the demo").path  # before anything runs
     print(f"[demo] 1/3 the BiCT upgrade sequence on {config.data.kind} into {out}", flush=True)
     results = run_sequence(config, out)
     if not args.no_search:

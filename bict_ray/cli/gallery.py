@@ -233,7 +233,7 @@ def run_evaluate(args) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        _write_text(Path(args.out), text + "\n")
+        _write_text(args.out, text + "\n")
     return 0
 
 
@@ -267,8 +267,17 @@ def _stats_line(stats) -> str:
             f"{stats.rows_per_s:,.0f} rows/s")
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` holds the old content or the new, never half of it."""
+def _write_text(out: str, text: str) -> None:
+    """Write ``text`` so that ``out`` holds the old content or the new, never half of it: on object storage (a URI)
+    as one object, which appears whole; on a local path by a temp file and a rename."""
+    if "://" in out:
+        import pyarrow.fs as pafs
+
+        fs, key = pafs.FileSystem.from_uri(out)
+        with fs.open_output_stream(key) as stream:
+            stream.write(text.encode())
+        return
+    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as stream:

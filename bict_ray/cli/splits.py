@@ -19,10 +19,11 @@ def run(args) -> int:
     run_dir = RunDir.create(args.out or f"runs/{config.name}", config)
     dataset = load_dataset(config.data, config.eval, config.scenario)
     splits = load_or_make_splits(run_dir.path, config.scenario, dataset.train, dataset.num_classes, dataset.val)
+    run_dir.sync()
     num_val = 0 if dataset.val is None else len(dataset.val)
     print(f"dataset: {dataset.source} ({len(dataset.train)} train, {num_val} validation, {len(dataset.test)} test, "
           f"{dataset.num_classes} classes)")
     for split in splits:
         print(f"model phi_{split.version}: {len(split.train_ids)} training images, classes {split.classes}")
-    print(f"splits written to {run_dir.path / 'splits'}")
+    print(f"splits written to {run_dir.join('splits')}")
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from bict_ray.config import Config
 from bict_ray.errors import InputError
 from bict_ray.pipeline.seeds import check_seeds, run_seeds, spread
+from bict_ray.storage.rundir import RunDir
 
 DEFAULT_VARIANTS = ("bct:1", "bct:1:train.epochs=6", "ract:1")
 SHARED = ("splits", "models/phi_1", "gallery/v1")  # what a variant of a seed reads from the base variant
@@ -51,7 +52,7 @@ def run_criterion_study(configs: dict[str, Config], seeds: list[int], out: str |
     check_seeds(seeds)
     if not configs:
         raise InputError("the criterion study needs at least one variant")
-    root = Path(out)
+    root = RunDir.local(out, "the criterion study").path
     names = list(configs)
     for name, config in configs.items():
         if name != names[0]:

@@ -112,7 +112,7 @@ def run_lambda_study(config: Config, study: LambdaStudy, out: str | Path, *, log
     if not config.transform.enabled:
         raise InputError("the λ study measures forward retrieval through ψ: transform.enabled is false")
     budgets = study.budgets or (PsiBudget(config.transform.pair_fraction, config.transform.epochs),)
-    root = RunDir(out).path.resolve()  # refuses a URI
+    root = RunDir.local(out, "the λ study").path.resolve()
     if (root / "config.yaml").is_file():
         raise InputError(f"{root} is a run directory of one sequence (it has config.yaml): choose another --out")
     ensure_ray(config.ray)

@@ -42,7 +42,7 @@ def run_seeds(config: Config, out: str | Path, seeds: list[int], *, log=print,
     again. ``dataset``: the loaded dataset of ``config.data`` (loaded once here when None; every seed uses it).
     """
     check_seeds(seeds)
-    root = RunDir(out).path  # refuses a URI, which Path() / "seed_0" would turn into a local folder
+    root = RunDir.local(out, "a run over seeds").path
     if (root / "config.yaml").is_file():
         raise InputError(f"{root} is a run directory of one sequence (it has config.yaml); a run over seeds keeps "
                          "one run directory per seed under its own folder: choose another --out")

@@ -71,10 +71,13 @@ class SequenceRunner:
                  shared: SequenceRunner | None = None, shared_models: int = 0, keep_pairs: bool = False,
                  old_model=None):
         self.old_model = old_model  # old_model.kind=module: the nn.Module phi_1 is
+        # on object storage, training checkpoints go to the run's store (runtime only: config.yaml keeps the key unset)
+        config = run_dir.training_storage(config)
         self.config, self.run_dir, self.dataset, self.log = config, run_dir, dataset, log
         self.shared, self.shared_models = shared, shared_models if shared is not None else 0
         self.splits = shared.splits if shared is not None else load_or_make_splits(
             run_dir.path, config.scenario, dataset.train, dataset.num_classes, dataset.val)
+        run_dir.sync()
         self.timings: dict[str, float] = {}
         self.gallery_nodes: dict[str, list[str]] = {}  # gallery version -> Ray nodes its pipeline ran on
         self.models, self.transforms = {}, {}
@@ -163,7 +166,7 @@ class SequenceRunner:
 
     def train_model(self, t: int):
         if t <= self.shared_models:
-            self.log(f"[sequence] phi_{t}: shared with {self.shared.run_dir.path}")
+            self.log(f"[sequence] phi_{t}: shared with {self.shared.run_dir}")
             return self.shared.models[t]
         folder = self.run_dir.model_dir(t)
         if t == 1 and self.config.old_model.kind != "none":
@@ -239,7 +242,7 @@ class SequenceRunner:
         key = (_identity(chain[0]), _identity(self.models[t]), hashlib.sha256(train.ids.tobytes()).hexdigest())
         if key in keeper.kept_pairs and keeper is not self:
             self.log(f"[sequence] psi_{t - 1}_{t}: {chain[0].card.name}(x) and phi_{t}(x) of its {len(train)} "
-                     f"training images shared with {keeper.run_dir.path}")
+                     f"training images shared with {keeper.run_dir}")
         elif key not in keeper.kept_pairs:
             if keeper is not self:
                 return None  # a model of the arm's own: the run has nothing to share
@@ -271,7 +274,7 @@ class SequenceRunner:
     def _gallery(self, t: int) -> None:
         out = str(self._gallery_dir(t))
         if t == 1 and self.shared is not None:
-            self.log(f"[sequence] gallery v1: shared with {self.shared.run_dir.path}")
+            self.log(f"[sequence] gallery v1: shared with {self.shared.run_dir}")
         elif is_committed(out):
             self.log(f"[sequence] gallery v{t}: committed already, skipped")
         elif t == 1:
@@ -342,12 +345,13 @@ class SequenceRunner:
         started = time.perf_counter()
         value = fn()
         self.timings[stage] = round(time.perf_counter() - started, 3)
+        self.run_dir.sync()  # on object storage, a finished stage is in the store before the next starts
         return value
 
     def _ray_name(self, stage: str) -> str:
         # unique per run directory, stable across reruns: a killed training resumes from its Ray checkpoint
-        where = str(self.run_dir.path.resolve())
-        return f"{Path(where).name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}-{stage}"
+        where = self.run_dir.identity
+        return f"{where.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha256(where.encode()).hexdigest()[:8]}-{stage}"
 
     def _run_info(self) -> dict:
         config = self.config
@@ -382,7 +386,7 @@ def _run_arm(name: str, runner: SequenceRunner, results: dict, log) -> dict:
     config = arm.config(runner.config)
     shared = arm.shares(config.scenario.steps)
     log(f"[sequence] arm {name}: {arm.meaning}; phi_1..phi_{shared} and gallery v1 shared with this run")
-    sub = SequenceRunner(config, RunDir.create(runner.run_dir.path / "arms" / name, config), runner.dataset,
+    sub = SequenceRunner(config, RunDir.create(runner.run_dir.join("arms", name), config), runner.dataset,
                          lambda line: log(line.replace("[sequence]", f"[{name}]")), shared=runner,
                          shared_models=shared)
     arm_results = sub.run()

@@ -77,6 +77,7 @@ def run_service(config: Config, out: str | Path, *, stages=STAGES, log=print, ol
     if unknown:
         raise InputError(f"unknown stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
     ensure_ray(config.ray)
+    RunDir.local(out, "upgrade-service")  # its galleries live in RUN_DIR/service/, on local or shared storage
     run_dir = RunDir.create(out, config)
     root = run_dir.path / SERVICE_DIR
     timings: dict[str, float] = {}

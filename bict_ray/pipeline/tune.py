@@ -169,7 +169,7 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
         raise ConfigError("a search selects on the validation set, and data.val_fraction is 0: set it above 0 "
                           "(selecting on the test split would report a number it was tuned on)")
     ensure_ray(config.ray)
-    tune_dir = RunDir(out).path.resolve() / "tune"  # RunDir refuses a URI: it would become a local folder
+    tune_dir = RunDir.local(out, "the λ search").path.resolve() / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
     storage = tune_dir / "ray"
     trainable = tune.with_resources(

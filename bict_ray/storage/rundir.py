@@ -8,10 +8,13 @@
     RUN_DIR/results.json                every evaluation
     RUN_DIR/report.md, RUN_DIR/plots/   the human report
     RUN_DIR/service/                    upgrade-service: the service's gallery v1, v2 and its export
+
+RUN_DIR may be a URI of object storage (``s3://bucket/run``): see ``RunDir`` and ``storage/mirror.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import yaml
 
 from bict_ray.config import Config, ConfigError, save_config
 from bict_ray.errors import InputError
+from bict_ray.storage.mirror import Mirror
 
 # How a run is executed, not what it computes: these may change between a run and its resumption.
 RUNTIME_KEYS = frozenset({
@@ -33,14 +37,25 @@ RUNTIME_KEYS = frozenset({
 
 
 class RunDir:
-    """A run directory on a local or shared file system (object storage URIs are refused, not made into paths)."""
+    """A run directory: a local or shared path, or a URI of object storage (``s3://bucket/run``) worked on through a
+    local mirror (``storage/mirror.py``) whose changes ``sync`` uploads. ``path`` is where the files are read and
+    written either way; gallery versions and training checkpoints go to the URI itself."""
 
     def __init__(self, path: str | Path):
+        self.uri = str(path).rstrip("/") if "://" in str(path) else None
+        self.mirror = Mirror(self.uri) if self.uri else None
+        if self.mirror is not None:
+            self.mirror.pull()
+        # Path("s3://bucket/run") would be the local folder "s3:/bucket/run": a URI is only ever the mirror's
+        self.path = self.mirror.local if self.mirror is not None else Path(path)
+
+    @classmethod
+    def local(cls, path: str | Path, what: str) -> "RunDir":
+        """A run directory for ``what``, which works on local or shared paths only: a URI is refused by name."""
         if "://" in str(path):
-            # Path("s3://bucket/run") is the local folder "s3:/bucket/run": a run would land on this machine's disk
-            raise InputError(f"run directory {path}: URIs are not supported for run directories yet; give a local "
-                             "path or a shared file system mount (gallery versions accept pyarrow filesystem URIs)")
-        self.path = Path(path)
+            raise InputError(f"run directory {path}: {what} does not take a URI yet; give a local path or a shared "
+                             "file system mount (`bict-ray sequence`, `report` and the gallery commands take s3://)")
+        return cls(path)
 
     @classmethod
     def create(cls, path: str | Path, config: Config) -> "RunDir":
@@ -52,12 +67,38 @@ class RunDir:
                                              Config().to_dict())
             if differences:
                 raise ConfigError(
-                    f"run directory {run_dir.path} was made with another config ({'; '.join(differences)}); "
+                    f"run directory {run_dir} was made with another config ({'; '.join(differences)}); "
                     "resume it with its own config.yaml, or choose a new --out")
         else:
             run_dir.path.mkdir(parents=True, exist_ok=True)
             save_config(config, saved)
+            run_dir.sync()
         return run_dir
+
+    def __str__(self) -> str:
+        return self.uri or str(self.path)
+
+    @property
+    def identity(self) -> str:
+        """What names this run wherever it is opened from: its URI, or its resolved path."""
+        return self.uri or str(self.path.resolve())
+
+    def sync(self) -> None:
+        """Upload what changed in the mirror (nothing to do for a local run directory)."""
+        if self.mirror is not None:
+            self.mirror.push()
+
+    def join(self, *parts: str) -> str | Path:
+        """A place inside the run directory: a URI when the run is on object storage, else a path."""
+        return "/".join([self.uri, *parts]) if self.uri else self.path.joinpath(*parts)
+
+    def training_storage(self, config: Config) -> Config:
+        """``config`` with Ray Train's storage in the run's store when the run is on object storage and no
+        ``train.storage_path`` is set (a mirror is one machine's disk; checkpoints must outlive it)."""
+        if self.uri is None or config.train.storage_path is not None:
+            return config
+        return dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                     storage_path=self.join("ray_results")))
 
     def model_dir(self, version: int) -> Path:
         return self.path / "models" / f"phi_{version}"
@@ -65,8 +106,8 @@ class RunDir:
     def transform_dir(self, source: int, target: int) -> Path:
         return self.path / "transforms" / f"psi_{source}_{target}"
 
-    def gallery_dir(self, version: int) -> Path:
-        return self.path / "gallery" / f"v{version}"
+    def gallery_dir(self, version: int) -> str | Path:
+        return self.join("gallery", f"v{version}")
 
     @property
     def results_path(self) -> Path:
@@ -74,6 +115,7 @@ class RunDir:
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json(self.results_path, results)
+        self.sync()
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -149,3 +149,19 @@ def test_upgrade_survives_losing_a_worker_node(tmp_path):
     np.testing.assert_array_equal(labels, source_labels)
     psi = load_artifact(tmp_path / "psi_1_2").module
     np.testing.assert_allclose(embeddings, upgrade_embeddings([psi], source_embeddings), rtol=0, atol=1e-5)
+
+
+def test_training_survives_losing_a_worker_node(tmp_path):
+    report = run_script("train-node-loss", tmp_path, timeout=600)
+    assert report["error"] is None, report
+    assert report["running_after_removal"] and report["epoch_at_removal"] >= script.REMOVE_AFTER_EPOCH, report
+    history = report["history"]
+    # every epoch once, resumed in a second attempt from a checkpoint, not from scratch (from the last one Ray Train
+    # had registered: it takes up a checkpoint when it next polls the workers, so it may be one behind the files)
+    assert [h["epoch"] for h in history] == list(range(script.TRAIN_EPOCHS)), report
+    attempts = [h["attempt"] for h in history]
+    assert attempts[0] == 1 and attempts[-1] == 2 and attempts == sorted(attempts), report
+    assert attempts.index(2) >= 1, report
+    # the second attempt's two workers: on the surviving node and the replacement, none on the lost one
+    nodes = {w["node_id"] for w in report["workers"]}
+    assert report["victim"] not in nodes and report["replacement"] in nodes and len(nodes) == 2, report

@@ -165,7 +165,7 @@ def test_an_ordinary_run_directory_is_not_taken_for_a_run_over_seeds(tmp_path):
     (tmp_path / "config.yaml").write_text("name: smoke\n")
     with pytest.raises(InputError, match="it has config.yaml"):
         run_seeds(load_config("configs/smoke.yaml"), tmp_path, [0, 1])
-    with pytest.raises(InputError, match="URIs are not supported"):
+    with pytest.raises(InputError, match="run directory s3://bucket/seeds: a run over seeds does not take a URI yet"):
         run_seeds(load_config("configs/smoke.yaml"), "s3://bucket/seeds", [0, 1])
 
 

@@ -1,6 +1,6 @@
 """Drivers for tests/test_cluster_sequence.py, each on its own 3-node ray.cluster_utils.Cluster.
 
-Usage: cluster_sequence.py sequence OUT | node-loss OUT. They run in a subprocess because the test session holds
+Usage: cluster_sequence.py sequence OUT | node-loss OUT | train-node-loss OUT. They run in a subprocess because the test session holds
 an in-process Ray instance of its own. The head has no CPUs and each worker node one CPU, so two Train workers
 (1 CPU each) and two gallery tasks (0.6 CPU each) can only be placed one per node. The last line printed is a JSON
 report of where things ran (after REPORT_PREFIX); the artifacts stay in OUT for the test to check.
@@ -10,6 +10,9 @@ workers and Ray Data tasks spread over the two worker nodes.
 
 node-loss: a gallery upgrade during which one worker node is removed (its processes killed) once a few shards are
 staged, and a replacement node added; the test compares the result with psi applied in-process.
+
+train-node-loss: phi_1 trained by two Ray Train workers, one a node, during which one worker node is removed once
+the run has checkpointed a few epochs, and a replacement added; the model card says where each attempt ran.
 """
 
 import json
@@ -31,6 +34,8 @@ GALLERY_CPUS = 0.6  # > 0.5: two gallery tasks never fit on one 1-CPU node
 # node-loss: shards costly enough (a wide psi) that the upgrade is still running when a node goes away
 SHARDS, ROWS_PER_SHARD, DIM, HIDDEN = 40, 2000, 16, 1024
 REMOVE_AFTER_SHARDS = 4
+# train-node-loss: epochs enough (under a second each here) that the run is still training when the node goes
+TRAIN_EPOCHS, REMOVE_AFTER_EPOCH = 20, 3
 REPORT_PREFIX = "REPORT "  # Ray's own log lines may follow the report on stdout
 
 
@@ -136,12 +141,63 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
                                                  "nodes": sorted(stats.nodes)}}
 
 
+def run_train_node_loss(cluster: Cluster, out: str) -> dict:
+    import glob
+
+    from bict_ray.config import load_config
+    from bict_ray.core.data import load_dataset
+    from bict_ray.distributed.train import CHECKPOINT_FILE, train_embedding_model
+
+    config = load_config("configs/smoke.yaml", [f"train.epochs={TRAIN_EPOCHS}", "train.num_workers=2",
+                                                "train.cpus_per_worker=1", "train.max_failures=1"])
+    data = load_dataset(config.data, config.eval, config.scenario)
+    classes = config.scenario.classes[0]
+    train = data.train.subset(np.flatnonzero(np.isin(data.train.labels, classes)))
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["card"] = train_embedding_model(config, f"{out}/models/phi_1", 1, train, classes,
+                                                    data.num_classes, run_name="train-node-loss").card
+        except BaseException as err:  # noqa: BLE001 - reported to the test
+            outcome["error"] = repr(err)
+
+    def checkpointed() -> int:
+        epochs = []
+        for path in glob.glob(f"{out}/ray_results/train-node-loss/checkpoint_*/{CHECKPOINT_FILE}"):
+            try:
+                epochs.append(torch.load(path, weights_only=True)["epoch"])
+            except (EOFError, RuntimeError):  # caught mid-write
+                pass
+        return max(epochs, default=-1)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while checkpointed() < REMOVE_AFTER_EPOCH and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    epoch_at_removal = checkpointed()
+    victim = sorted(cluster.worker_nodes, key=lambda node: node.node_id)[0]
+    cluster.remove_node(victim, allow_graceful=False)  # a crash: raylet, object store and workers killed
+    running_after = thread.is_alive()
+    replacement = cluster.add_node(num_cpus=1)
+    thread.join(timeout=400)
+    if thread.is_alive():
+        outcome["error"] = "the training did not finish within 400 s of the node's removal"
+    card = outcome.get("card")
+    return {"error": outcome.get("error"), "victim": victim.node_id, "replacement": replacement.node_id,
+            "epoch_at_removal": epoch_at_removal, "running_after_removal": running_after,
+            "history": None if card is None else [{k: h[k] for k in ("epoch", "attempt")}
+                                                  for h in card.training["history"]],
+            "workers": None if card is None else card.training["workers"]}
+
+
 def staged(folder: str) -> int:
     return len([n for n in os.listdir(folder) if n.endswith(".parquet")]) if os.path.isdir(folder) else 0
 
 
 def main(mode: str, out: str) -> None:
-    run = {"sequence": run_smoke_sequence, "node-loss": run_node_loss}[mode]
+    run = {"sequence": run_smoke_sequence, "node-loss": run_node_loss, "train-node-loss": run_train_node_loss}[mode]
     # A Ray temp dir of our own (read when the cluster starts; inherited by its nodes): a Cluster writes its address
     # to <temp>/ray/ray_current_cluster, where any other process's plain ray.init() on this machine would find and
     # join it, and its shutdown deletes that file.

@@ -121,20 +121,12 @@ def run_node_loss(cluster: Cluster, out: str) -> dict:
     deadline = time.monotonic() + 120
     while staged(staging) < REMOVE_AFTER_SHARDS and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    victim = sorted(cluster.worker_nodes, key=lambda node: node.node_id)[0]
-    staged_before = staged(staging)
-    cluster.remove_node(victim, allow_graceful=False)  # a crash: raylet, object store and workers killed
-    staged_after = staged(staging)
-    running_after = thread.is_alive()
-    removed_s = time.perf_counter() - started
-    replacement = cluster.add_node(num_cpus=1)
-    thread.join(timeout=240)
-    if thread.is_alive():
-        outcome["error"] = "the upgrade did not finish within 240 s of the node's removal"
+    crash = crash_and_replace(cluster, thread, outcome, "upgrade", 240, lambda: staged(staging))
     stats = outcome.get("stats")
-    return {"error": outcome.get("error"), "victim": victim.node_id, "replacement": replacement.node_id,
-            "staged_before_removal": staged_before, "staged_after_removal": staged_after,
-            "running_after_removal": running_after, "removed_at_s": round(removed_s, 2),
+    return {"error": outcome.get("error"), "victim": crash["victim"], "replacement": crash["replacement"],
+            "staged_before_removal": crash["before"], "staged_after_removal": crash["after"],
+            "running_after_removal": crash["running_after_removal"],
+            "removed_at_s": round(crash["removed_at"] - started, 2),
             "upgrade_s": round(time.perf_counter() - started, 2),
             "stats": None if stats is None else {"rows": stats.rows, "shards": stats.shards,
                                                  "skipped_shards": stats.skipped_shards,
@@ -176,20 +168,29 @@ def run_train_node_loss(cluster: Cluster, out: str) -> dict:
     deadline = time.monotonic() + 240
     while checkpointed() < REMOVE_AFTER_EPOCH and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
-    epoch_at_removal = checkpointed()
-    victim = sorted(cluster.worker_nodes, key=lambda node: node.node_id)[0]
-    cluster.remove_node(victim, allow_graceful=False)  # a crash: raylet, object store and workers killed
-    running_after = thread.is_alive()
-    replacement = cluster.add_node(num_cpus=1)
-    thread.join(timeout=400)
-    if thread.is_alive():
-        outcome["error"] = "the training did not finish within 400 s of the node's removal"
+    crash = crash_and_replace(cluster, thread, outcome, "training", 400, checkpointed)
     card = outcome.get("card")
-    return {"error": outcome.get("error"), "victim": victim.node_id, "replacement": replacement.node_id,
-            "epoch_at_removal": epoch_at_removal, "running_after_removal": running_after,
+    return {"error": outcome.get("error"), "victim": crash["victim"], "replacement": crash["replacement"],
+            "epoch_at_removal": crash["before"], "running_after_removal": crash["running_after_removal"],
             "history": None if card is None else [{k: h[k] for k in ("epoch", "attempt")}
                                                   for h in card.training["history"]],
             "workers": None if card is None else card.training["workers"]}
+
+
+def crash_and_replace(cluster: Cluster, thread: threading.Thread, outcome: dict, what: str, timeout: float,
+                      progress) -> dict:
+    """Crash the first worker node (its raylet, object store and workers killed) while ``thread`` runs ``what``,
+    add a replacement node and wait for ``thread``. ``progress()`` is read just before and just after the crash."""
+    victim = sorted(cluster.worker_nodes, key=lambda node: node.node_id)[0]
+    before = progress()
+    cluster.remove_node(victim, allow_graceful=False)
+    after, removed_at, running_after = progress(), time.perf_counter(), thread.is_alive()
+    replacement = cluster.add_node(num_cpus=1)
+    thread.join(timeout=timeout)
+    if thread.is_alive():
+        outcome["error"] = f"the {what} did not finish within {timeout:.0f} s of the node's removal"
+    return {"victim": victim.node_id, "replacement": replacement.node_id, "before": before, "after": after,
+            "removed_at": removed_at, "running_after_removal": running_after}
 
 
 def staged(folder: str) -> int:

@@ -39,6 +39,9 @@ def _rank_main(rank, port, cases, out_dir):
         except ValueError as err:
             refusal = str(err)
         torch.save({"results": results, "refusal": refusal}, f"{out_dir}/rank{rank}.pt")
+        # both ranks done before either tears the group down: a rank destroying it while its peer is still in gloo
+        # aborted the peer once in CI ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -73,7 +73,7 @@ def _worker_after_checkpoints(folder, min_epoch: int, timeout: float) -> tuple[i
                 saved = torch.load(checkpoints[-1], weights_only=True)
                 if saved["epoch"] >= min_epoch:
                     return saved["workers"][0]["pid"], saved["epoch"]
-            except (EOFError, RuntimeError):  # caught mid-write; the next poll reads it whole
+            except (EOFError, RuntimeError, FileNotFoundError):  # mid-write, or deleted as old: poll again
                 pass
         time.sleep(0.2)
     pytest.fail(f"no checkpoint of epoch {min_epoch} in {folder} within {timeout}s")

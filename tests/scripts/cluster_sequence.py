@@ -159,7 +159,7 @@ def run_train_node_loss(cluster: Cluster, out: str) -> dict:
         for path in glob.glob(f"{out}/ray_results/train-node-loss/checkpoint_*/{CHECKPOINT_FILE}"):
             try:
                 epochs.append(torch.load(path, weights_only=True)["epoch"])
-            except (EOFError, RuntimeError):  # caught mid-write
+            except (EOFError, RuntimeError, FileNotFoundError):  # caught mid-write, or deleted as an old one
                 pass
         return max(epochs, default=-1)
 

@@ -53,6 +53,13 @@ class TrainingError(BictError, RuntimeError):
     """A training run that failed; the message names the stage, the model and the cause."""
 
 
+def last_line(err: BaseException) -> str:
+    """``err``'s message as one line, its last: where pyarrow puts the store's own words and a remote traceback the
+    original error's (its type's name when the message is empty)."""
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
 def project_error(err: BaseException) -> BictError | None:
     """The outermost ``BictError`` in ``err``'s chain: ``err`` itself, or what it wraps; None if there is none.
 

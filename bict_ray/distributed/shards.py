@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from bict_ray.errors import BictError, StorageError
+from bict_ray.errors import BictError, StorageError, last_line
 
 # Tasks per concurrent slot: each task takes an equal run of consecutive shards. Few and long, because Ray Data
 # notices a finished task only at its next poll and a task's start costs too: fewer tasks a slot upgraded faster
@@ -52,8 +52,7 @@ def _reporting(batch: dict[str, np.ndarray], *, fn: Callable, fn_kwargs: dict) -
     except BictError as err:
         results = [err]
     except OSError as err:
-        text = str(err).strip().splitlines()
-        results = [StorageError(text[-1] if text else type(err).__name__)]
+        results = [StorageError(last_line(err))]
     return {"result": np.array([pickle.dumps(r, protocol=5) for r in results], dtype=object)}
 
 

@@ -38,7 +38,7 @@ from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTraini
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform, backbone_spec
 from bict_ray.distributed.sessions import CHECKPOINT_FILE, CheckpointStore, RayTrainSession, TaskSession, TrainSession
-from bict_ray.errors import AlreadyExistsError, InputError, TrainingError
+from bict_ray.errors import AlreadyExistsError, InputError, TrainingError, last_line
 
 # per unseen class, how many images the pseudo old classifier averages (enough for a stable mean direction)
 SYNTHESIS_SAMPLES_PER_CLASS = 2000
@@ -493,8 +493,7 @@ def _root_cause(err: BaseException) -> str:
         err = err.cause  # a task's exception, without the traceback Ray prints around it
     while err.__cause__ is not None:
         err = err.__cause__
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+    return last_line(err)
 
 
 def _threads(config: Config) -> int | None:

@@ -313,16 +313,14 @@ class GalleryWriter:
         """Record this version's settings beside its staged shards, or check them against those of the run that
         staged them: a resumed run with another transform, lineage or extra (an upgrade's precision, say) would
         otherwise commit a mixture of both runs' shards."""
+        # the claim is written only where none is; one found (or one another writer wrote first) must match
+        if _put_if_absent(self._staging, STAGING_SETTINGS_NAME, json.dumps(self._settings(), sort_keys=True).encode()):
+            return
         location = self._staging.child(STAGING_SETTINGS_NAME)
-        claim = json.dumps(self._settings(), sort_keys=True).encode()
         try:
-            # the claim is written only where none is; one found (or one that another writer wrote first) must match
-            staged = None if _put_if_absent(self._staging, STAGING_SETTINGS_NAME, claim) else \
-                json.loads(_read_bytes(location))
+            staged = json.loads(_read_bytes(location))
         except (ValueError, OSError) as err:
             raise GalleryError(f"cannot read {location.display}: {err}") from None
-        if staged is None:
-            return
         mine = json.loads(json.dumps(self._settings()))  # as JSON gives them back (lists, not tuples)
         different = sorted(key for key in set(mine) | set(staged) if mine.get(key) != staged.get(key))
         if different:

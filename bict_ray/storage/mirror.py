@@ -15,14 +15,16 @@ A run killed mid-upload leaves at most a folder without its card, which the sequ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from bict_ray.errors import InputError, StorageError
+from bict_ray.errors import InputError, StorageError, last_line
 
 # never mirrored: written to the store directly, by many processes (at any depth: an arm's run has its own)
 REMOTE_ONLY = ("gallery", "ray_results")
@@ -55,15 +57,12 @@ class Mirror:
             shutil.rmtree(self.local)
         self.local.mkdir(parents=True)
         self._pushed = {}
-        for relative, info in self._remote_files().items():
+        for relative in self._remote_files():
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            with self._storage("reading", relative):
-                with self.fs.open_input_file(f"{self.root}/{relative}") as source:
-                    data = source.read()
-            tmp = target.with_name(target.name + ".pull")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            # written in place: a pull cut off is redone whole by the next one, which clears the mirror first
+            with self._storage("reading", relative), self.fs.open_input_file(f"{self.root}/{relative}") as source:
+                target.write_bytes(source.read())
             stat = target.stat()
             self._pushed[relative] = (stat.st_size, stat.st_mtime_ns)
 
@@ -72,7 +71,7 @@ class Mirror:
         changed = []
         for path in self.local.rglob("*"):
             relative = path.relative_to(self.local).as_posix()
-            if not path.is_file() or not _mirrored(relative) or path.name.endswith((".tmp", ".pull")):
+            if not path.is_file() or not _mirrored(relative) or path.name.endswith(".tmp"):
                 continue
             stat = path.stat()
             if self._pushed.get(relative) != (stat.st_size, stat.st_mtime_ns):
@@ -88,37 +87,25 @@ class Mirror:
             self._pushed[relative] = stamp
         return len(changed)
 
-    def _remote_files(self) -> dict[str, pafs.FileInfo]:
+    def _remote_files(self) -> list[str]:
+        """The mirrored files in the store, relative to the run directory."""
         with self._storage("listing", ""):
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
-        files = {}
-        for info in infos:
-            relative = info.path[len(self.root) + 1:]
-            if info.type == pafs.FileType.File and _mirrored(relative):
-                files[relative] = info
-        return files
+        relative = (info.path[len(self.root) + 1:] for info in infos if info.type == pafs.FileType.File)
+        return [path for path in relative if _mirrored(path)]
 
-    def _storage(self, doing: str, relative: str):
-        return _StorageErrors(f"{doing} {self.uri}/{relative}".rstrip("/"))
+    @contextlib.contextmanager
+    def _storage(self, doing: str, relative: str) -> Iterator[None]:
+        """The store's OSError as a StorageError naming what was being done to which file."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except OSError as err:
+            raise StorageError(f"{doing} {self.uri}/{relative}".rstrip("/") + f": {last_line(err)}; the run "
+                               "directory's files in the mirror are kept, and a rerun uploads them") from err
 
 
 def _mirrored(relative: str) -> bool:
     parts = relative.split("/")
     return not (set(parts[:-1]) & set(REMOTE_ONLY)) and parts[0] not in OWN_RUNS
-
-
-class _StorageErrors:
-    """Turns the store's OSError into a StorageError naming what was being done."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, traceback):
-        if err is not None and isinstance(err, OSError) and not isinstance(err, StorageError):
-            text = str(err).strip().splitlines()
-            raise StorageError(f"{self.what}: {text[-1] if text else kind.__name__}; the run directory's files "
-                               "in the mirror are kept, and a rerun uploads them") from err
-        return False

@@ -30,6 +30,7 @@ from bict_ray.errors import ConfigError
 from bict_ray.core.embedding_column import ENCODINGS
 
 SINGLE_WORKER = ("task", "ray_train")  # train.single_worker: where a stage with one worker runs
+INGEST = ("memory", "stream")  # train.ingest: how an embedding model's training images reach its workers
 
 # The arms a run can compare with BiCT (bict_ray.pipeline.arms), each on the run's own phi_1, gallery v1 and splits:
 # bct_chained (phi_t compatible with phi_{t-1}, gallery never upgraded), bct_anchored (every phi_t compatible with
@@ -270,6 +271,12 @@ class TrainConfig:
     # how a stage with one worker runs: "task", one Ray task that checkpoints and retries like Ray Train without a
     # worker group's start-up (seconds per fit); "ray_train", a TorchTrainer like several workers
     single_worker: str = "task"
+    # how the training images reach the workers: "memory", the whole split through the object store to every
+    # worker; "stream", a Ray Data stream split across the workers, read (and, for data.kind=parquet, decoded from
+    # the table) in Ray Data tasks, so no worker holds the split (docs/RAY.md, "Streamed training data")
+    ingest: str = "memory"
+    shuffle_buffer: int = 4096  # ingest=stream: rows each worker shuffles its stream in (Ray Data's local buffer)
+    ingest_cpus: float = 0.5  # ingest=stream: CPUs a Ray Data read or decode task takes beside the workers
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
@@ -288,6 +295,11 @@ class TrainConfig:
         if self.single_worker not in SINGLE_WORKER:
             raise ConfigError(f"train.single_worker must be one of {', '.join(SINGLE_WORKER)}, "
                               f"got {self.single_worker!r}")
+        _check_choice("train.ingest", self.ingest, INGEST)
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"train.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.ingest_cpus <= 0:
+            raise ConfigError(f"train.ingest_cpus must be > 0, got {self.ingest_cpus}")
 
 
 @dataclass

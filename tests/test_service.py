@@ -204,7 +204,9 @@ def kept_only(service, smoke_data, tmp_path_factory):
     # this service kept its gallery's labels: the evaluate stage scores it too
     production = pq.read_table(root / "gallery.parquet").append_column("label", pa.array(test.labels.astype(np.int64)))
     pq.write_table(production, folder / "labelled_gallery.parquet")
-    overrides = ["data.kind=parquet", f"data.root={folder / 'data'}", "old_model.kind=embeddings",
+    # its new model trains on a stream of the table (train.ingest=stream), decoded in Ray Data tasks, the stored
+    # vectors looked up by the ids the stream carries
+    overrides = ["data.kind=parquet", f"data.root={folder / 'data'}", "train.ingest=stream", "old_model.kind=embeddings",
                  f"service.gallery={folder / 'labelled_gallery.parquet'}", "service.label_column=label",
                  f"old_model.path={folder / 'kept.parquet'}", "old_model.id_column=image_id",
                  "old_model.embedding_column=vector", "old_model.image_size=null", "old_model.channels=null"]

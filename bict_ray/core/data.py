@@ -282,7 +282,7 @@ def load_parquet(path: str, cfg: DataConfig) -> Dataset:
     if len(classes) < 2:
         raise DataError(f"Parquet data {root} has {len(classes)} class(es) (labels 0 … {num_classes - 1}); retrieval "
                         "needs at least 2")
-    images = _decode_images(table.images, cfg, table.images.where)
+    images = decode_images(table.images, cfg, table.images.where)
     # each set in id order (a stable sort: rows without ids are in order already)
     parts = [np.arange(first, last)[np.argsort(table.ids[first:last], kind="stable")]
              for first, last in zip(rows[:-1], rows[1:])]
@@ -311,7 +311,7 @@ def load_image_set(path: str, cfg: DataConfig) -> ImageSet:
                              cfg.id_column)
     if not len(table.labels):
         raise DataError(f"{root}: no rows")
-    return ImageSet(_decode_images(table.images, cfg, table.images.where), table.labels, table.ids)
+    return ImageSet(decode_images(table.images, cfg, table.images.where), table.labels, table.ids)
 
 
 # data.kind -> loader; a new format is a loader taking the DataConfig, and one line here
@@ -321,6 +321,12 @@ DATA_KINDS = {
     "imagefolder": lambda cfg: load_image_folder(cfg.root, cfg),
     "parquet": lambda cfg: load_parquet(cfg.root, cfg),
 }
+
+
+def parquet_table_files(path: str) -> list[Path]:
+    """Every Parquet file of the data at ``path`` as ``load_parquet`` reads it (one table, or its train, query and
+    gallery sets), in that order: what a stream of the images reads (``distributed.ingest``)."""
+    return [file for _, files in _parquet_sets(Path(path)) for file in files]
 
 
 def missing_dataset_message(root: str | None = None) -> str:
@@ -451,8 +457,8 @@ def _class_files(class_dirs: dict[str, Path], classes: list[str]) -> tuple[list[
 
 
 def _read_images(files: list[Path], cfg: DataConfig) -> np.ndarray:
-    """The image files, as :func:`_decode_images` makes them."""
-    return _decode_images(files, cfg, lambda i: str(files[i]))
+    """The image files, as :func:`decode_images` makes them."""
+    return decode_images(files, cfg, lambda i: str(files[i]))
 
 
 # what PIL raises for data it cannot decode: an unknown format or a truncated file (OSError), a corrupt chunk of a
@@ -460,7 +466,7 @@ def _read_images(files: list[Path], cfg: DataConfig) -> np.ndarray:
 _UNDECODABLE = (OSError, SyntaxError, ValueError)
 
 
-def _decode_images(sources: Sequence[Path | bytes], cfg: DataConfig, where: Callable[[int], str]) -> np.ndarray:
+def decode_images(sources: Sequence[Path | bytes], cfg: DataConfig, where: Callable[[int], str]) -> np.ndarray:
     """(N, C, H, W) uint8 of the images ``sources`` hold, each a file or the encoded bytes of one (decoded in
     memory), resized to data.image_size; grey when data.channels says so or every sampled image is. where(i): how a
     message names image i (its file; a table's file, row and column)."""

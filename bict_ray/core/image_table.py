@@ -155,8 +155,8 @@ def _read_file(file: Path, schema: pa.Schema, image_column: str, label_column: s
         if name not in schema.names:
             raise DataError(f"{display}: no column {name!r} ({key}); columns are: {', '.join(schema.names)}")
     image_type = schema.field(image_column).type
-    bytes_field = _bytes_field(image_type)
-    if bytes_field is None:
+    field = bytes_field(image_type)
+    if field is None:
         raise DataError(f"{display}, column {image_column!r}: type {image_type}; images must be encoded bytes "
                         "(binary), or a struct with a 'bytes' field as Hugging Face datasets writes them")
     label_type = schema.field(label_column).type
@@ -171,13 +171,13 @@ def _read_file(file: Path, schema: pa.Schema, image_column: str, label_column: s
         table = pq.read_table(file, columns=columns)
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{display}: cannot read columns {', '.join(columns)} ({err})") from None
-    images = _image_bytes(table.column(image_column), bytes_field, display, image_column)
+    images = image_bytes(table.column(image_column), field, display, image_column)
     labels = _integers(table.column(label_column), display, label_column, "label")
     ids = None if id_column is None else _integers(table.column(id_column), display, id_column, "id")
     return _File(display, schema, images, labels, ids)
 
 
-def _bytes_field(kind: pa.DataType) -> str | None:
+def bytes_field(kind: pa.DataType) -> str | None:
     """'' for a binary column; the field's name for a struct with a binary ``bytes`` field; None for another type."""
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return ""
@@ -189,13 +189,13 @@ def _bytes_field(kind: pa.DataType) -> str | None:
     return None
 
 
-def _image_bytes(values: pa.ChunkedArray, bytes_field: str, display: str, name: str) -> pa.ChunkedArray:
+def image_bytes(values: pa.ChunkedArray, field: str, display: str, name: str) -> pa.ChunkedArray:
     """The column's encoded images, binary; raises for a row without bytes."""
     paths = None
-    if bytes_field:
+    if field:
         # flatten applies the struct's own nulls to its fields: a null struct is a null image
         fields = dict(zip((values.type.field(i).name for i in range(values.type.num_fields)), values.flatten()))
-        values, paths = fields[bytes_field], fields.get("path")
+        values, paths = fields[field], fields.get("path")
     row = first_null(values)
     if row is not None:
         path = None if paths is None else paths[row].as_py()

@@ -1,7 +1,7 @@
 """Where a training stage's loop runs: in a Ray Train worker group, or, for a single worker, in one Ray task.
 
-The loop (``distributed/train.py``) asks its session for five things: its rank and device, where everyone runs, the
-model and loader prepared for it, the checkpoint to resume from, and a place to report each epoch. Two sessions answer:
+The loop (``distributed/train.py``) asks its session for six things: its rank and device, where everyone runs, the
+model and loader prepared for it, its share of a streamed dataset, the checkpoint to resume from, and a place to report each epoch. Two sessions answer:
 
 - ``RayTrainSession``: inside ``TorchTrainer``: DDP across workers and nodes, checkpoints and restarts by Ray Train.
 - ``TaskSession``: inside one Ray task with the worker's resources. A Ray Train ``fit()`` starts a controller and a
@@ -43,6 +43,9 @@ class TrainSession(Protocol):
 
     def prepare_loader(self, loader: torch.utils.data.DataLoader): ...
 
+    def dataset_shard(self, dataset):
+        """This rank's share of a streamed ``dataset`` (a Ray Data iterator)."""
+
     def restore(self) -> dict[str, Any] | None:
         """The newest checkpoint's contents, or None for a fresh start."""
 
@@ -70,6 +73,9 @@ class RayTrainSession:
 
     def prepare_loader(self, loader):
         return ray.train.torch.prepare_data_loader(loader)
+
+    def dataset_shard(self, dataset):
+        return ray.train.get_dataset_shard("train")  # the trainer was given ``dataset`` and split it
 
     def restore(self):
         checkpoint = ray.train.get_checkpoint()
@@ -106,6 +112,9 @@ class TaskSession:
 
     def prepare_loader(self, loader):
         return loader  # the stages move each batch to the device themselves
+
+    def dataset_shard(self, dataset):
+        return dataset.iterator()  # the only worker: the whole stream
 
     def restore(self):
         return self.store.latest(self.device)

@@ -37,6 +37,7 @@ from bict_ray.storage.artifacts import (Artifact, ModelCard, is_external, load_a
 from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTrainingLoss, check_finite, compat_loss_for,
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform, backbone_spec
+from bict_ray.distributed.ingest import StreamLoader, Streamed, training_stream
 from bict_ray.distributed.sessions import CHECKPOINT_FILE, CheckpointStore, RayTrainSession, TaskSession, TrainSession
 from bict_ray.errors import AlreadyExistsError, InputError, TrainingError, last_line
 
@@ -83,26 +84,33 @@ class EmbeddingStage:
 
     name: str
     spec: dict[str, Any]
-    data: Any  # ObjectRef of (images (N, C, H, W) uint8, labels (N,) int64, ids (N,) int64), or the tuple itself
+    # ObjectRef of (images (N, C, H, W) uint8, labels (N,) int64, ids (N,) int64), or the tuple itself; or, with
+    # train.ingest=stream, a Streamed Ray Dataset of those rows
+    data: Any
     optimisation: Optimisation
     momentum: float
     backbone_weights: str | None = None
+    shuffle_buffer: int = 4096  # rows, for streamed data
     compat: CompatSetup | None = None
     class_mask: torch.Tensor | None = None  # (num_classes,) bool, the classes of the split; None: all
 
-    def build(self, device: torch.device) -> StageParts:
-        images, labels, ids = _resolve(self.data)
+    def build(self, device: torch.device, shard=None) -> StageParts:
+        """``shard``: this worker's share of a streamed ``data`` (``Streamed``); unused for data in memory."""
         model = EmbeddingNet.from_spec(self.spec, backbone_weights=self.backbone_weights)
         if self.class_mask is not None:
             with torch.no_grad():
                 # rows of classes outside the split get no gradient (out of the CE's softmax): zero rather than
                 # random, so the saved classifier scores a class it never saw 0 instead of above learned ones at random
                 model.classifier.weight[~self.class_mask] = 0
-        # copies: arrays from the object store are read-only, and torch wants writable memory
-        # the ids travel with the batches: an old model that is only its embeddings looks them up
-        dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels), torch.tensor(ids))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.optimisation.batch_size, shuffle=True,
-                                             drop_last=True)
+        batch_size = self.optimisation.batch_size
+        if isinstance(self.data, Streamed):
+            loader = StreamLoader(shard, batch_size, self.shuffle_buffer, self.optimisation.seed)
+        else:
+            images, labels, ids = _resolve(self.data)
+            # copies: arrays from the object store are read-only, and torch wants writable memory
+            # the ids travel with the batches: an old model that is only its embeddings looks them up
+            dataset = torch.utils.data.TensorDataset(torch.tensor(images), torch.tensor(labels), torch.tensor(ids))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
         old, compat = None, None
         if self.compat is not None and self.compat.lam > 0:
             old = module_from_state(self.compat.parent_card, _resolve(self.compat.parent_state)).to(device)
@@ -153,7 +161,7 @@ class TransformStage:
     optimisation: Optimisation
     class_mask: torch.Tensor | None = None  # (C,) bool, the classes the target model trained on; None: all
 
-    def build(self, device: torch.device) -> StageParts:
+    def build(self, device: torch.device, shard=None) -> StageParts:
         source, target = _resolve(self.pairs)
         labels = _resolve(self.labels)
         psi = UpgradeTransform.from_spec(self.spec)
@@ -213,7 +221,8 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
 
 def embedding_stage(config: Config, version: int, train_set: ImageSet, num_classes: int,
                     parent: Artifact | None = None, classes_seen: list[int] | None = None) -> EmbeddingStage:
-    """The stage that trains phi_<version>. The images go to the object store once; with a ``parent`` the frozen
+    """The stage that trains phi_<version>. The images go to the object store once (as one array, or as a stream's
+    blocks or table reads with train.ingest=stream); with a ``parent`` the frozen
     old model and, for a loss that needs it (bct), its classifier with synthesised rows come along.
     ``classes_seen``: the classes of the split, the only ones in the CE's softmax (None: all ``num_classes``)."""
     # the backbone's name, with a factory and its kwargs: what a worker rebuilds it from; model.weights travels beside
@@ -223,11 +232,14 @@ def embedding_stage(config: Config, version: int, train_set: ImageSet, num_class
             "embedding_dim": config.model.embedding_dim, "num_classes": num_classes,
             "classifier": config.model.classifier, "scale": config.model.scale}
     train = config.train
+    data = (training_stream(config, train_set) if train.ingest == "stream"
+            else ray.put((train_set.images, train_set.labels, train_set.ids)))
     stage = EmbeddingStage(
-        name=f"phi_{version}", spec=spec, data=ray.put((train_set.images, train_set.labels, train_set.ids)),
+        name=f"phi_{version}", spec=spec, data=data,
         optimisation=Optimisation(train.epochs, train.batch_size, train.lr, train.weight_decay,
                                   seed=train.seed + version, threads=_threads(config)),
         momentum=train.momentum, class_mask=_class_mask(classes_seen, num_classes),
+        shuffle_buffer=train.shuffle_buffer,
         # absolute: a Ray Train worker need not run in the driver's working directory
         backbone_weights=os.path.abspath(config.model.weights) if config.model.weights else None)
     if parent is not None:
@@ -327,10 +339,11 @@ def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
     rank, device = session.rank, session.device
     torch.manual_seed(opt.seed)
     workers = session.placement()
-    parts = stage.build(device)
+    parts = stage.build(device, _shard(stage, session))
     model = session.prepare_model(parts.model)
     optimizer, scheduler = _optimizer(stage, model)
-    loader = session.prepare_loader(parts.loader)
+    # a stream is split across the workers already; a torch loader gets its distributed sampler here
+    loader = parts.loader if isinstance(parts.loader, StreamLoader) else session.prepare_loader(parts.loader)
 
     start_epoch, history, attempt = 0, [], 1
     saved = session.restore()
@@ -352,8 +365,9 @@ def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
         return state
 
     for epoch in range(start_epoch, opt.epochs):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        for each in (loader, getattr(loader, "sampler", None)):  # a stream's shuffle, a distributed sampler
+            if hasattr(each, "set_epoch"):
+                each.set_epoch(epoch)
         started, started_at = time.perf_counter(), time.time()
         totals = parts.run_epoch(model, loader, optimizer, epoch)
         scheduler.step()
@@ -382,16 +396,26 @@ def run_in_process(stage: Stage) -> list[dict[str, float]]:
     if opt.threads:
         torch.set_num_threads(opt.threads)
     torch.manual_seed(opt.seed)
-    parts = stage.build(torch.device("cpu"))
+    parts = stage.build(torch.device("cpu"), _shard(stage, None))
     optimizer, scheduler = _optimizer(stage, parts.model)
     records = []
     for epoch in range(opt.epochs):
+        if hasattr(parts.loader, "set_epoch"):
+            parts.loader.set_epoch(epoch)
         started = time.perf_counter()
         totals = parts.run_epoch(parts.model, parts.loader, optimizer, epoch)
         scheduler.step()
         records.append({"seconds": time.perf_counter() - started, "samples": totals["samples"],
                         "loss": totals["loss"] / max(totals["samples"], 1.0)})
     return records
+
+
+def _shard(stage: Stage, session: TrainSession | None):
+    """This worker's share of a streamed stage's data: Ray Train's split, or, alone, the whole stream; else None."""
+    data = getattr(stage, "data", None)
+    if not isinstance(data, Streamed):
+        return None
+    return data.dataset.iterator() if session is None else session.dataset_shard(data.dataset)
 
 
 def _resolve(value):
@@ -457,9 +481,11 @@ def _fit(config: Config, out_dir: Path, stage: Stage, run_name: str | None):
 
 
 def _fit_on_ray_train(train_cfg, stage: Stage, storage: str, name: str) -> dict[str, Any] | None:
+    # a streamed stage's Dataset goes to the trainer, which splits it across the workers (get_dataset_shard)
+    datasets = {"train": stage.data.dataset} if isinstance(getattr(stage, "data", None), Streamed) else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": stage},
+        train_loop_config={"stage": stage}, datasets=datasets,
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,

@@ -28,8 +28,8 @@ from bict_ray.storage.mirror import Mirror
 # How a run is executed, not what it computes: these may change between a run and its resumption.
 RUNTIME_KEYS = frozenset({
     "ray", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.storage_path",
-    "train.single_worker", "train.torch_threads", "train.max_failures", "gallery.concurrency", "gallery.cpus_per_task",
-    "gallery.use_gpu", "gallery.batch_size",
+    "train.single_worker", "train.ingest", "train.ingest_cpus", "train.torch_threads", "train.max_failures",
+    "gallery.concurrency", "gallery.cpus_per_task", "gallery.use_gpu", "gallery.batch_size",
     "eval.test",  # what is evaluated, not what is trained: a search's best trial is tested after selection
     "arms",  # arms run beside the run, each in its own directory: one can be added to a finished run
     "service.export", "service.index",  # what upgrade-service hands back of the upgraded gallery

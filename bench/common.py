@@ -69,3 +69,23 @@ def start_ray(num_cpus: int, attempts: int = 3) -> tuple[bool, float]:
             ray.shutdown()
             time.sleep(2 + 3 * attempt)
     raise AssertionError("unreachable")
+
+
+def log(message: str) -> None:
+    """Progress on stderr: stdout carries the table and the JSON line, which must be the last line."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine_line(machine: dict) -> str:
+    """The table's line on the machine a run measured (``machine_info``'s record)."""
+    return (f"machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), load {machine['load_avg_start']} -> "
+            f"{machine['load_avg_end']}; torch {machine['torch']}, ray {machine['ray']}")
+
+
+def parse_with_presets(parser, argv, quick: dict, full: dict):
+    """Parse ``argv``; every option left unset takes the preset of its mode (``--quick`` or the full run)."""
+    args = parser.parse_args(argv)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, start_ray  # noqa: E402
+from bench.common import log, machine_info, machine_line, parse_with_presets, start_ray  # noqa: E402
 
 FULL = dict(images=12_000, epochs=4, batch_size=128, workers=[1, 2])
 QUICK = dict(images=1_024, epochs=3, batch_size=64, workers=[1])
@@ -191,10 +191,7 @@ def parse_args(argv):
     parser.add_argument("--embedding-dim", type=int, default=128)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    args = parse_with_presets(parser, argv, QUICK, FULL)
     for key in ("images", "batch_size", "threads", "embedding_dim", "classes"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
@@ -207,16 +204,11 @@ def parse_args(argv):
     return args
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def print_table(report: dict) -> None:
     machine = report["machine"]
     print(f"train: {report['backbone']}, {report['images']} images x {report['epochs']} epochs, batch "
           f"{report['batch_size']}, {report['threads']} torch threads in all")
-    print(f"machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), load {machine['load_avg_start']} -> "
-          f"{machine['load_avg_end']}; torch {machine['torch']}, ray {machine['ray']}")
+    print(machine_line(machine))
     rows = [("plain torch loop", report["plain_epoch_seconds"], report["plain_images_per_s"], "", "")]
     for workers, run in report["ray"].items():
         overhead = run["epoch_seconds"] / report["plain_epoch_seconds"] - 1

@@ -81,7 +81,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, print_rows, start_ray  # noqa: E402
+from bench.common import machine_info, parse_with_presets, print_rows, start_ray  # noqa: E402
 
 FULL = dict(rows=1_000_000, dim=256, rows_per_shard=None, tiny_rows=64, sample_interval=0.2)
 QUICK = dict(rows=8_192, dim=256, rows_per_shard=1_024, tiny_rows=16, sample_interval=0.05)
@@ -304,10 +304,7 @@ def parse_args(argv):
     parser.add_argument("--workdir", default=None, help="where the galleries are written (default: the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the input gallery and artifacts (not outputs)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    args = parse_with_presets(parser, argv, QUICK, FULL)
     if args.rows_per_shard is None:
         args.rows_per_shard = gallery.rows_per_shard
     for key in ("rows", "dim", "rows_per_shard", "hidden", "layers", "threads", "ray_cpus", "repeat", "tiny_rows"):

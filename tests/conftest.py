@@ -1,7 +1,9 @@
 """Shared fixtures. One Ray instance serves the whole session: starting Ray costs seconds on this machine."""
 
+import importlib.util
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +62,15 @@ def smoke_data(smoke_config):
     from bict_ray.core.data import load_dataset
 
     return load_dataset(smoke_config.data)
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the benchmarks are scripts, not a package the tests import)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_subset(dataset, classes):

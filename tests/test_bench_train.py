@@ -1,23 +1,14 @@
 """The training benchmark's quick mode runs end to end on the session's Ray instance and reports sane figures."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_quick_benchmark_compares_ray_train_with_the_plain_loop(ray_session, capsys):
-    report = load_bench().main(["--quick"])
+    report = load_bench("train").main(["--quick"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) > 1, "a human-readable table comes before the JSON line"
     assert json.loads(lines[-1]) == json.loads(json.dumps(report))
@@ -47,6 +38,6 @@ def test_quick_benchmark_compares_ray_train_with_the_plain_loop(ray_session, cap
 ])
 def test_bad_arguments_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_bench().main(["--quick", *args])
+        load_bench("train").main(["--quick", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err

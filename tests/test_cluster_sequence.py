@@ -119,6 +119,12 @@ def test_smoke_sequence_spreads_train_and_data_over_two_nodes(bucket, tmp_path, 
         placed = json.loads((card / "model.json").read_text())["training"]["workers"]
         assert sorted(w["rank"] for w in placed) == [0, 1], card
         assert {w["node_id"] for w in placed} == workers, card
+    # the embedding models trained on a Ray Data stream of their split, each worker on its half
+    for card in (out / "models" / "phi_1", out / "models" / "phi_2"):
+        training = json.loads((card / "model.json").read_text())["training"]
+        assert training["ingest"] == "stream", card
+        batch = 64  # configs/smoke.yaml's train.batch_size
+        assert training["history"][0]["samples"] == 2 * (training["num_train"] // 2 // batch) * batch, card
 
     # Ray Data: both pipelines had shards processed on both worker nodes
     assert results["gallery_nodes"] == {"v1": sorted(workers), "v2": sorted(workers)}
@@ -165,3 +171,8 @@ def test_training_survives_losing_a_worker_node(tmp_path):
     # the second attempt's two workers: on the surviving node and the replacement, none on the lost one
     nodes = {w["node_id"] for w in report["workers"]}
     assert report["victim"] not in nodes and report["replacement"] in nodes and len(nodes) == 2, report
+    # trained on a stream of the split, split again across the new worker group: every epoch, before the loss and
+    # after it, one pass over the split between the two workers
+    assert report["ingest"] == "stream", report
+    share = report["split_rows"] // 2 // 64 * 64
+    assert [h["samples"] for h in history] == [2 * share] * script.TRAIN_EPOCHS, report

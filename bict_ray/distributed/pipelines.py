@@ -29,6 +29,7 @@ from torch import nn
 from bict_ray.config import GalleryConfig
 from bict_ray.core.data import ImageSet
 from bict_ray.core.embed import embed_images, inference_form, upgrade_embeddings
+from bict_ray.core.synthetic import ClassStructure, synthetic_shard
 from bict_ray.distributed.shards import map_shards
 from bict_ray.errors import InputError, StorageError
 from bict_ray.storage.artifacts import Artifact, module_from_state
@@ -72,10 +73,37 @@ def extract_gallery(model: Artifact | str | nn.Module, images: ImageSet, out: st
     started = time.perf_counter()
     settings = dict(dim=dim, lineage=[name], space=name, encoding=cfg.embedding_encoding)
     writer = GalleryWriter(out, normalised=True, **settings)
+    # one object per shard: a task fetches the images of its own shards only, never the whole set
+    shards = [slice(i * cfg.rows_per_shard, (i + 1) * cfg.rows_per_shard) for i in range(num_shards)]
     results = _run_pool(_ExtractShard, cfg, writer, num_shards, progress, dict(
-        card=model.card, state=model.state, data=ray.put((images.images, images.labels, images.ids)),
-        out=out, settings=settings, rows_per_shard=cfg.rows_per_shard, batch_size=cfg.batch_size,
-        use_gpu=cfg.use_gpu))
+        card=model.card, state=model.state,
+        shards=[ray.put((images.images[part], images.labels[part], images.ids[part])) for part in shards],
+        shard_rows=[len(images.ids[part]) for part in shards], out=out, settings=settings,
+        batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
+    version = writer.commit(num_shards=num_shards, records=_records(results))
+    return version, _stats(results, started)
+
+
+def synthesize_gallery(structure: ClassStructure, rows: int, out: str, *, space: str, seed: int = 0,
+                       config: GalleryConfig | None = None,
+                       progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:
+    """A committed gallery version of ``rows`` synthetic rows in ``space`` (a model's name: the lineage the rows
+    record) at ``out``, drawn around ``structure``'s class means (``core.synthetic``) in Ray Data tasks: a scale
+    run's gallery, of any size, with no images behind it. Resumable to identical bytes, as an extraction is.
+    config, progress: as for ``extract_gallery``."""
+    cfg = config or GalleryConfig()
+    if rows < 1:
+        raise InputError(f"a synthetic gallery needs rows >= 1, got {rows}")
+    out = _absolute(out)
+    _refuse_committed(out)
+    num_shards = -(-rows // cfg.rows_per_shard)
+    started = time.perf_counter()
+    settings = dict(dim=structure.dim, lineage=[space], space=space, encoding=cfg.embedding_encoding,
+                    extra={"synthetic": {"rows": rows, "seed": seed, "classes": structure.classes.tolist()}})
+    writer = GalleryWriter(out, normalised=True, **settings)
+    results = _run_pool(_SynthesizeShard, cfg, writer, num_shards, progress, dict(
+        structure=structure, rows=rows, rows_per_shard=cfg.rows_per_shard, seed=seed, out=out, settings=settings,
+        use_gpu=False))
     version = writer.commit(num_shards=num_shards, records=_records(results))
     return version, _stats(results, started)
 
@@ -201,20 +229,32 @@ class _ShardWorker:
 
 
 class _ExtractShard(_ShardWorker):
-    def __init__(self, card, state, data, rows_per_shard, batch_size, **kwargs):
+    def __init__(self, card, state, shards: list, shard_rows: list[int], batch_size, **kwargs):
         super().__init__(**kwargs)
         self.batch_size = batch_size
         self.model = module_from_state(card, state).to(self.device)
-        self.images, self.labels, self.ids = ray.get(data) if isinstance(data, ray.ObjectRef) else data
-        self.rows_per_shard = rows_per_shard
+        self.shards, self.shard_rows = shards, shard_rows  # an object ref of (images, labels, ids) per shard
 
     def expected_rows(self, index: int) -> int:
-        return len(self.ids[index * self.rows_per_shard:(index + 1) * self.rows_per_shard])
+        return self.shard_rows[index]
 
     def compute(self, index: int):
-        part = slice(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
-        embeddings = embed_images(self.model, self.images[part], self.batch_size, self.device, ids=self.ids[part])
-        return self.ids[part], self.labels[part], embeddings, {}  # every row in phi's space, lineage [phi]
+        images, labels, ids = ray.get(self.shards[index])
+        embeddings = embed_images(self.model, images, self.batch_size, self.device, ids=ids)
+        return ids, labels, embeddings, {}  # every row in phi's space, lineage [phi]
+
+
+class _SynthesizeShard(_ShardWorker):
+    def __init__(self, structure: ClassStructure, rows: int, rows_per_shard: int, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.structure, self.rows, self.rows_per_shard, self.seed = structure, rows, rows_per_shard, seed
+
+    def expected_rows(self, index: int) -> int:
+        return min(self.rows_per_shard, self.rows - index * self.rows_per_shard)
+
+    def compute(self, index: int):
+        ids, labels, embeddings = synthetic_shard(self.structure, index, self.rows, self.rows_per_shard, self.seed)
+        return ids, labels, embeddings, {}
 
 
 class _UpgradeShard(_ShardWorker):

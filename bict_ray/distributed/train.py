@@ -38,6 +38,7 @@ from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTraini
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform, backbone_spec
 from bict_ray.distributed.ingest import StreamLoader, Streamed, training_stream
+from bict_ray.distributed.memory import PeakMemory
 from bict_ray.distributed.sessions import CHECKPOINT_FILE, CheckpointStore, RayTrainSession, TaskSession, TrainSession
 from bict_ray.errors import AlreadyExistsError, InputError, TrainingError, last_line
 
@@ -208,7 +209,7 @@ def train_embedding_model(config: Config, out_dir: str | Path, version: int, tra
     history, state, workers = _fit(config, out_dir, stage, run_name)
     model = EmbeddingNet.from_spec(stage.spec)
     model.load_state_dict(state)
-    training = {"num_train": len(train_set), "epochs": config.train.epochs,
+    training = {"num_train": len(train_set), "epochs": config.train.epochs, "ingest": config.train.ingest,
                 "metrics": history[-1] if history else {}, "history": history, "workers": workers}
     if stage.compat is not None:
         training.update(compat_loss=config.compat.loss, lam=config.compat.lam,
@@ -337,6 +338,7 @@ def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
     if opt.threads:
         torch.set_num_threads(opt.threads)
     rank, device = session.rank, session.device
+    memory = PeakMemory()  # from before the stage's data arrives: what holding it costs the worker
     torch.manual_seed(opt.seed)
     workers = session.placement()
     parts = stage.build(device, _shard(stage, session))
@@ -373,6 +375,7 @@ def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
         scheduler.step()
         seconds = time.perf_counter() - started
         metrics = _reduce(totals, device)
+        metrics.update(_peaks(memory, device))
         metrics.update(epoch=epoch, attempt=attempt, seconds=seconds, started_at=started_at,
                        samples_per_s=metrics["samples"] / seconds if seconds > 0 else 0.0)
         history.append(metrics)
@@ -383,6 +386,7 @@ def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
     if start_epoch >= opt.epochs and history:
         # a rerun of a finished run reports its final state again, so the driver gets a checkpoint
         saved = report(history[-1], opt.epochs - 1)
+    memory.stop()
     return saved
 
 
@@ -453,6 +457,17 @@ def _reduce(sums: dict[str, float], device) -> dict[str, float]:
         out["accuracy"] = total["correct"] / n
     out["samples"] = total["samples"]
     return out
+
+
+def _peaks(memory: PeakMemory, device) -> dict[str, float]:
+    """The largest peak memory over the workers, MiB: private (since the stage started; -1 where the system does
+    not say) and resident (since the process started: a Ray worker process may have run other tasks before)."""
+    private = memory.peak_uss_mib()
+    peaks = torch.tensor([memory.peak_rss_mib(), -1.0 if private is None else private], dtype=torch.float64,
+                         device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    return {"peak_rss_mib": float(peaks[0]), "peak_uss_mib": float(peaks[1])}
 
 
 def _unwrap(model):

@@ -76,7 +76,7 @@ def run_smoke_sequence(cluster: Cluster, out: str) -> dict:
     from bict_ray.pipeline.sequence import run_sequence
 
     config = load_config("configs/smoke.yaml", [
-        "train.num_workers=2", "train.cpus_per_worker=1", "train.epochs=1", "transform.epochs=1",
+        "train.num_workers=2", "train.cpus_per_worker=1", "train.ingest=stream", "train.epochs=1", "transform.epochs=1",
         "gallery.concurrency=2", f"gallery.cpus_per_task={GALLERY_CPUS}", "gallery.rows_per_shard=50"])
     run_sequence(config, out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return {}
@@ -141,7 +141,8 @@ def run_train_node_loss(cluster: Cluster, out: str) -> dict:
     from bict_ray.distributed.train import CHECKPOINT_FILE, train_embedding_model
 
     config = load_config("configs/smoke.yaml", [f"train.epochs={TRAIN_EPOCHS}", "train.num_workers=2",
-                                                "train.cpus_per_worker=1", "train.max_failures=1"])
+                                                "train.cpus_per_worker=1", "train.max_failures=1",
+                                                "train.ingest=stream"])
     data = load_dataset(config.data, config.eval, config.scenario)
     classes = config.scenario.classes[0]
     train = data.train.subset(np.flatnonzero(np.isin(data.train.labels, classes)))
@@ -172,8 +173,9 @@ def run_train_node_loss(cluster: Cluster, out: str) -> dict:
     card = outcome.get("card")
     return {"error": outcome.get("error"), "victim": crash["victim"], "replacement": crash["replacement"],
             "epoch_at_removal": crash["before"], "running_after_removal": crash["running_after_removal"],
-            "history": None if card is None else [{k: h[k] for k in ("epoch", "attempt")}
+            "history": None if card is None else [{k: h[k] for k in ("epoch", "attempt", "samples")}
                                                   for h in card.training["history"]],
+            "ingest": None if card is None else card.training["ingest"], "split_rows": len(train),
             "workers": None if card is None else card.training["workers"]}
 
 

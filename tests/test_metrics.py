@@ -18,7 +18,7 @@ from bict_ray.retrieval.metrics import (
     shard_topk,
 )
 from bict_ray.retrieval.shard import ShardList
-from bict_ray.retrieval.sharded import sharded_retrieval_metrics
+from bict_ray.retrieval.sharded import run_passes, sharded_retrieval_metrics
 
 
 def at_angles(*degrees):
@@ -491,3 +491,35 @@ def test_merged_positives_come_in_rank_order_with_the_compiled_ranking(ranking):
     above = sum(shard_rank_counts(problem["query"], merged, emb, ids, query_ids=problem["query_ids"])
                 for emb, _, ids in shards)
     assert_same_metrics(metrics_from_ranks(merged, above), brute_force(**problem, ks=(1, 5, 10), map_at=None))
+
+
+class FoldingExecutor:
+    """Hands each 'task' two or three shards at once through ``run_passes``, as the Ray Data executor does."""
+
+    search_threads = None
+
+    def __init__(self, per_task):
+        self.per_task = per_task
+        self.results = 0
+
+    def map(self, source, pass_fn, queries, **inputs):
+        for start in range(0, source.num_shards, self.per_task):
+            indices = range(start, min(start + self.per_task, source.num_shards))
+            for result in run_passes(source, indices, pass_fn, queries, inputs):
+                self.results += 1
+                yield result
+
+
+@pytest.mark.parametrize("map_at", [None, 5])
+def test_a_task_folds_its_shards_into_one_result_with_the_same_metrics(map_at, ranking):
+    # a task of several shards returns one running result for the passes that combine (top-k merges, exact mAP's
+    # rank counts), where one per shard held 8 bytes per positive per shard; the metrics are the same to the bit
+    problem = tied_problem(5)
+    shards = split_into_shards(problem, [10, 30, 45, 60], seed=5)  # five shards
+    expected = retrieval_metrics(**problem, ks=(1, 5), map_at=map_at)
+    executor = FoldingExecutor(per_task=3)
+    got = sharded_retrieval_metrics(problem["query"], problem["query_labels"], ShardList(shards),
+                                    query_ids=problem["query_ids"], ks=(1, 5), map_at=map_at, executor=executor)
+    assert_same_metrics(got, expected)
+    # two tasks: one result each for top-k (one pass) or the rank pass; the positives pass stays one per shard
+    assert executor.results == (2 if map_at is not None else 5 + 2)

@@ -21,7 +21,7 @@ from bict_ray.distributed.shards import map_shards
 from bict_ray.errors import InputError
 from bict_ray.retrieval.search import check_positive_int
 from bict_ray.retrieval.shard import ShardSource
-from bict_ray.retrieval.sharded import PassFn, Queries, run_pass, sharded_retrieval_metrics
+from bict_ray.retrieval.sharded import PassFn, Queries, run_passes, sharded_retrieval_metrics
 from bict_ray.storage.gallery import GalleryVersion, open_gallery
 
 
@@ -44,16 +44,17 @@ class RayDataExecutor:
             raise InputError(f"cpus_per_task must be > 0, got {self.cpus_per_task}")
 
     def map(self, source: ShardSource, pass_fn: PassFn, queries: Queries, **inputs) -> Iterator:
-        """Yield ``run_pass(source, i, pass_fn, queries, inputs)`` for every shard i of ``source``, in any order."""
+        """Yield ``run_pass(source, i, pass_fn, queries, inputs)`` for every shard i of ``source``, in any order;
+        a pass that combines comes folded, one result a task (``run_passes``)."""
         refs = ray.put((source, queries, inputs))
         yield from map_shards(source.num_shards, self.concurrency, _shard_pass, dict(refs=refs, pass_fn=pass_fn),
                               num_cpus=self.cpus_per_task)
 
 
 def _shard_pass(indices: list[int], *, refs, pass_fn: PassFn) -> list:
-    """One Ray Data task: ``pass_fn`` over each of its shards."""
+    """One Ray Data task: ``pass_fn`` over each of its shards, folded into one result where the pass combines."""
     source, queries, inputs = ray.get(refs)
-    return [run_pass(source, index, pass_fn, queries, inputs) for index in indices]
+    return run_passes(source, indices, pass_fn, queries, inputs)
 
 
 def evaluate_gallery(

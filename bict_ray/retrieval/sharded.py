@@ -67,7 +67,8 @@ class ShardExecutor(Protocol):
     search_threads: int | None
 
     def map(self, source: ShardSource, pass_fn: PassFn, queries: Queries, **inputs) -> Iterable[Any]:
-        """``run_pass(source, i, pass_fn, queries, inputs)`` for every shard index i, in any order."""
+        """``run_pass(source, i, pass_fn, queries, inputs)`` for every shard index i, in any order; the results of
+        a pass in ``COMBINE`` may come folded, each one the combination of several shards' (``run_passes``)."""
         ...
 
 
@@ -78,6 +79,22 @@ def run_pass(source: ShardSource, index: int, pass_fn: PassFn, queries: Queries,
         return pass_fn(queries, shard, **inputs)
     except InputError as err:
         raise InputError(f"shard {index}: {err}") from err
+
+
+def run_passes(source: ShardSource, indices: Sequence[int], pass_fn: PassFn, queries: Queries, inputs: dict) -> list:
+    """``run_pass`` over shards ``indices``, for an executor that hands a task several shards. A pass whose results
+    combine (``COMBINE``: exact mAP's rank counts add up, top-k lists merge) is folded shard by shard into one
+    result, so a task holds one running result, not one per shard: a rank count is 8 bytes per merged positive, and
+    a task of many shards returned them all at once (BENCHMARKS.md, "A 10M-row gallery"). The combined result is
+    the one the driver would reach folding the same shards, since its own fold is a sum or an order-free merge."""
+    combine = COMBINE.get(pass_fn)
+    if combine is None:
+        return [run_pass(source, index, pass_fn, queries, inputs) for index in indices]
+    folded = None
+    for index in indices:
+        part = run_pass(source, index, pass_fn, queries, inputs)
+        folded = part if folded is None else combine(folded, part, inputs)
+    return [] if folded is None else [folded]
 
 
 class InProcess:
@@ -186,3 +203,10 @@ def positives_pass(queries: Queries, shard: Shard) -> QueryPositives:
 def rank_pass(queries: Queries, shard: Shard, *, positives: QueryPositives) -> np.ndarray:
     """Exact mAP's second pass: for each merged positive, the shard's items ranked above it."""
     return shard_rank_counts(queries.embeddings, positives, shard.embeddings, shard.ids, query_ids=queries.ids)
+
+
+# how two results of a pass combine into one, where they do (the drivers' own folds above: a merge, a sum)
+COMBINE: dict[PassFn, Callable[[Any, Any, dict], Any]] = {
+    topk_pass: lambda a, b, inputs: merge_shard_topk([a, b], inputs["depth"]),
+    rank_pass: lambda a, b, inputs: a + b,
+}

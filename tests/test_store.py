@@ -543,6 +543,20 @@ def test_duplicate_ids_across_shards_are_refused_at_commit(tmp_path):
     assert not os.path.exists(tmp_path / "v")
 
 
+def test_commit_reads_ids_again_only_for_shards_whose_ranges_overlap(tmp_path, monkeypatch):
+    # shards 0 and 2 interleave (ids 0, 4 and 2, 6); shard 1 (10, 11) and shard 3 (20, 21) overlap nothing
+    _, _, embeddings = make_gallery(n=8)
+    writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)
+    for index, ids in enumerate(([0, 4], [10, 11], [2, 6], [20, 21])):
+        writer.write_shard(index, ids, None, embeddings[2 * index:2 * index + 2])
+    read_again = []
+    original = GalleryWriter._staged_ids
+    monkeypatch.setattr(GalleryWriter, "_staged_ids", lambda self, name: read_again.append(name) or original(self, name))
+    version = writer.commit()
+    assert sorted(read_again) == ["part-00000.parquet", "part-00002.parquet"]
+    assert version.num_rows == 8
+
+
 def test_missing_or_extra_shard_indices_are_refused_at_commit(tmp_path):
     ids, labels, embeddings = make_gallery(n=4)
     writer = GalleryWriter(str(tmp_path / "v"), dim=4, **LINEAGE)

@@ -52,8 +52,7 @@ def training_stream(config: Config, split: ImageSet) -> Streamed:
 
 def stream_image_set(split: ImageSet) -> ray.data.Dataset:
     """``split`` in object-store blocks of about ``BLOCK_BYTES`` of images."""
-    per_image = max(1, int(np.prod(split.images.shape[1:])))
-    rows = max(1, BLOCK_BYTES // per_image)
+    rows = _rows_per_block(split)
     blocks = [_block(split.images[i:i + rows], split.labels[i:i + rows], split.ids[i:i + rows])
               for i in range(0, len(split), rows)]
     return ray.data.from_arrow(blocks)
@@ -71,9 +70,16 @@ def stream_parquet(data_cfg, split: ImageSet, num_cpus: float) -> ray.data.Datas
     columns = [data_cfg.image_column, data_cfg.label_column, data_cfg.id_column]
     decode = dataclasses.replace(data_cfg, channels=int(split.images.shape[1]), image_size=int(split.images.shape[2]))
     dataset = ray.data.read_parquet(files, num_cpus=num_cpus).select_columns(columns)
-    # a function, not a class: a class runs in an actor pool, started again on every pass (every epoch)
+    # a function, not a class: a class runs in an actor pool, started again on every pass (every epoch). Batches
+    # of about BLOCK_BYTES decoded, each one output block: a worker's memory is then its buffer and a few such
+    # blocks, where a file's whole block, decoded, grew with the table (BENCHMARKS.md, "Training ingest")
     return dataset.map_batches(_decode_rows, fn_kwargs=dict(cfg=decode, ids=np.sort(split.ids)),
-                               batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True)
+                               batch_size=_rows_per_block(split), batch_format="pyarrow", num_cpus=num_cpus,
+                               zero_copy_batch=True)
+
+
+def _rows_per_block(split: ImageSet) -> int:
+    return max(1, BLOCK_BYTES // max(1, int(np.prod(split.images.shape[1:]))))
 
 
 class StreamLoader:

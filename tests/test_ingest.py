@@ -12,7 +12,7 @@ from PIL import Image
 from bict_ray.config import ConfigError, DataConfig, load_config
 from bict_ray.core.data import DataError, load_dataset
 from bict_ray.distributed.ingest import StreamLoader, stream_image_set, stream_parquet
-from bict_ray.distributed.train import train_embedding_model
+from bict_ray.distributed.train import extract_transform_pairs, train_embedding_model
 from conftest import train_subset
 
 
@@ -98,6 +98,24 @@ def test_streamed_training_learns_and_splits_the_stream(ray_session, smoke_data,
     # learns: the loss falls and the accuracy over the 5 classes is above twice chance
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["accuracy"] > 2 / len(classes)
     assert len({w["pid"] for w in model.card.training["workers"]}) == workers
+
+
+def test_psi_pairs_from_the_stream_are_the_pairs_from_memory(ray_session, smoke_data, parquet_data, tmp_path):
+    # psi's training pairs, embedded batch by batch as the stream arrives (from the table, whose rows are not in
+    # id order), come back in the split's order
+    classes = [0, 1, 2, 3, 4]
+    memory = load_config("configs/smoke.yaml", ["train.epochs=1"])
+    phi = train_embedding_model(memory, tmp_path / "phi_1", 1, train_subset(smoke_data, classes), classes,
+                                smoke_data.num_classes, run_name=f"test-pairs-{tmp_path.name}")
+    table, data = parquet_data
+    split = data.train
+    expected = extract_transform_pairs(memory, split, [phi], phi)
+    stream = load_config("configs/smoke.yaml", ["train.ingest=stream", "data.kind=parquet", f"data.root={table.root}",
+                                                f"data.limit_train={table.limit_train}"])
+    streamed = extract_transform_pairs(stream, split, [phi], phi)
+    for want, got in zip(expected, streamed):
+        assert got.shape == want.shape == (len(split), 32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_an_unknown_ingest_is_refused():

@@ -542,8 +542,11 @@ def _threads(config: Config) -> int | None:
 
 
 def _pairs_task(config: Config, train_set: ImageSet, source_chain: list[Artifact], target: Artifact):
+    # with train.ingest=stream the task iterates the training stream, so no process but the driver holds the set
+    images = (training_stream(config, train_set).dataset if config.train.ingest == "stream"
+              else ray.put(train_set.images))
     return _extract_pairs.options(**_extraction_options(config)).remote(
-        [(a.card, a.state) for a in source_chain], (target.card, target.state), ray.put(train_set.images),
+        [(a.card, a.state) for a in source_chain], (target.card, target.state), images,
         config.train.batch_size * 4, _threads(config), train_set.ids)
 
 
@@ -639,10 +642,26 @@ def _features(card, state, images, threads, ids):
 
 @ray.remote(num_cpus=1)
 def _extract_pairs(chain, target, images, batch_size, threads, ids):
-    """(s(x), phi_target(x)) for the training images: s is the source chain as the gallery would store it."""
+    """(s(x), phi_target(x)) for the training images, in the order of ``ids``: s is the source chain as the gallery
+    would store it. ``images``: the (N, C, H, W) array, or a Ray Dataset of the rows (a training stream), embedded
+    batch by batch as it streams."""
     torch.set_num_threads(threads)  # a worker process is reused across tasks: never inherit another's count
-    first = module_from_state(*chain[0])
-    source = embed_images(first, images, batch_size, ids=ids)
-    source = upgrade_embeddings([module_from_state(*c) for c in chain[1:]], source)
+    first, rest = module_from_state(*chain[0]), [module_from_state(*c) for c in chain[1:]]
     target_model = module_from_state(*target)
-    return source, model_features(target_model, images, batch_size)
+
+    def pairs(batch, batch_ids):
+        source = upgrade_embeddings(rest, embed_images(first, batch, batch_size, ids=batch_ids))
+        return source, model_features(target_model, batch, batch_size)
+
+    if not isinstance(images, ray.data.Dataset):
+        return pairs(images, ids)
+    parts, found = [], []
+    for batch in images.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        parts.append(pairs(batch["image"], batch["id"]))
+        found.append(batch["id"])
+    found = np.concatenate(found)
+    order = np.argsort(found)
+    at = order[np.minimum(np.searchsorted(found[order], ids), len(found) - 1)]
+    if len(found) != len(ids) or not np.array_equal(found[at], ids):
+        raise TrainingError(f"the training stream held {len(found)} rows, not the split's {len(ids)} images")
+    return tuple(np.concatenate([part[k] for part in parts])[at] for k in (0, 1))

@@ -31,6 +31,7 @@ from bict_ray.core.embedding_column import ENCODINGS
 
 SINGLE_WORKER = ("task", "ray_train")  # train.single_worker: where a stage with one worker runs
 INGEST = ("memory", "stream")  # train.ingest: how an embedding model's training images reach its workers
+EMBED_PLACES = ("driver", "tasks")  # eval.embed: where query sets are embedded
 
 # The arms a run can compare with BiCT (bict_ray.pipeline.arms), each on the run's own phi_1, gallery v1 and splits:
 # bct_chained (phi_t compatible with phi_{t-1}, gallery never upgraded), bct_anchored (every phi_t compatible with
@@ -381,6 +382,11 @@ class EvalConfig:
     query_fraction: float = 0.2
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     map_at: int | None = None  # None = exact mAP over the whole gallery
+    # where the query sets (and the validation set) are embedded: "driver", in the run's own process; "tasks", in
+    # Ray Data tasks as a gallery is extracted (gallery.concurrency, gallery.use_gpu), the same embeddings. On 2
+    # cores the driver was as fast or faster (BENCHMARKS.md, "Query embedding"); tasks pay where the workers have
+    # GPUs or more cores than the driver
+    embed: str = "driver"
     partial_refresh: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     matrix: bool = True
     # evaluate on the test split; a search's trials run without it (they select on validation) and the chosen
@@ -389,6 +395,7 @@ class EvalConfig:
 
     def __post_init__(self):
         _check_choice("eval.protocol", self.protocol, PROTOCOLS)
+        _check_choice("eval.embed", self.embed, EMBED_PLACES)
         _check_range("eval.query_fraction", self.query_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"eval.ks must be positive integers, got {self.ks}")

@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bict_ray.config import ConfigError, DataConfig, load_config
+from bict_ray.config import ConfigError, DataConfig, GalleryConfig, load_config
 from bict_ray.core.data import DataError, load_dataset
+from bict_ray.core.embed import embed_images
 from bict_ray.distributed.ingest import StreamLoader, stream_image_set, stream_parquet
+from bict_ray.distributed.pipelines import embed_in_tasks
 from bict_ray.distributed.train import extract_transform_pairs, train_embedding_model
 from conftest import train_subset
 
@@ -118,6 +120,19 @@ def test_psi_pairs_from_the_stream_are_the_pairs_from_memory(ray_session, smoke_
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-def test_an_unknown_ingest_is_refused():
+def test_queries_embedded_in_tasks_are_the_drivers_bit_for_bit(ray_session, smoke_data, tmp_path):
+    # eval.embed=tasks: the query set in shards over two tasks, each model built once, back in the set's order
+    classes = [0, 1, 2, 3, 4]
+    config = load_config("configs/smoke.yaml", ["train.epochs=1"])
+    phi = train_embedding_model(config, tmp_path / "phi_1", 1, train_subset(smoke_data, classes), classes,
+                                smoke_data.num_classes, run_name=f"test-embed-{tmp_path.name}")
+    queries = smoke_data.test
+    got = embed_in_tasks(phi, queries, config=GalleryConfig(rows_per_shard=96, concurrency=2))
+    np.testing.assert_array_equal(got, embed_images(phi.module, queries.images, ids=queries.ids))
+
+
+def test_an_unknown_ingest_or_embed_place_is_refused():
     with pytest.raises(ConfigError, match="train.ingest must be one of memory, stream"):
         load_config("configs/smoke.yaml", ["train.ingest=disk"])
+    with pytest.raises(ConfigError, match="eval.embed must be one of driver, tasks"):
+        load_config("configs/smoke.yaml", ["eval.embed=gpu"])

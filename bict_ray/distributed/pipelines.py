@@ -84,6 +84,34 @@ def extract_gallery(model: Artifact | str | nn.Module, images: ImageSet, out: st
     return version, _stats(results, started)
 
 
+def embed_in_tasks(model: Artifact | str | nn.Module, images: ImageSet, *, config: GalleryConfig | None = None,
+                   name: str | None = None) -> np.ndarray:
+    """phi(x) of ``images``, (N, D) float32 in their order, computed in Ray Data tasks as ``extract_gallery`` computes
+    a gallery's rows (the model built once per task, on its GPU with ``config.use_gpu``; each task fetching only its
+    shards' images), but returned rather than written: a query set too large to embed in the driver."""
+    cfg = config or GalleryConfig()
+    model = Artifact.of(model, "embedding", name)
+    num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
+    parts = [slice(i * cfg.rows_per_shard, (i + 1) * cfg.rows_per_shard) for i in range(num_shards)]
+    shards = [ray.put((images.images[part], images.ids[part])) for part in parts]
+    found = dict(map_shards(num_shards, cfg.concurrency, _embed_shards, dict(
+        card=model.card, state=model.state, shards=shards, batch_size=cfg.batch_size, use_gpu=cfg.use_gpu),
+        num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0))
+    return np.concatenate([found[i] for i in range(num_shards)])
+
+
+def _embed_shards(indices: list[int], *, card, state, shards, batch_size: int, use_gpu: bool) -> list:
+    """One task of ``embed_in_tasks``: (shard index, its embeddings) for each of its shards."""
+    torch.set_num_threads(WORKER_THREADS)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model = module_from_state(card, state).to(device)
+    out = []
+    for index in indices:
+        images, ids = ray.get(shards[index])
+        out.append((index, embed_images(model, images, batch_size, device, ids=ids)))
+    return out
+
+
 def synthesize_gallery(structure: ClassStructure, rows: int, out: str, *, space: str, seed: int = 0,
                        config: GalleryConfig | None = None,
                        progress: Callable[[str], None] | None = None) -> tuple[GalleryVersion, PipelineStats]:

@@ -26,7 +26,7 @@ from bict_ray.core.embed import embed_images, upgrade_embeddings
 from bict_ray.core.splits import load_or_make_splits, per_class_share
 from bict_ray.distributed.cluster import ensure_ray
 from bict_ray.distributed.evaluate import RayDataExecutor
-from bict_ray.distributed.pipelines import extract_gallery, upgrade_gallery
+from bict_ray.distributed.pipelines import embed_in_tasks, extract_gallery, upgrade_gallery
 from bict_ray.distributed.train import (extract_transform_pairs, fit_linear_upgrade_transform, train_embedding_model,
                                        train_upgrade_transform)
 from bict_ray.errors import NotFoundError
@@ -306,12 +306,17 @@ class SequenceRunner:
             if t in self.shared.embedded.gallery_embedded:
                 self.embedded.gallery_embedded[t] = self.shared.embedded.gallery_embedded[t]
             return
-        module, query, gallery = self.models[t].module, self.dataset.query, self.dataset.gallery
-        self.embedded.queries[t] = Embedded(embed_images(module, query.images, ids=query.ids), query.labels,
-                                            query.ids)
+        query, gallery = self.dataset.query, self.dataset.gallery
+        self.embedded.queries[t] = Embedded(self._embed(t, query), query.labels, query.ids)
         if gallery is not query:
-            self.embedded.gallery_embedded[t] = Embedded(embed_images(module, gallery.images, ids=gallery.ids),
-                                                         gallery.labels, gallery.ids)
+            self.embedded.gallery_embedded[t] = Embedded(self._embed(t, gallery), gallery.labels, gallery.ids)
+
+    def _embed(self, t: int, images) -> np.ndarray:
+        """phi_t of ``images``: in this process, or with eval.embed=tasks in Ray Data tasks as a gallery is
+        extracted (on the workers' GPUs with gallery.use_gpu), bit for bit the same embeddings."""
+        if self.config.eval.embed == "tasks":
+            return embed_in_tasks(self.models[t], images, config=self.config.gallery)
+        return embed_images(self.models[t].module, images.images, ids=images.ids)
 
     def _embed_validation(self, t: int) -> None:
         """phi_t's queries of the validation set, and its gallery version t: phi_1's embeddings at t = 1, then
@@ -322,8 +327,7 @@ class SequenceRunner:
         if self._shares_model(t) and t in self.shared.validation.queries:
             data.queries[t] = self.shared.validation.queries[t]
         else:
-            data.queries[t] = Embedded(embed_images(self.models[t].module, val.images, ids=val.ids), val.labels,
-                                       val.ids)
+            data.queries[t] = Embedded(self._embed(t, val), val.labels, val.ids)
         if t > 1 and t not in self.transforms:
             return  # BCT only: the gallery stays v1
         if t == 1 and self._shares_model(1) and 1 in self.shared.validation.galleries:

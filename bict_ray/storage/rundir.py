@@ -31,6 +31,7 @@ RUNTIME_KEYS = frozenset({
     "train.single_worker", "train.ingest", "train.ingest_cpus", "train.torch_threads", "train.max_failures",
     "gallery.concurrency", "gallery.cpus_per_task", "gallery.use_gpu", "gallery.batch_size",
     "eval.test",  # what is evaluated, not what is trained: a search's best trial is tested after selection
+    "eval.embed",  # where the queries are embedded: the same embeddings either way
     "arms",  # arms run beside the run, each in its own directory: one can be added to a finished run
     "service.export", "service.index",  # what upgrade-service hands back of the upgraded gallery
 })

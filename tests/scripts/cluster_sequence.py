@@ -77,7 +77,8 @@ def run_smoke_sequence(cluster: Cluster, out: str) -> dict:
 
     config = load_config("configs/smoke.yaml", [
         "train.num_workers=2", "train.cpus_per_worker=1", "train.ingest=stream", "train.epochs=1", "transform.epochs=1",
-        "gallery.concurrency=2", f"gallery.cpus_per_task={GALLERY_CPUS}", "gallery.rows_per_shard=50"])
+        "gallery.concurrency=2", f"gallery.cpus_per_task={GALLERY_CPUS}", "gallery.rows_per_shard=50",
+        "eval.embed=tasks"])
     run_sequence(config, out, log=lambda line: print(line, file=sys.stderr, flush=True))
     return {}
 

@@ -126,15 +126,25 @@ def test_report_renders_with_plots(smoke_run):
             assert image.size[0] > 100
 
 
-def test_two_trial_lambda_search(ray_session, smoke_config, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_trial_lambda_search(ray_session, smoke_config, tmp_path, request, monkeypatch, where):
     from bict_ray.pipeline.tune import load_space, run_search
+    from bict_ray.storage.rundir import RunDir
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text("name: t\nparams:\n  compat.lam: {grid: [0.0, 1.0]}\nmax_concurrent_trials: 2\n")
     config = load_config("configs/smoke.yaml", ["train.epochs=1", "transform.epochs=1", "eval.matrix=false",
                                                 "eval.partial_refresh=[]", "data.limit_train=400"])
-    summary = run_search(config, load_space(space_file, config), tmp_path / "out", log=lambda line: None)
-    tune_dir = tmp_path / "out" / "tune"
+    # on S3 (`bict-ray tune --out s3://…`): Tune's storage, every trial's run directory and the summary live in the
+    # bucket; the files are read back below through another machine's mirror
+    out = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('bucket')}/search"
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "machine-a"))
+    summary = run_search(config, load_space(space_file, config), out, log=lambda line: None)
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "machine-b"))
+    tune_dir = RunDir(out).path / "tune"
+    if where == "s3":
+        assert summary["best_run_dir"].startswith(out + "/tune/trials/")
+        assert not (tmp_path / "out").exists()
     trials = pd.read_csv(tune_dir / "trials.csv")
     assert sorted(trials["lam"]) == [0.0, 1.0]
     assert trials["mean_forward_mAP"].between(0, 1).all() and trials["mean_backward_mAP"].between(0, 1).all()

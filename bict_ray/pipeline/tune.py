@@ -169,20 +169,26 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
         raise ConfigError("a search selects on the validation set, and data.val_fraction is 0: set it above 0 "
                           "(selecting on the test split would report a number it was tuned on)")
     ensure_ray(config.ray)
-    tune_dir = RunDir.local(out, "the λ search").path.resolve() / "tune"
+    run = RunDir(out)
+    # the summary files (trials.csv, the plots, best_config.json) in the run directory, or its mirror for a run on
+    # object storage; Tune's own storage and every trial's run directory in the store itself, where the trials
+    # write them from whatever node they run on
+    tune_dir = run.path.resolve() / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
-    storage = tune_dir / "ray"
+    base = run.uri or str(run.path.resolve())
+    storage, trials = f"{base}/tune/ray", f"{base}/tune/trials"
+    experiment = f"{storage}/{space.name}"
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=config.to_dict(), trials_dir=str(tune_dir / "trials")),
+        tune.with_parameters(_trial, base=config.to_dict(), trials_dir=trials),
         {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
     if resume:
-        if not tune.Tuner.can_restore(str(storage / space.name)):
+        if not tune.Tuner.can_restore(experiment):
             raise ConfigError(f"nothing to resume: no search named {space.name!r} under {storage}")
-        log(f"[tune] resuming {storage / space.name}")
-        tuner = tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
+        log(f"[tune] resuming {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     else:
-        if (storage / space.name).exists():
-            raise ConfigError(f"{storage / space.name} already holds a search; use --resume, or another --out")
+        if _exists(experiment):
+            raise ConfigError(f"{experiment} already holds a search; use --resume, or another --out")
         concurrency = space.max_concurrent_trials or _default_concurrency(config, ray.cluster_resources())
         objective = ", ".join(f"{mode} {metric}" for metric, mode in zip(space.objectives, space.modes))
         log(f"[tune] {space.name}: {_describe(space)}; {space.searcher} searcher; "
@@ -196,8 +202,19 @@ def run_search(config: Config, space: SearchSpace, out: str | Path, *, resume: b
                                         scheduler=_scheduler(space, config)),
             run_config=tune.RunConfig(name=space.name, storage_path=str(storage), verbose=1))
     grid = tuner.fit()
-    summary = _summarise(grid, space, tune_dir, log)
-    return _test_best(config, summary, tune_dir, log)
+    summary = _summarise(grid, space, tune_dir, trials, log)
+    run.sync()
+    summary = _test_best(config, summary, tune_dir, log)
+    run.sync()  # best_config.json last, as it is written last: its presence means the search is complete
+    return summary
+
+
+def _exists(path: str) -> bool:
+    """Whether a local path or a URI (s3://...) names anything."""
+    import pyarrow.fs as pafs
+
+    filesystem, inside = pafs.FileSystem.from_uri(path)
+    return filesystem.get_file_info(inside).type != pafs.FileType.NotFound
 
 
 def _search_alg(space: SearchSpace):
@@ -218,14 +235,15 @@ def _trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> Non
 
     # a trial selects: it is evaluated on validation only, and never extracts or upgrades the test gallery
     config = _trial_config(from_dict(Config, copy.deepcopy(base)), {**params, "eval.test": False})
-    trial_dir = Path(trials_dir) / tune.get_context().get_trial_id()
+    trial_dir = f"{trials_dir}/{tune.get_context().get_trial_id()}"  # a path, or a URI: its own mirror
     history: list[dict] = []
 
     def on_step(step: int, tests: dict) -> None:
         history.append({name: result["mAP"] for name, result in tests.items()})
         tune.report(_step_metrics(step, history))
 
-    run_sequence(config, trial_dir, on_step=on_step, log=lambda line: print(f"[trial {trial_dir.name}] {line}"))
+    name = trial_dir.rsplit("/", 1)[-1]
+    run_sequence(config, trial_dir, on_step=on_step, log=lambda line: print(f"[trial {name}] {line}"))
 
 
 def _step_metrics(step: int, history: list[dict]) -> dict[str, float]:
@@ -249,7 +267,7 @@ def _trial_config(base: Config, params: dict[str, Any]) -> Config:
     return from_dict(Config, raw)
 
 
-def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
+def _summarise(grid, space: SearchSpace, tune_dir: Path, trials_dir: str, log) -> dict:
     import pandas as pd
 
     from bict_ray.pipeline.report import plot_lambda_search
@@ -272,11 +290,11 @@ def _summarise(grid, space: SearchSpace, tune_dir: Path, log) -> dict:
     if "lam" in trials.columns:
         plot_lambda_search(tune_dir / "trials.csv", tune_dir / "lambda.png")
     if space.multi_objective:
-        return _summarise_front(trials.to_dict("records"), configs, space, tune_dir, log)
+        return _summarise_front(trials.to_dict("records"), configs, space, tune_dir, trials_dir, log)
     best = grid.get_best_result(metric=space.metric, mode=space.mode, filter_nan_and_inf=True)
     summary = {"metric": space.metric, "mode": space.mode, "best_params": best.config,
                "best_value": best.metrics.get(space.metric), "best_trial": best.metrics.get("trial_id"),
-               "best_run_dir": str(tune_dir / "trials" / str(best.metrics.get("trial_id"))),
+               "best_run_dir": f"{trials_dir}/{best.metrics.get('trial_id')}",
                "trials": len(rows)}
     log(f"[tune] {len(rows)} trials; best {space.metric} = {summary['best_value']:.4f} with {best.config}")
     log(f"[tune] trials: {tune_dir / 'trials.csv'}")
@@ -313,7 +331,8 @@ def pareto_front(rows: list[dict], objectives: list[str], modes: list[str]) -> l
             if not any(all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p)) for _, q in scored)]
 
 
-def _summarise_front(rows: list[dict], configs: dict[str, dict], space: SearchSpace, tune_dir: Path, log) -> dict:
+def _summarise_front(rows: list[dict], configs: dict[str, dict], space: SearchSpace, tune_dir: Path,
+                     trials_dir: str, log) -> dict:
     """The summary of a multi-objective search: its Pareto front on validation, best first on the first objective;
     ``best_*`` name the front trial best on the first objective (the first of them on a tie)."""
     objectives, modes = space.objectives, space.modes
@@ -324,7 +343,7 @@ def _summarise_front(rows: list[dict], configs: dict[str, dict], space: SearchSp
     sign = 1.0 if modes[0] == "max" else -1.0
     front = sorted(front, key=lambda row: -sign * float(row[objectives[0]]))  # stable: trial order on a tie
     pareto = [{"trial_id": row["trial_id"], "params": configs[row["trial_id"]],
-               "run_dir": str(tune_dir / "trials" / str(row["trial_id"])),
+               "run_dir": f"{trials_dir}/{row['trial_id']}",
                "scores": {"validation": {metric: float(row[metric]) for metric in objectives}}} for row in front]
     best = pareto[0]
     summary = {"metric": objectives[0], "mode": modes[0], "objectives": objectives, "modes": modes,

@@ -78,8 +78,6 @@ def test_a_run_directory_uri_is_opened_in_its_store_or_refused_never_made_a_loca
     monkeypatch.chdir(tmp_path)
     assert main(["splits", "-c", "smoke", "--out", "nosuch://bucket/run"]) == 2
     assert "run directory nosuch://bucket/run: cannot open its filesystem" in capsys.readouterr().err
-    assert main(["sequence", "-c", "smoke", "--seeds", "0,1", "--out", "s3://bucket/run"]) == 2
-    assert "run directory s3://bucket/run: a run over seeds does not take a URI yet" in capsys.readouterr().err
     assert main(["demo", "--out", "s3://bucket/run"]) == 2
     assert "the demo does not take a URI yet" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

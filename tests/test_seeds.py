@@ -165,8 +165,6 @@ def test_an_ordinary_run_directory_is_not_taken_for_a_run_over_seeds(tmp_path):
     (tmp_path / "config.yaml").write_text("name: smoke\n")
     with pytest.raises(InputError, match="it has config.yaml"):
         run_seeds(load_config("configs/smoke.yaml"), tmp_path, [0, 1])
-    with pytest.raises(InputError, match="run directory s3://bucket/seeds: a run over seeds does not take a URI yet"):
-        run_seeds(load_config("configs/smoke.yaml"), "s3://bucket/seeds", [0, 1])
 
 
 TINY = ["train.epochs=1", "transform.epochs=1", "eval.partial_refresh=[]", "eval.matrix=false",
@@ -199,3 +197,23 @@ def test_two_seeds_of_the_smoke_sequence(ray_session, tmp_path):
     assert "## Spread over seeds" in text and "mean over 2 seeds" in text
     with Image.open(out / "plots" / "seeds.png") as image:
         assert image.width > 300
+
+
+def test_two_seeds_on_s3_keep_every_run_in_the_bucket(ray_session, bucket, tmp_path, monkeypatch):
+    # `bict-ray sequence --seeds 0,1 --out s3://…`: each seed's run directory is a run on S3 of its own, and the
+    # summary beside them; another machine's mirror reads them back
+    import boto3
+
+    from bict_ray.storage.rundir import RunDir
+
+    uri = f"s3://{bucket}/seeds"
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "machine-a"))
+    results = run_seeds(load_config("configs/smoke.yaml", TINY), uri, [0, 1], log=lambda line: None)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="seeds/")["Contents"]}
+    assert {"seeds/results.json", "seeds/seed_0/results.json", "seeds/seed_1/gallery/v2/manifest.json"} <= keys
+    monkeypatch.setenv("BICT_CACHE_DIR", str(tmp_path / "machine-b"))
+    out = RunDir(uri).path
+    runs = [json.loads((out / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert results == json.loads((out / "results.json").read_text())
+    assert results["seeds"] == summarise_seeds(runs, [0, 1])
+

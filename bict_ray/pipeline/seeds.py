@@ -42,21 +42,24 @@ def run_seeds(config: Config, out: str | Path, seeds: list[int], *, log=print,
     again. ``dataset``: the loaded dataset of ``config.data`` (loaded once here when None; every seed uses it).
     """
     check_seeds(seeds)
-    root = RunDir.local(out, "a run over seeds").path
+    run = RunDir(out)  # on object storage: each seed's run directory is one there too, with its own mirror
+    root = run.path
     if (root / "config.yaml").is_file():
-        raise InputError(f"{root} is a run directory of one sequence (it has config.yaml); a run over seeds keeps "
+        raise InputError(f"{run} is a run directory of one sequence (it has config.yaml); a run over seeds keeps "
                          "one run directory per seed under its own folder: choose another --out")
     dataset = dataset or load_dataset(config.data, config.eval, config.scenario)
     per_seed = []
     for seed in seeds:
         seeded = copy.deepcopy(config)
         seeded.train.seed = seed
-        log(f"[seeds] seed {seed}: {root / _run_name(seed)}")
-        run_sequence(seeded, root / _run_name(seed), log=lambda line, s=seed: log(f"[seed {s}] {line}"),
-                     dataset=dataset)
-        per_seed.append(json.loads((root / _run_name(seed) / "results.json").read_text(encoding="utf-8")))
+        seed_dir = run.join(_run_name(seed))
+        log(f"[seeds] seed {seed}: {seed_dir}")
+        results = run_sequence(seeded, seed_dir, log=lambda line, s=seed: log(f"[seed {s}] {line}"), dataset=dataset)
+        per_seed.append(json.loads(json.dumps(results)))  # as its results.json holds it, wherever that is
     results = mean_results(per_seed, seeds)
+    root.mkdir(parents=True, exist_ok=True)
     write_json(root / "results.json", results)
+    run.sync()
     return results
 
 

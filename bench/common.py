@@ -89,3 +89,10 @@ def parse_with_presets(parser, argv, quick: dict, full: dict):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def require_positive(parser, args, keys) -> None:
+    """Refuse, as argparse refuses, any of ``keys`` (option names with underscores) below 1."""
+    for key in keys:
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1")

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import best_of, machine_info, parse_with_presets, print_rows  # noqa: E402  (numpy-free: BLAS threads are set before numpy loads)
+from bench.common import best_of, machine_info, parse_with_presets, print_rows, require_positive  # noqa: E402  (numpy-free: BLAS threads are set before numpy loads)
 
 FULL = dict(queries=10_000, gallery=100_000, dim=256, sharded_queries=1_000, matmul_size=2048, repeat=1)
 QUICK = dict(queries=300, gallery=3_000, dim=64, sharded_queries=300, matmul_size=512, repeat=3)
@@ -153,9 +153,8 @@ def parse_args(argv):
     parser.add_argument("--repeat", type=int, help="runs per timing, the best kept (1; --quick 3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_presets(parser, argv, QUICK, FULL)
-    for key in ("queries", "gallery", "dim", "classes", "k", "shards", "sharded_queries", "threads", "repeat"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, ("queries", "gallery", "dim", "classes", "k", "shards", "sharded_queries",
+                                    "threads", "repeat"))
     if args.k > args.gallery or args.shards > args.gallery:
         parser.error("--k and --shards must not exceed --gallery")
     return args

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import log, machine_info, machine_line, parse_with_presets, start_ray  # noqa: E402
+from bench.common import log, machine_info, machine_line, parse_with_presets, require_positive, start_ray  # noqa: E402
 
 FULL = dict(rows=10_000_000, exact_queries=8)
 QUICK = dict(rows=20_000, exact_queries=4)
@@ -224,9 +224,8 @@ def parse_args(argv):
     parser.add_argument("--work-dir", default=None, help="where the gallery versions go (a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_presets(parser, argv, QUICK, FULL)
-    for key in ("rows", "exact_queries", "map_at", "rows_per_shard", "concurrency", "threads", "train_epochs"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, ("rows", "exact_queries", "map_at", "rows_per_shard", "concurrency", "threads",
+                                    "train_epochs"))
     return args
 
 

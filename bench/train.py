@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import log, machine_info, machine_line, parse_with_presets, start_ray  # noqa: E402
+from bench.common import log, machine_info, machine_line, parse_with_presets, require_positive, start_ray  # noqa: E402
 
 FULL = dict(images=12_000, epochs=4, batch_size=128, workers=[1, 2])
 QUICK = dict(images=1_024, epochs=3, batch_size=64, workers=[1])
@@ -192,9 +192,7 @@ def parse_args(argv):
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parse_with_presets(parser, argv, QUICK, FULL)
-    for key in ("images", "batch_size", "threads", "embedding_dim", "classes"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, ("images", "batch_size", "threads", "embedding_dim", "classes"))
     if args.epochs < 3:
         parser.error("--epochs must be at least 3: the first is a warm-up, and an epoch's time needs the next start")
     if any(w < 1 or w > args.threads for w in args.workers):

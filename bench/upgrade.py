@@ -81,7 +81,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine_info, parse_with_presets, print_rows, start_ray  # noqa: E402
+from bench.common import machine_info, parse_with_presets, print_rows, require_positive, start_ray  # noqa: E402
 
 FULL = dict(rows=1_000_000, dim=256, rows_per_shard=None, tiny_rows=64, sample_interval=0.2)
 QUICK = dict(rows=8_192, dim=256, rows_per_shard=1_024, tiny_rows=16, sample_interval=0.05)
@@ -307,9 +307,8 @@ def parse_args(argv):
     args = parse_with_presets(parser, argv, QUICK, FULL)
     if args.rows_per_shard is None:
         args.rows_per_shard = gallery.rows_per_shard
-    for key in ("rows", "dim", "rows_per_shard", "hidden", "layers", "threads", "ray_cpus", "repeat", "tiny_rows"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, ("rows", "dim", "rows_per_shard", "hidden", "layers", "threads", "ray_cpus",
+                                    "repeat", "tiny_rows"))
     if min(args.concurrency) < 1:
         parser.error("--concurrency values must be at least 1")
     args.concurrency = sorted(set(args.concurrency))

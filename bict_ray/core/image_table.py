@@ -154,11 +154,7 @@ def _read_file(file: Path, schema: pa.Schema, image_column: str, label_column: s
     for key, name in zip(keys, (image_column, label_column)):
         if name not in schema.names:
             raise DataError(f"{display}: no column {name!r} ({key}); columns are: {', '.join(schema.names)}")
-    image_type = schema.field(image_column).type
-    field = bytes_field(image_type)
-    if field is None:
-        raise DataError(f"{display}, column {image_column!r}: type {image_type}; images must be encoded bytes "
-                        "(binary), or a struct with a 'bytes' field as Hugging Face datasets writes them")
+    field = require_bytes_field(schema.field(image_column).type, display, image_column)
     label_type = schema.field(label_column).type
     if not (pa.types.is_integer(label_type) or pa.types.is_null(label_type)):  # null: every label is (row 0 says)
         raise DataError(f"{display}, column {label_column!r}: type {label_type}; labels must be integers (class "
@@ -187,6 +183,15 @@ def bytes_field(kind: pa.DataType) -> str | None:
         if inner is not None and (pa.types.is_binary(inner) or pa.types.is_large_binary(inner)):
             return "bytes"
     return None
+
+
+def require_bytes_field(kind: pa.DataType, display: str, name: str) -> str:
+    """``bytes_field(kind)``; a DataError naming the file (``display``) and column for a type that holds no images."""
+    field = bytes_field(kind)
+    if field is None:
+        raise DataError(f"{display}, column {name!r}: type {kind}; images must be encoded bytes (binary), or a "
+                        "struct with a 'bytes' field as Hugging Face datasets writes them")
+    return field
 
 
 def image_bytes(values: pa.ChunkedArray, field: str, display: str, name: str) -> pa.ChunkedArray:

@@ -24,7 +24,7 @@ import ray
 
 from bict_ray.config import Config
 from bict_ray.core.data import ImageSet, decode_images, parquet_table_files
-from bict_ray.core.image_table import bytes_field, image_bytes
+from bict_ray.core.image_table import image_bytes, require_bytes_field
 from bict_ray.errors import DataError
 
 IMAGE, LABEL, ID = "image", "label", "id"
@@ -33,21 +33,11 @@ IMAGE, LABEL, ID = "image", "label", "id"
 BLOCK_BYTES = 4 << 20
 
 
-@dataclasses.dataclass
-class Streamed:
-    """A stage's training images as a stream: the Dataset, and its rows (the split's images)."""
-
-    dataset: ray.data.Dataset
-    rows: int
-
-
-def training_stream(config: Config, split: ImageSet) -> Streamed:
+def training_stream(config: Config, split: ImageSet) -> ray.data.Dataset:
     """The Ray Dataset of ``split``'s images (see the module's docstring for where it reads them)."""
     if config.data.kind == "parquet":
-        dataset = stream_parquet(config.data, split, config.train.ingest_cpus)
-    else:
-        dataset = stream_image_set(split)
-    return Streamed(dataset, len(split))
+        return stream_parquet(config.data, split, config.train.ingest_cpus)
+    return stream_image_set(split)
 
 
 def stream_image_set(split: ImageSet) -> ray.data.Dataset:
@@ -110,10 +100,7 @@ def _decode_rows(rows: pa.Table, cfg, ids: np.ndarray) -> pa.Table:
     keep = np.flatnonzero(_isin_sorted(found, ids))
     rows, kept = rows.take(pa.array(keep, pa.int64())), found[keep]
     column = rows.column(cfg.image_column)
-    field = bytes_field(column.type)
-    if field is None:
-        raise DataError(f"{cfg.root}, column {cfg.image_column!r}: type {column.type}; images must be encoded bytes "
-                        "(binary), or a struct with a 'bytes' field as Hugging Face datasets writes them")
+    field = require_bytes_field(column.type, str(cfg.root), cfg.image_column)
     encoded = image_bytes(column, field, str(cfg.root), cfg.image_column).to_pylist()
     images = decode_images(encoded, cfg, lambda i: f"id {kept[i]} of {cfg.root}")
     return _block(images, rows.column(cfg.label_column).to_numpy().astype(np.int64), kept)

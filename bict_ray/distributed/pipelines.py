@@ -69,16 +69,14 @@ def extract_gallery(model: Artifact | str | nn.Module, images: ImageSet, out: st
     _refuse_committed(out)
     name = model.card.name
     dim = model.card.dim
-    num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
     started = time.perf_counter()
     settings = dict(dim=dim, lineage=[name], space=name, encoding=cfg.embedding_encoding)
     writer = GalleryWriter(out, normalised=True, **settings)
-    # one object per shard: a task fetches the images of its own shards only, never the whole set
-    shards = [slice(i * cfg.rows_per_shard, (i + 1) * cfg.rows_per_shard) for i in range(num_shards)]
+    parts = _shard_slices(len(images), cfg.rows_per_shard)
+    num_shards = len(parts)
     results = _run_pool(_ExtractShard, cfg, writer, num_shards, progress, dict(
-        card=model.card, state=model.state,
-        shards=[ray.put((images.images[part], images.labels[part], images.ids[part])) for part in shards],
-        shard_rows=[len(images.ids[part]) for part in shards], out=out, settings=settings,
+        card=model.card, state=model.state, shards=_image_shards(images, parts),
+        shard_rows=[len(images.ids[part]) for part in parts], out=out, settings=settings,
         batch_size=cfg.batch_size, use_gpu=cfg.use_gpu))
     version = writer.commit(num_shards=num_shards, records=_records(results))
     return version, _stats(results, started)
@@ -91,25 +89,38 @@ def embed_in_tasks(model: Artifact | str | nn.Module, images: ImageSet, *, confi
     shards' images), but returned rather than written: a query set too large to embed in the driver."""
     cfg = config or GalleryConfig()
     model = Artifact.of(model, "embedding", name)
-    num_shards = max(1, -(-len(images) // cfg.rows_per_shard))
-    parts = [slice(i * cfg.rows_per_shard, (i + 1) * cfg.rows_per_shard) for i in range(num_shards)]
-    shards = [ray.put((images.images[part], images.ids[part])) for part in parts]
-    found = dict(map_shards(num_shards, cfg.concurrency, _embed_shards, dict(
+    shards = _image_shards(images, _shard_slices(len(images), cfg.rows_per_shard))
+    found = dict(map_shards(len(shards), cfg.concurrency, _embed_shards, dict(
         card=model.card, state=model.state, shards=shards, batch_size=cfg.batch_size, use_gpu=cfg.use_gpu),
         num_cpus=cfg.cpus_per_task, num_gpus=1 if cfg.use_gpu else 0))
-    return np.concatenate([found[i] for i in range(num_shards)])
+    return np.concatenate([found[i] for i in range(len(shards))])
 
 
 def _embed_shards(indices: list[int], *, card, state, shards, batch_size: int, use_gpu: bool) -> list:
     """One task of ``embed_in_tasks``: (shard index, its embeddings) for each of its shards."""
-    torch.set_num_threads(WORKER_THREADS)
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    device = _task_device(use_gpu)
     model = module_from_state(card, state).to(device)
     out = []
     for index in indices:
-        images, ids = ray.get(shards[index])
+        images, _, ids = ray.get(shards[index])
         out.append((index, embed_images(model, images, batch_size, device, ids=ids)))
     return out
+
+
+def _shard_slices(rows: int, rows_per_shard: int) -> list[slice]:
+    """Shard i's rows, ``i * rows_per_shard ...``; one shard at least."""
+    return [slice(start, start + rows_per_shard) for start in range(0, max(rows, 1), rows_per_shard)]
+
+
+def _image_shards(images: ImageSet, parts: list[slice]) -> list:
+    """One object of (images, labels, ids) per shard: a task fetches the images of its own shards, never the set."""
+    return [ray.put((images.images[part], images.labels[part], images.ids[part])) for part in parts]
+
+
+def _task_device(use_gpu: bool) -> str:
+    """A pipeline task's device, with its torch threads set: the pipelines scale by tasks, one core each."""
+    torch.set_num_threads(WORKER_THREADS)
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
 def synthesize_gallery(structure: ClassStructure, rows: int, out: str, *, space: str, seed: int = 0,
@@ -233,10 +244,9 @@ PROGRESS_EVERY_S = 10.0
 class _ShardWorker:
     """Base of the pipeline's per-task workers: open the writer, skip finished shards, write the rest."""
 
-    def __init__(self, out, settings: dict, use_gpu, threads=WORKER_THREADS):
-        torch.set_num_threads(threads)
+    def __init__(self, out, settings: dict, use_gpu):
+        self.device = _task_device(use_gpu)
         self.node = ray.get_runtime_context().get_node_id()  # where this task runs, for PipelineStats.nodes
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         # the driver's writer settings, which the staged shards are checked against
         self.writer = GalleryWriter(out, normalised=True, **settings)
 

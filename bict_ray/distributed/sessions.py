@@ -1,7 +1,8 @@
 """Where a training stage's loop runs: in a Ray Train worker group, or, for a single worker, in one Ray task.
 
 The loop (``distributed/train.py``) asks its session for six things: its rank and device, where everyone runs, the
-model and loader prepared for it, its share of a streamed dataset, the checkpoint to resume from, and a place to report each epoch. Two sessions answer:
+model and loader prepared for it, its share of a streamed dataset, the checkpoint to resume from, and a place to
+report each epoch. Two sessions answer:
 
 - ``RayTrainSession``: inside ``TorchTrainer``: DDP across workers and nodes, checkpoints and restarts by Ray Train.
 - ``TaskSession``: inside one Ray task with the worker's resources. A Ray Train ``fit()`` starts a controller and a

@@ -37,7 +37,7 @@ from bict_ray.storage.artifacts import (Artifact, ModelCard, is_external, load_a
 from bict_ray.core.losses import (COMPAT_LOSSES, CompatContext, CompatibleTrainingLoss, check_finite, compat_loss_for,
                                   synthesise_old_classifier, transform_loss)
 from bict_ray.core.models import EmbeddingNet, UpgradeTransform, backbone_spec
-from bict_ray.distributed.ingest import StreamLoader, Streamed, training_stream
+from bict_ray.distributed.ingest import StreamLoader, training_stream
 from bict_ray.distributed.memory import PeakMemory
 from bict_ray.distributed.sessions import CHECKPOINT_FILE, CheckpointStore, RayTrainSession, TaskSession, TrainSession
 from bict_ray.errors import AlreadyExistsError, InputError, TrainingError, last_line
@@ -86,7 +86,7 @@ class EmbeddingStage:
     name: str
     spec: dict[str, Any]
     # ObjectRef of (images (N, C, H, W) uint8, labels (N,) int64, ids (N,) int64), or the tuple itself; or, with
-    # train.ingest=stream, a Streamed Ray Dataset of those rows
+    # train.ingest=stream, a Ray Dataset of those rows (``distributed.ingest``)
     data: Any
     optimisation: Optimisation
     momentum: float
@@ -96,7 +96,7 @@ class EmbeddingStage:
     class_mask: torch.Tensor | None = None  # (num_classes,) bool, the classes of the split; None: all
 
     def build(self, device: torch.device, shard=None) -> StageParts:
-        """``shard``: this worker's share of a streamed ``data`` (``Streamed``); unused for data in memory."""
+        """``shard``: this worker's share of a streamed ``data`` (a Ray Dataset); unused for data in memory."""
         model = EmbeddingNet.from_spec(self.spec, backbone_weights=self.backbone_weights)
         if self.class_mask is not None:
             with torch.no_grad():
@@ -104,7 +104,7 @@ class EmbeddingStage:
                 # random, so the saved classifier scores a class it never saw 0 instead of above learned ones at random
                 model.classifier.weight[~self.class_mask] = 0
         batch_size = self.optimisation.batch_size
-        if isinstance(self.data, Streamed):
+        if isinstance(self.data, ray.data.Dataset):
             loader = StreamLoader(shard, batch_size, self.shuffle_buffer, self.optimisation.seed)
         else:
             images, labels, ids = _resolve(self.data)
@@ -330,9 +330,9 @@ def train_loop_per_worker(loop: dict[str, Stage]) -> None:
 def train_stage(stage: Stage, session: TrainSession) -> dict[str, Any]:
     """Build ``stage``'s model, resume from the session's latest checkpoint, train, report every epoch.
 
-    Returns the final checkpoint's contents (rank 0; None on other ranks): the model's state, the per-epoch history (carried in the checkpoint,
-    so it has no gap across restarts; each entry records the attempt it ran in, 1 = first start, 2 = after the
-    first failure, ...) and where the workers ran.
+    Returns the final checkpoint's contents (rank 0; None on other ranks): the model's state, the per-epoch history
+    (carried in the checkpoint, so it has no gap across restarts; each entry records the attempt it ran in, 1 = first
+    start, 2 = after the first failure, ...; and the workers' peak memory) and where the workers ran.
     """
     opt = stage.optimisation
     if opt.threads:
@@ -414,12 +414,18 @@ def run_in_process(stage: Stage) -> list[dict[str, float]]:
     return records
 
 
+def _stream(stage: Stage) -> ray.data.Dataset | None:
+    """A streamed stage's Ray Dataset (an embedding stage with train.ingest=stream); None for data in memory."""
+    data = getattr(stage, "data", None)  # a TransformStage has pairs, never streamed
+    return data if isinstance(data, ray.data.Dataset) else None
+
+
 def _shard(stage: Stage, session: TrainSession | None):
     """This worker's share of a streamed stage's data: Ray Train's split, or, alone, the whole stream; else None."""
-    data = getattr(stage, "data", None)
-    if not isinstance(data, Streamed):
+    stream = _stream(stage)
+    if stream is None:
         return None
-    return data.dataset.iterator() if session is None else session.dataset_shard(data.dataset)
+    return stream.iterator() if session is None else session.dataset_shard(stream)
 
 
 def _resolve(value):
@@ -497,7 +503,7 @@ def _fit(config: Config, out_dir: Path, stage: Stage, run_name: str | None):
 
 def _fit_on_ray_train(train_cfg, stage: Stage, storage: str, name: str) -> dict[str, Any] | None:
     # a streamed stage's Dataset goes to the trainer, which splits it across the workers (get_dataset_shard)
-    datasets = {"train": stage.data.dataset} if isinstance(getattr(stage, "data", None), Streamed) else None
+    datasets = None if _stream(stage) is None else {"train": _stream(stage)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": stage}, datasets=datasets,
@@ -543,7 +549,7 @@ def _threads(config: Config) -> int | None:
 
 def _pairs_task(config: Config, train_set: ImageSet, source_chain: list[Artifact], target: Artifact):
     # with train.ingest=stream the task iterates the training stream, so no process but the driver holds the set
-    images = (training_stream(config, train_set).dataset if config.train.ingest == "stream"
+    images = (training_stream(config, train_set) if config.train.ingest == "stream"
               else ray.put(train_set.images))
     return _extract_pairs.options(**_extraction_options(config)).remote(
         [(a.card, a.state) for a in source_chain], (target.card, target.state), images,

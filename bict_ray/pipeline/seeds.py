@@ -54,8 +54,8 @@ def run_seeds(config: Config, out: str | Path, seeds: list[int], *, log=print,
         seeded.train.seed = seed
         seed_dir = run.join(_run_name(seed))
         log(f"[seeds] seed {seed}: {seed_dir}")
-        results = run_sequence(seeded, seed_dir, log=lambda line, s=seed: log(f"[seed {s}] {line}"), dataset=dataset)
-        per_seed.append(json.loads(json.dumps(results)))  # as its results.json holds it, wherever that is
+        ran = run_sequence(seeded, seed_dir, log=lambda line, s=seed: log(f"[seed {s}] {line}"), dataset=dataset)
+        per_seed.append(json.loads(json.dumps(ran)))  # as its results.json holds it, wherever that is
     results = mean_results(per_seed, seeds)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "results.json", results)

@@ -394,11 +394,7 @@ class GalleryWriter:
         return _shard_record(name, _checksum(data), len(data), ids, spaces, lineages), ids
 
     def _staged_ids(self, name: str) -> np.ndarray:
-        location = self._staging.child(name)
-        try:
-            return pq.read_table(location.path, columns=["id"], filesystem=location.fs).column("id").to_numpy()
-        except (OSError, pa.ArrowException) as err:
-            raise GalleryError(f"shard {name}: unreadable Parquet ({err})") from None
+        return _read_ids(self._staging.child(name), f"shard {name}")
 
     def _shard_columns(self, name: str, source: pa.NativeFile) -> tuple[np.ndarray, dict, dict]:
         """The ids of the staged shard ``name`` open as ``source`` and its rows per space and per lineage, after
@@ -613,11 +609,7 @@ class GalleryVersion:
         """Shard ``index``'s ids (its id column only, no checksum: for planning, e.g. checking that rows to append
         are new)."""
         name = self.manifest["shards"][index]["file"]
-        location = self._location.child(name)
-        try:
-            return pq.read_table(location.path, columns=["id"], filesystem=location.fs).column("id").to_numpy()
-        except (OSError, pa.ArrowException) as err:
-            raise GalleryError(f"shard {name} of {self.path}: unreadable Parquet ({err})") from None
+        return _read_ids(self._location.child(name), f"shard {name} of {self.path}")
 
     def iter_shards(self, *, verify: bool = True) -> Iterator[Shard]:
         """Yield ``read_shard(i)`` for every shard in order (one shard in memory at a time)."""
@@ -829,6 +821,14 @@ def _record_problem(record: Any) -> str | None:
                 or sum(counts.values()) != record["rows"]):
             return f"{key} must map names to positive row counts summing to rows"
     return None
+
+
+def _read_ids(location: "_Location", what: str) -> np.ndarray:
+    """The id column of the shard file at ``location`` (that column only); a GalleryError naming ``what``."""
+    try:
+        return pq.read_table(location.path, columns=["id"], filesystem=location.fs).column("id").to_numpy()
+    except (OSError, pa.ArrowException) as err:
+        raise GalleryError(f"{what}: unreadable Parquet ({err})") from None
 
 
 def _overlapping(ranges: list[tuple[int, int]]) -> list[list[int]]:
